@@ -1,0 +1,42 @@
+# Two set-up commands on a fresh clone: `make demo` and `make test`. Each creates .venv and installs the
+# project into it when .venv is missing or pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_DEV := $(VENV)/.installed-dev
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format install clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP_BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	touch $@ $(STAMP_BASE)
+
+install: $(STAMP_DEV)
+
+demo: $(STAMP_BASE)
+	$(BIN)/restoray demo
+
+test: $(STAMP_DEV)
+	$(BIN)/ruff check .
+	OMP_NUM_THREADS=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP_DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP_DEV)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Networks of the method: presets (which networks a run uses) and their builders/loaders."""

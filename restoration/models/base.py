@@ -1,0 +1,234 @@
+"""Build or load the networks a preset names: SDXL (UNet, VAE, two text encoders, tokenizers), captioner, CLIP scorer.
+
+Pretrained networks load with `from_pretrained` from a Hugging Face id or a local directory (this module never
+sees `s3://` or `models:/`; `restoray` resolves those to local paths first). Networks given by `config` are
+built with seeded random weights: each network's seed is the preset seed plus a stable hash of its name, so a
+network's weights do not depend on which others were built before it.
+
+Shapes: B batch, T tokens (77), D text width, H/W latent height/width.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from restoration.models.presets import CaptionerSpec, ClipScorerSpec, NetworkSpec, Preset, TokenizerSpec
+
+# SDXL's second tokenizer pads with "!" and CLIP reserves the last two ids for these.
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+IMAGE_TOKEN = "<image>"
+
+
+def _seeded(seed: int, name: str):
+    """A fork of torch's global RNG seeded for one network, so building never disturbs the caller's RNG."""
+    fork = torch.random.fork_rng(devices=[])
+    fork.__enter__()
+    torch.manual_seed(seed + zlib.crc32(name.encode()))
+    return fork
+
+
+def _build_random(factory, seed: int, name: str):
+    fork = _seeded(seed, name)
+    try:
+        return factory()
+    finally:
+        fork.__exit__(None, None, None)
+
+
+def _pretrained_kwargs(spec: NetworkSpec | TokenizerSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if spec.subfolder:
+        kwargs["subfolder"] = spec.subfolder
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return kwargs
+
+
+def load_unet(spec: NetworkSpec, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    if spec.pretrained:
+        return UNet2DConditionModel.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+    return _build_random(lambda: UNet2DConditionModel(**spec.config), seed, "unet")
+
+
+def load_vae(spec: NetworkSpec, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    if spec.pretrained:
+        return AutoencoderKL.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+    return _build_random(lambda: AutoencoderKL(**spec.config), seed, "vae")
+
+
+def load_text_encoder(spec: NetworkSpec, seed: int = 0, with_projection: bool = False, name: str = "text_encoder"):
+    """CLIP-L (`CLIPTextModel`) or, with `with_projection`, OpenCLIP-bigG (`CLIPTextModelWithProjection`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    if spec.pretrained:
+        return cls.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+    return _build_random(lambda: cls(CLIPTextConfig(**spec.config)), seed, name)
+
+
+def open_clip_bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (49,408 tokens) and merges, rebuilt from the merges file open_clip ships, as open_clip does."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def load_tokenizer(spec: TokenizerSpec, extra_special_tokens: list[str] | None = None):
+    from transformers import CLIPTokenizer
+
+    kwargs: dict[str, Any] = {"model_max_length": spec.max_length}
+    if spec.pad_token:
+        kwargs["pad_token"] = spec.pad_token
+    if spec.source is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(spec.source, **_pretrained_kwargs(spec), **kwargs)
+    else:
+        vocab, merges = open_clip_bpe_vocabulary()
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)
+    if extra_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra_special_tokens})
+    return tokenizer
+
+
+@dataclass
+class SDXLNetworks:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+
+    def frozen(self) -> SDXLNetworks:
+        """Eval mode, no gradients: the SDXL base is never trained (SUPIR, SPIRE)."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            module.eval().requires_grad_(False)
+        return self
+
+
+def load_sdxl(preset: Preset) -> SDXLNetworks:
+    return SDXLNetworks(
+        unet=load_unet(preset.unet, preset.seed),
+        vae=load_vae(preset.vae, preset.seed),
+        text_encoder=load_text_encoder(preset.text_encoder, preset.seed),
+        text_encoder_2=load_text_encoder(preset.text_encoder_2, preset.seed, with_projection=True, name="text_encoder_2"),
+        tokenizer=load_tokenizer(preset.tokenizer),
+        tokenizer_2=load_tokenizer(preset.tokenizer_2),
+    )
+
+
+@torch.no_grad()
+def encode_prompt(networks: SDXLNetworks, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: penultimate hidden states of both encoders side by side, pooled output of the second.
+
+    Returns (prompt_embeds_BTD, pooled_BD) with D = hidden(text_encoder) + hidden(text_encoder_2).
+    """
+    hidden_states = []
+    pooled_BD = None
+    for tokenizer, encoder in ((networks.tokenizer, networks.text_encoder), (networks.tokenizer_2, networks.text_encoder_2)):
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        device = next(encoder.parameters()).device
+        output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+        if hasattr(output, "text_embeds"):
+            pooled_BD = output.text_embeds
+    return torch.cat(hidden_states, dim=-1), pooled_BD
+
+
+def size_crop_time_ids(
+    original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int], batch: int
+) -> torch.Tensor:
+    """SDXL's micro-conditioning: (original size, crop top-left, target size) as six numbers per sample."""
+    ids = torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
+    return ids.unsqueeze(0).repeat(batch, 1)
+
+
+@dataclass
+class Captioner:
+    model: Any
+    processor: Any
+    prompt: str
+    max_new_tokens: int
+
+
+def load_captioner(spec: CaptionerSpec, tokenizer_spec: TokenizerSpec | None = None, seed: int = 0) -> Captioner:
+    """A LLaVA-style VLM with its processor; random-init ones share CLIP's BPE tokenizer plus an image token."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    if spec.pretrained:
+        model = AutoModelForImageTextToText.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+        processor = AutoProcessor.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+        return Captioner(model, processor, spec.prompt, spec.max_new_tokens)
+    config = LlavaConfig(**spec.config)
+    model = _build_random(lambda: LlavaForConditionalGeneration(config), seed, "captioner")
+    tokenizer = load_tokenizer(tokenizer_spec or TokenizerSpec(vocabulary="open_clip_bpe"), extra_special_tokens=[IMAGE_TOKEN])
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_index:
+        raise ValueError(f"captioner config: image_token_index must be {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}")
+    vision = config.vision_config
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    return Captioner(model, processor, spec.prompt, spec.max_new_tokens)
+
+
+@dataclass
+class ClipScorer:
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+
+
+def load_clip_scorer(spec: ClipScorerSpec, seed: int = 0) -> ClipScorer:
+    """An open-clip model by architecture + pretrained tag/path, or a registered small config with random weights."""
+    import open_clip
+
+    if spec.config is not None:
+        with tempfile.TemporaryDirectory(prefix="restoray-clip-") as tmp:
+            config_path = Path(tmp) / f"{spec.architecture}.json"
+            config_path.write_text(json.dumps(spec.config), encoding="utf-8")
+            open_clip.add_model_config(config_path)
+        model, _, preprocess = _build_random(
+            lambda: open_clip.create_model_and_transforms(spec.architecture, pretrained=None), seed, "clip_scorer"
+        )
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.architecture, pretrained=spec.pretrained)
+    return ClipScorer(model.eval(), preprocess, open_clip.get_tokenizer(spec.architecture))
+
+
+def save_sdxl(networks: SDXLNetworks, directory: str | Path) -> Path:
+    """Write the SDXL networks in the diffusers repository layout, so a `source` pointing here loads them."""
+    directory = Path(directory)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        getattr(networks, name).save_pretrained(directory / name)
+    return directory

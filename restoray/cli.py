@@ -1,0 +1,158 @@
+"""The `restoray` command line. Every subcommand is a `main(argv)`-style function that returns an exit code.
+
+Exit codes (DESIGN.md): 0 done, 1 failed while working, 2 bad input (arguments, config, files), named in the
+message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from restoration.errors import InputError, RestorayError
+from restoray import __version__
+from restoray.config import DEFAULT_CONFIG, describe_keys, load_config
+
+log = logging.getLogger("restoray")
+
+OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training")
+EPILOG = """\
+examples:
+  restoray demo                                   the embedded default end to end
+  restoray list presets                           networks each preset names
+  restoray list config                            every config key, its type and meaning
+  restoray submit --address http://head:8265 -- demo --set seed=1
+
+configs are TOML files (configs/local.toml is the default); override any key with --set section.key=value.
+"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", default=None, help=f"TOML run config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config key, e.g. --set ray.num_cpus=2 (repeatable; see `restoray list config`)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restoray",
+        description="Build, train, index and serve diffusion-based image restoration (SUPIR, SPIRE, ABAIR, ReFIR) on Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"restoray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run every stage end to end on the embedded default",
+        description="Run every stage end to end on the embedded default (local Ray, bundled sample photos, tiny "
+        "models, local MLflow): materialise the sample corpus, list the presets, build the run's preset networks.",
+    )
+    _add_config_arguments(demo)
+    demo.set_defaults(handler=_run_demo)
+
+    listing = commands.add_parser("list", help="list registries (presets, config keys)", description="List a registry.")
+    what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
+    presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
+    presets.set_defaults(handler=_list_presets)
+    config_keys = what.add_parser("config", help="every config key with its type and description", description="List every config key.")
+    config_keys.set_defaults(handler=_list_config)
+
+    submit = commands.add_parser(
+        "submit",
+        help="run a restoray command as a Ray job on a cluster",
+        description="Submit `python -m restoray ARGS` as a Ray job (Ray Jobs API) with this project as its working_dir, "
+        "stream its logs, and exit with the job's status (0 succeeded, 1 failed or stopped).",
+        epilog="example: restoray submit --address http://head:8265 -- demo --set seed=1\n\n"
+        "Clusters started with `ray start` use token authentication: the token is read from RAY_AUTH_TOKEN, "
+        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument(
+        "--address", metavar="URL", default=None, help="Jobs API address (default: RAY_ADDRESS, else http://127.0.0.1:8265)"
+    )
+    submit.add_argument(
+        "--env", metavar="KEY=VALUE", action="append", default=[], help="extra environment variable for the job (repeatable)"
+    )
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    submit.add_argument("restoray_args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the restoray command to run, after --")
+    submit.set_defaults(handler=_run_submit)
+    return parser
+
+
+def _list_presets(args: argparse.Namespace) -> int:
+    from restoration.models.presets import list_presets
+
+    for preset in list_presets():
+        print(f"{preset.name:<8} {preset.description}")
+        for name, spec in preset.networks().items():
+            if getattr(spec, "source", None):
+                origin = spec.source + (f" [{spec.subfolder}]" if spec.subfolder else "")
+            elif getattr(spec, "pretrained", None) and isinstance(spec.pretrained, str):
+                origin = f"open-clip {spec.architecture} ({spec.pretrained})"
+            elif getattr(spec, "vocabulary", None):
+                origin = f"built from {spec.vocabulary}"
+            else:
+                origin = "random init from a small config"
+            print(f"    {name:<15} {origin}")
+    return 0
+
+
+def _list_config(args: argparse.Namespace) -> int:
+    for key, type_name, description in describe_keys():
+        print(f"{key:<24} {type_name:<22} {description}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.demo import run_demo
+
+    return run_demo(config)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from restoray.submit import parse_env, submit
+
+    command = list(args.restoray_args)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise InputError("submit: give the restoray command to run after --, e.g. restoray submit -- demo")
+    return submit(command, address=args.address, env=parse_env(args.env), wait=not args.no_wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Libraries (open_clip, Ray) log chatter to the root logger at INFO: show warnings from them, INFO from ours.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    started = time.monotonic()
+    try:
+        code = args.handler(args)
+    except RestorayError as err:
+        print(f"restoray: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("restoray: interrupted", file=sys.stderr)
+        return 130
+    log.debug("%s finished in %.1fs", args.command, time.monotonic() - started)
+    return code
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Run configuration: one pydantic model per component, TOML files in `configs/`, `--set a.b=c` overrides.
+
+A config is loaded in three steps, all before any work starts:
+1. the TOML file (`configs/local.toml` when none is given) is parsed;
+2. each `--set key=value` is checked against the model's keys and written into that dict;
+3. the whole dict is validated by `RunConfig` in strict mode.
+
+Any unknown key or wrong type raises `ConfigError` (exit code 2) with a message naming the key, the source
+(file or `--set`), what was expected, and the nearest valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from restoration.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.toml"
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are not coerced across types (a TOML string is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(
+        None,
+        description="Ray cluster to connect to ('auto', 'host:6379' or 'ray://host:10001'). "
+        "Unset: RAY_ADDRESS if set, else an embedded local instance in this process.",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded local instance may use; unset = all of this machine's.")
+    namespace: str = Field("restoray", description="Ray namespace for named actors and jobs.")
+
+
+class MlflowConfig(StrictModel):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Unset: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db "
+        "in the working directory (MLflow 3 refuses file stores).",
+    )
+    experiment: str = Field("restoray", description="MLflow experiment that runs are logged under.")
+
+
+class StorageConfig(StrictModel):
+    cache_dir: str = Field(
+        "~/.cache/restoray",
+        description="Local cache that s3:// and models:/ URIs are downloaded into before use.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint (MinIO, moto, other clouds). Unset: AWS_ENDPOINT_URL if set, else AWS.",
+    )
+
+
+class SamplesConfig(StrictModel):
+    dir: str = Field(
+        "data/samples",
+        description="Where the bundled sample corpus is materialised (image folder with same-stem .txt captions).",
+    )
+
+
+class TrainConfig(StrictModel):
+    resolution: int = Field(
+        1024,
+        ge=64,
+        multiple_of=64,
+        description="Square training crop size in pixels (SDXL trains at 1024; local.toml uses 256 because "
+        "several sample photos are under 512 px on the short side).",
+    )
+
+
+class RunConfig(StrictModel):
+    """A whole run: what `configs/*.toml` holds."""
+
+    seed: int = Field(0, description="Seed of the run; recorded with its outputs.")
+    preset: str = Field("tiny", description="Model preset naming every network (`restoray list presets`).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow tracking.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Caches and S3 access.")
+    samples: SamplesConfig = Field(default_factory=SamplesConfig, description="The bundled sample corpus.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[StrictModel] = RunConfig) -> StrictModel:
+    """Load a TOML run (default `configs/local.toml`), apply `--set` overrides, validate. Raises `ConfigError`."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (pass --config with a TOML file from configs/)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    _check_keys(model, data, source=str(path))
+    for override in overrides or []:
+        apply_override(model, data, override)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, model, source=f"{path} with --set overrides" if overrides else str(path))) from None
+
+
+def apply_override(model: type[BaseModel], data: dict, override: str) -> None:
+    """Write one `a.b=value` into `data`, checking the key path against `model` first.
+
+    The value is read as a TOML literal (`3`, `1.5`, `true`, `[1, 2]`, `"text"`); a bare word stays text. A
+    string-typed field always takes the text as written, so `--set preset=123` is the string "123".
+    """
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set ray.num_cpus=2")
+    parts = key.split(".")
+    target_model: type[BaseModel] = model
+    node = data
+    for depth, part in enumerate(parts):
+        fields = target_model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(_unknown_key_message(".".join(parts[: depth + 1]), part, list(fields), where, "--set"))
+        annotation = fields[part].annotation
+        sub_model = _sub_model(annotation)
+        if depth < len(parts) - 1:
+            if sub_model is None:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])!r} is a value, not a section")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])!r} is not a table in the config file")
+            target_model = sub_model
+        else:
+            if sub_model is not None:
+                raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys: {', '.join(sub_model.model_fields)}")
+            node[part] = _parse_value(raw.strip(), annotation)
+
+
+def _parse_value(raw: str, annotation: Any) -> Any:
+    if _accepts_text(annotation) and not raw.startswith('"'):
+        return raw
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _accepts_text(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_text(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _check_keys(model: type[BaseModel], data: dict, source: str, prefix: str = "") -> None:
+    """Report the first unknown key with its nearest valid neighbours (pydantic only says 'extra')."""
+    for key, value in data.items():
+        if key not in model.model_fields:
+            raise ConfigError(
+                _unknown_key_message(prefix + key, key, list(model.model_fields), prefix.rstrip(".") or "the top level", source)
+            )
+        sub_model = _sub_model(model.model_fields[key].annotation)
+        if sub_model is not None and isinstance(value, dict):
+            _check_keys(sub_model, value, source, prefix=f"{prefix}{key}.")
+
+
+def _unknown_key_message(full_key: str, key: str, valid: list[str], where: str, source: str) -> str:
+    nearest = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(n) for n in nearest)}?" if nearest else ""
+    return f"{source}: unknown key {full_key!r}{hint} Valid keys in {where}: {', '.join(valid)}"
+
+
+def _describe(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        description = _field_description(model, item["loc"])
+        got = f" (got {item['input']!r})" if item["type"] != "missing" else ""
+        lines.append(f"  {key}: {item['msg']}{got}" + (f" -- {description}" if description else ""))
+    return "\n".join(lines)
+
+
+def _field_description(model: type[BaseModel], loc: tuple) -> str | None:
+    current: type[BaseModel] | None = model
+    field = None
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            return None
+        field = current.model_fields[part]
+        current = _sub_model(field.annotation)
+    return field.description if field is not None else None
+
+
+def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every settable key as (dotted key, type, description), for `--help` texts and docs."""
+    rows = []
+    for name, field in model.model_fields.items():
+        sub_model = _sub_model(field.annotation)
+        if sub_model is not None:
+            rows.extend(describe_keys(sub_model, prefix=f"{prefix}{name}."))
+        else:
+            annotation = field.annotation
+            type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            rows.append((prefix + name, type_name, field.description or ""))
+    return rows

@@ -1,0 +1,50 @@
+"""`restoray demo`: every stage that exists so far, end to end on the embedded default.
+
+Stages so far: connect to Ray (the embedded local instance unless a cluster is named), materialise the sample
+corpus, list the presets, build the run's preset networks (offline for `tiny`). Later stages (dataset build,
+training, restoration) join here as they land.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from restoray.config import RunConfig
+from restoray.ray_env import connect
+from restoray.samples import materialise
+
+log = logging.getLogger(__name__)
+
+
+def run_demo(config: RunConfig) -> int:
+    from restoration.models.base import load_captioner, load_clip_scorer, load_sdxl
+    from restoration.models.presets import list_presets, load_preset
+
+    started = time.monotonic()
+    print(f"[1/4] Ray: {connect(config.ray)}")
+    images = materialise(config.samples.dir)
+    print(f"[2/4] sample corpus: {len(images)} photos with captions in {config.samples.dir}/")
+
+    print("[3/4] presets:")
+    for preset in list_presets():
+        print(f"      {preset.name:<8} {preset.description}")
+
+    preset = load_preset(config.preset)
+    build_started = time.monotonic()
+    sdxl = load_sdxl(preset)
+    captioner = load_captioner(preset.captioner, preset.tokenizer, seed=preset.seed)
+    clip_scorer = load_clip_scorer(preset.clip_scorer, seed=preset.seed)
+    networks = {
+        "unet": sdxl.unet,
+        "vae": sdxl.vae,
+        "text_encoder": sdxl.text_encoder,
+        "text_encoder_2": sdxl.text_encoder_2,
+        "captioner": captioner.model,
+        "clip_scorer": clip_scorer.model,
+    }
+    print(f"[4/4] preset {preset.name!r} built in {time.monotonic() - build_started:.1f}s:")
+    for name, module in networks.items():
+        print(f"      {name:<15} {sum(p.numel() for p in module.parameters()):>12,} parameters")
+    print(f"demo finished in {time.monotonic() - started:.1f}s")
+    return 0

@@ -1,0 +1,43 @@
+"""Connecting to Ray: a cluster when one is named, else the embedded local instance in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from restoray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def loopback_only() -> None:
+    """Keep a single-machine Ray on 127.0.0.1.
+
+    Ray 2.60 on Linux binds even a local instance to the machine's network address, and
+    `--node-ip-address=127.0.0.1` does not change that; this variable does (DESIGN.md, Ray notes). It must be set
+    before Ray starts its processes.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def cluster_address(config: RayConfig) -> str | None:
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(config: RayConfig) -> str:
+    """Initialise Ray once per process; returns a description of where it runs."""
+    address = cluster_address(config)
+    if not address:
+        loopback_only()  # before Ray is imported: it reads the variable at import time
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    if address:
+        ray.init(address=address, namespace=config.namespace, log_to_driver=True)
+        where = f"cluster at {address}"
+    else:
+        ray.init(num_cpus=config.num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True)
+        where = f"embedded local instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, node {ray.util.get_node_ip_address()})"
+    log.debug("Ray: %s", where)
+    return where

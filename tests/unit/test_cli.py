@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from restoray.cli import build_parser, main
+from tests.conftest import subprocess_env
+
+
+def _help_texts(parser, prefix=()):
+    """Every parser reachable from the top, with the argv that reaches it."""
+    yield prefix, parser
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield from _help_texts(sub, (*prefix, name))
+
+
+def test_help_at_every_level(capsys):
+    paths = [argv for argv, _ in _help_texts(build_parser())]
+    assert {("demo",), ("list",), ("list", "presets"), ("list", "config"), ("submit",)} <= set(paths)
+    for argv in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: restoray"), argv
+
+
+def test_console_script_and_module_answer():
+    module = subprocess.run([sys.executable, "-m", "restoray", "--help"], capture_output=True, text=True, env=subprocess_env())
+    assert module.returncode == 0 and "submit" in module.stdout and "demo" in module.stdout
+    script = subprocess.run(["restoray", "submit", "--help"], capture_output=True, text=True, env=subprocess_env())
+    assert script.returncode == 0 and "--address" in script.stdout and "Ray job" in script.stdout
+
+
+def test_list_presets_prints_every_network(capsys):
+    assert main(["list", "presets"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "sdxl" in out
+    assert "stabilityai/stable-diffusion-xl-base-1.0 [unet]" in out
+    for network in ("unet", "vae", "text_encoder_2", "tokenizer_2", "captioner", "clip_scorer"):
+        assert f"    {network} " in out
+
+
+def test_list_config_prints_keys(capsys):
+    assert main(["list", "config"]) == 0
+    assert "train.resolution" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-command"])
+    assert exit_info.value.code == 2
+    assert main(["submit"]) == 2
+    assert "after --" in capsys.readouterr().err
+    assert main(["submit", "--address", "127.0.0.1:8265", "--", "list", "presets"]) == 2
+    assert "dashboard URL" in capsys.readouterr().err
+    assert main(["submit", "--env", "NOVALUE", "--", "list", "presets"]) == 2

@@ -1,0 +1,33 @@
+import json
+from pathlib import Path
+
+import jsonschema
+import ray.autoscaler
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+
+def _cluster():
+    return yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
+
+
+def test_cluster_config_validates_against_rays_schema():
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(_cluster(), schema)
+
+
+def test_cluster_config_has_the_node_roles_and_installs_the_project():
+    cluster = _cluster()
+    assert cluster["provider"]["type"] == "aws"
+    node_types = cluster["available_node_types"]
+    head = node_types[cluster["head_node_type"]]
+    assert "GPU" not in head["resources"]
+    cpu_workers = [t for name, t in node_types.items() if name != cluster["head_node_type"] and not t["resources"].get("GPU")]
+    gpu_workers = [t for t in node_types.values() if t["resources"].get("GPU", 0) > 0]
+    assert cpu_workers and gpu_workers
+    setup = "\n".join(cluster["setup_commands"])
+    assert "pip install -e ~/restoray" in setup
+    assert cluster["file_mounts"]["~/restoray"] == "."
+    assert "s3://" in setup
+    assert any("ray start --head" in command for command in cluster["head_start_ray_commands"])

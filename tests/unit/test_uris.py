@@ -1,0 +1,120 @@
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from restoration.errors import InputError
+from restoray.config import MlflowConfig, StorageConfig
+from restoray.uris import resolve
+from tests.conftest import VENV_BIN, free_port, subprocess_env
+
+
+def test_local_paths_and_hub_ids(tmp_path):
+    storage = StorageConfig(cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "weights").mkdir()
+    assert resolve(str(tmp_path / "weights"), storage) == str(tmp_path / "weights")
+    assert resolve("stabilityai/stable-diffusion-xl-base-1.0", storage) == "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(InputError, match="neither an existing path nor a Hugging Face id"):
+        resolve(str(tmp_path / "missing" / "deeper"), storage)
+    with pytest.raises(InputError, match="unsupported URI scheme"):
+        resolve("gs://bucket/key", storage)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1, in its own process group, stopped at the end."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        env=subprocess_env(),
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    yield endpoint
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture
+def aws_test_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def test_s3_objects_and_prefixes_resolve_to_the_cache(tmp_path, moto_endpoint, aws_test_credentials):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.create_bucket(Bucket="weights")
+    s3.put_object(Bucket="weights", Key="adaptor/config.json", Body=b'{"a": 1}')
+    s3.put_object(Bucket="weights", Key="adaptor/model.safetensors", Body=b"x" * 1000)
+    storage = StorageConfig(cache_dir=str(tmp_path / "cache"), s3_endpoint_url=moto_endpoint)
+
+    local = resolve("s3://weights/adaptor", storage)
+    assert sorted(p.name for p in (tmp_path / "cache" / "s3" / "weights" / "adaptor").iterdir()) == ["config.json", "model.safetensors"]
+    assert local.endswith("weights/adaptor")
+    single = resolve("s3://weights/adaptor/config.json", storage)
+    assert open(single, "rb").read() == b'{"a": 1}'
+
+    # A changed object is fetched again; an unchanged one is served from the cache.
+    s3.put_object(Bucket="weights", Key="adaptor/config.json", Body=b'{"a": 22}')
+    assert open(resolve("s3://weights/adaptor/config.json", storage), "rb").read() == b'{"a": 22}'
+
+    with pytest.raises(InputError, match="s3://weights/nothing-here does not exist"):
+        resolve("s3://weights/nothing-here", storage)
+    with pytest.raises(InputError, match="s3://no-such-bucket/x"):
+        resolve("s3://no-such-bucket/x", storage)
+
+
+def test_unreachable_s3_endpoint_fails_fast_naming_the_uri(tmp_path, aws_test_credentials):
+    storage = StorageConfig(cache_dir=str(tmp_path), s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(InputError, match="s3://bucket/key"):
+        resolve("s3://bucket/key", storage)
+    assert time.monotonic() - started < 60
+
+
+def test_models_uri_downloads_the_registered_version(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("uris")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"stage": "adaptor"}')
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(weights), artifact_path="weights")
+    client = mlflow.MlflowClient(tracking)
+    client.create_registered_model("restoray-test")
+    client.create_model_version("restoray-test", source=f"{run.info.artifact_uri}/weights", run_id=run.info.run_id)
+
+    storage, mlflow_config = StorageConfig(cache_dir=str(tmp_path / "cache")), MlflowConfig(tracking_uri=tracking)
+    local = resolve("models:/restoray-test/1", storage, mlflow_config)
+    found = list((tmp_path / "cache").rglob("config.json"))
+    assert found and found[0].read_text() == '{"stage": "adaptor"}'
+    assert str(found[0]).startswith(local)
+    with pytest.raises(InputError, match="models:/restoray-test/9"):
+        resolve("models:/restoray-test/9", storage, mlflow_config)
+    with pytest.raises(InputError, match="expected models:/NAME/VERSION"):
+        resolve("models:/justaname", storage, mlflow_config)
