@@ -1,0 +1,113 @@
+"""`restoray submit` against a real `ray start --head --block` cluster on 127.0.0.1."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node in its own process group, every port explicit, token auth on; ended by its process-group id."""
+    # Ray's socket paths must stay short, so not pytest's deep tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    token_path = temp_dir / "auth_token"
+    token_path.write_text(uuid.uuid4().hex)
+    (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent) = _distinct_free_ports(9)
+    worker_low = 20000 + (os.getpid() % 200) * 100
+    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
+        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 99}",
+        "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir / 'ray'}",
+    ]  # fmt: skip
+    log = (temp_dir / "ray-start.log").open("w")
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (401 without the token): the dashboard is up
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                raise RuntimeError("ray start --head did not come up:\n" + (temp_dir / "ray-start.log").read_text()[-3000:]) from None
+            time.sleep(1)
+    yield {"address": address, "env": env, "token_path": token_path}
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(cluster, *args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "restoray", "submit", "--address", cluster["address"], *args],
+        capture_output=True,
+        text=True,
+        env=env or cluster["env"],
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+
+
+def test_submitted_command_that_succeeds_exits_0_with_its_logs(ray_cluster):
+    result = _submit(ray_cluster, "--", "list", "presets")
+    assert result.returncode == 0, result.stderr
+    # The job's own output, streamed back: the preset listing printed on the cluster.
+    assert "tiny" in result.stdout and "stabilityai/stable-diffusion-xl-base-1.0" in result.stdout
+    assert "SUCCEEDED" in result.stderr
+
+
+def test_submitted_command_that_fails_exits_1(ray_cluster):
+    result = _submit(ray_cluster, "--", "demo", "--set", "ray.num_cpu=1")
+    assert result.returncode == 1, result.stderr
+    assert "FAILED" in result.stderr
+    # The job's error (exit 2 from the config check) reached the submitter's terminal.
+    assert "unknown key 'ray.num_cpu'" in result.stdout + result.stderr
+
+
+def test_wrong_token_and_unreachable_cluster_are_bad_input(ray_cluster):
+    wrong_token = dict(ray_cluster["env"], RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    wrong_token.pop("RAY_AUTH_TOKEN_PATH")
+    refused = _submit(ray_cluster, "--", "list", "presets", env=wrong_token)
+    assert refused.returncode == 2, refused.stderr
+    assert "RAY_AUTH_TOKEN" in refused.stderr
+
+    nowhere = subprocess.run(
+        [sys.executable, "-m", "restoray", "submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "list", "presets"],
+        capture_output=True,
+        text=True,
+        env=ray_cluster["env"],
+        timeout=120,
+    )
+    assert nowhere.returncode == 2
+    assert "cannot reach the Ray Jobs API" in nowhere.stderr
