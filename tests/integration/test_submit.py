@@ -32,7 +32,7 @@ def ray_cluster():
     token_path = temp_dir / "auth_token"
     token_path.write_text(uuid.uuid4().hex)
     (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent) = _distinct_free_ports(9)
-    worker_low = 20000 + (os.getpid() % 200) * 100
+    worker_low = 20000 + (os.getpid() % 120) * 100  # below the ephemeral range (32768+)
     env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     command = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
