@@ -74,8 +74,9 @@ def render(ops: list[PromptOp]) -> str:
     return "; ".join(op.render() for op in ops) if ops else BLIND_PROMPT
 
 
+_NUMBER = r"(?P<value>[0-9]+(?:\.[0-9]+)?)"
 _PATTERNS = [
-    (name, re.compile(rf"^{verb} {re.escape(phrase).replace(re.escape('{value}'), r'(?P<value>[0-9]+(?:\.[0-9]+)?)')}$"))
+    (name, re.compile("^" + re.escape(f"{verb} {phrase}").replace(re.escape("{value}"), _NUMBER) + "$"))
     for name, (verb, phrase, _) in _PARAMETERIZED.items()
 ]
 _PHRASE = re.compile(r"^[A-Z][a-z]+(?: [a-z]+)*$")

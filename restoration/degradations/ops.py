@@ -1,0 +1,145 @@
+"""Degradation primitives on HxWx3 images: float32 in [0, 1], or uint8 where an op's output is 8-bit anyway.
+
+Each op is deterministic given a `numpy.random.Generator` and the parameters it is called with; the chains draw
+the parameters, call these, and record what was applied.
+
+Speed notes (one core, 512x512): a blur goes through `kernels.apply_kernel` (cropped, low-rank separable);
+noise is drawn as float32 standard normals (numpy's ziggurat, no float64 round trip); Poisson noise uses the
+normal approximation with the Poisson variance (see `poisson_noise`); JPEG and resizing are OpenCV's.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from restoration.degradations.kernels import apply_kernel
+
+RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+def to_float(image_u8: np.ndarray) -> np.ndarray:
+    return image_u8.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def as_float(image: np.ndarray) -> np.ndarray:
+    return to_float(image) if image.dtype == np.uint8 else image
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 with rounding (values outside are clipped)."""
+    return cv2.convertScaleAbs(np.clip(image, 0.0, 1.0), alpha=255.0) if image.dtype != np.uint8 else image
+
+
+def blur(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return apply_kernel(image, kernel)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Isotropic Gaussian blur; the kernel covers +-3 sigma (at least 3x3)."""
+    if sigma <= 0:
+        return image
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    return cv2.GaussianBlur(image, (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """Resize to (height, width); keeps the dtype (uint8 or float32)."""
+    height, width = max(1, int(height)), max(1, int(width))
+    if (height, width) == image.shape[:2]:
+        return image
+    interpolation = RESIZE_MODES[mode]
+    if mode == "area" and (height > image.shape[0] or width > image.shape[1]):
+        interpolation = cv2.INTER_LINEAR  # area is only defined for shrinking; torch's 'area' also falls back
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+# Cheap noise: drawing fresh normals costs ~10 ns a sample (8 ms for a 512x512 RGB image), more than the rest
+# of a chain. Instead one table of 2^22 standard normals is drawn once per process from a fixed seed, and each
+# call copies a window of it at an offset drawn from the caller's Generator (with a random sign). Samples are
+# exactly N(0, 1); windows of different calls overlap only by chance, which training data does not notice.
+_NOISE_TABLE_SIZE = 1 << 22
+_noise_table: np.ndarray | None = None
+
+
+def _table() -> np.ndarray:
+    global _noise_table
+    if _noise_table is None:
+        _noise_table = np.random.default_rng(0x5EED).standard_normal(_NOISE_TABLE_SIZE, dtype=np.float32)
+    return _noise_table
+
+
+def _standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 N(0, 1) samples of `shape`, deterministic given `rng`."""
+    table = _table()
+    count = int(np.prod(shape))
+    pieces, remaining = [], count
+    while remaining > 0:
+        length = min(remaining, _NOISE_TABLE_SIZE // 2)
+        start = int(rng.integers(0, _NOISE_TABLE_SIZE - length + 1))
+        piece = table[start : start + length]
+        pieces.append(-piece if rng.random() < 0.5 else piece.copy())
+        remaining -= length
+    samples = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return samples.reshape(shape)
+
+
+def gaussian_noise(image: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise; `sigma` on the [0, 1] scale; gray noise is the same in every channel."""
+    image = as_float(image)
+    height, width, channels = image.shape
+    noise = _standard_normal(rng, (height, width, 1) if gray else (height, width, channels))
+    noise *= np.float32(sigma)
+    return image + noise  # broadcasting spreads gray noise over the channels
+
+
+def poisson_noise(image: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
+    """BasicSR's Poisson noise: `(Poisson(img * vals) / vals - img) * scale`, vals = 2^ceil(log2(#grey levels)).
+
+    Drawn as a normal with the Poisson variance img/vals (exact mean and variance; the skew at very dark pixels
+    is dropped), which is ~10x cheaper than `numpy.random.poisson`. Gray noise is computed on the luma.
+    """
+    image = as_float(image)
+    base = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None] if gray else image
+    histogram = cv2.calcHist([to_uint8(base).reshape(-1, 1)], [0], None, [256], [0, 256])
+    levels = int(np.count_nonzero(histogram))
+    vals = float(2 ** np.ceil(np.log2(max(levels, 2))))
+    std = np.sqrt(np.clip(base, 0.0, 1.0) * np.float32(1.0 / vals))
+    noise = _standard_normal(rng, base.shape) * std * np.float32(scale)
+    return image + noise
+
+
+def poisson_noise_reference(image: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
+    """The exact BasicSR formula with `numpy.random.poisson`, for tests and benchmarks."""
+    base = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None] if gray else image
+    base = np.clip(np.round(base * 255.0), 0, 255) / 255.0
+    vals = float(2 ** np.ceil(np.log2(len(np.unique(base)))))
+    out = rng.poisson(base * vals).astype(np.float32) / vals
+    return image + (out - base).astype(np.float32) * np.float32(scale)
+
+
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG round trip at `quality` (OpenCV's libjpeg, 4:2:0 chroma as in common encoders); returns uint8."""
+    # OpenCV encodes BGR; the swap matters because JPEG's luma weights R and B differently.
+    pixels = cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return cv2.cvtColor(cv2.imdecode(buffer, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def usm_sharpen(image: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: int = 10) -> np.ndarray:
+    """Unsharp masking as Real-ESRGAN sharpens its targets: blend towards `img + weight * (img - blur)` where the
+    residual is over `threshold` grey levels, through a blurred soft mask."""
+    size = 2 * radius + 1
+    blurred = cv2.GaussianBlur(image, (size, size), 0)
+    residual = image - blurred
+    mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
+    soft_mask = cv2.GaussianBlur(mask, (size, size), 0)
+    sharp = np.clip(image + weight * residual, 0, 1)
+    return soft_mask * sharp + (1 - soft_mask) * image
+
+
+def clamp_round(image: np.ndarray) -> np.ndarray:
+    """Real-ESRGAN's last step: clip to [0, 1] and quantise to 8 bits."""
+    return to_uint8(image)
