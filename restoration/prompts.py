@@ -47,7 +47,7 @@ class PromptParseError(ValueError):
 def round_parameter(op: str, value: float) -> float | int:
     """The value as the prompt prints it; chains apply this rounded value."""
     decimals = PRECISION[op]
-    return int(round(value)) if decimals is None else round(float(value), decimals)
+    return round(value) if decimals is None else round(float(value), decimals)
 
 
 @dataclass(frozen=True)

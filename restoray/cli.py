@@ -63,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(demo)
     demo.set_defaults(handler=_run_demo)
 
-    listing = commands.add_parser("list", help="list registries (presets, config keys)", description="List a registry.")
+    listing = commands.add_parser("list", help="list registries (presets, degradations, config keys)", description="List a registry.")
     what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
     presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
     presets.set_defaults(handler=_list_presets)
+    degradations = what.add_parser(
+        "degradations",
+        help="degradation types with their stable ids (ABAIR experts, mask values)",
+        description="List the registered degradation types (built-ins and plugins of the 'restoray.degradations' entry-point group).",
+    )
+    degradations.set_defaults(handler=_list_degradations)
     config_keys = what.add_parser("config", help="every config key with its type and description", description="List every config key.")
     config_keys.set_defaults(handler=_list_config)
 
@@ -107,6 +113,17 @@ def _list_presets(args: argparse.Namespace) -> int:
             else:
                 origin = "random init from a small config"
             print(f"    {name:<15} {origin}")
+    return 0
+
+
+def _list_degradations(args: argparse.Namespace) -> int:
+    from restoration.degradations import REGISTRY
+
+    print(f"{'id':>3}  {'name':<12} {'severity':<14} {'prompt':<30} description")
+    print(f"{0:>3}  {'clean':<12} {'-':<14} {'-':<30} no degradation (mask value)")
+    for kind in REGISTRY.all():
+        low, high = kind.severity
+        print(f"{kind.id:>3}  {kind.name:<12} {f'{low:g}-{high:g}':<14} {kind.phrase:<30} {kind.description}")
     return 0
 
 
