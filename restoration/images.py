@@ -50,9 +50,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as err:
-            raise ImageDecodeError("too_large", str(err)) from err
+            # PIL refuses headers over 2x its own limit (~179 MP) before we see the size.
+            raise ImageDecodeError("too_large", f"{err} (our limit: {max_pixels:,} pixels)") from err
         except UnidentifiedImageError as err:
             raise ImageDecodeError("not_image", f"no decoder recognises these {len(data)} bytes (starts {data[:16]!r})") from err
+        except (OSError, SyntaxError, EOFError) as err:
+            reason = "truncated" if "truncat" in str(err).lower() or isinstance(err, EOFError) else "read_error"
+            raise ImageDecodeError(reason, f"header unreadable: {type(err).__name__}: {err}") from err
         except Exception as err:
             raise ImageDecodeError("read_error", f"{type(err).__name__}: {err}") from err
         width, height = image.size

@@ -100,7 +100,7 @@ def parse(text: str) -> list[PromptOp]:
                 ops.append(PromptOp(name, value))
                 break
         else:
-            if not _PHRASE.match(part):
+            if part.split(" ")[0] in _VERB_TO_OP or not _PHRASE.match(part):
                 raise PromptParseError(f"not a restoration prompt op: {part!r} (in {text!r})")
             ops.append(PromptOp(part))
     return ops

@@ -179,6 +179,7 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
     image = _resize_to(image, round(height * scale), round(width * scale), rng, record)
     image = _random_noise(image, config.noise1, rng, record)
     image = _jpeg(image, config.jpeg1, rng, record)
+    first_order = len(record)
 
     if rng.random() < config.second_blur_probability:
         kernel, params = random_kernel(config.blur2, rng)
@@ -187,6 +188,7 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
     scale = _random_scale(config.resize2, rng)
     image = _resize_to(image, round(target_h * scale), round(target_w * scale), rng, record)
     image = _random_noise(image, config.noise2, rng, record)
+    second_order = len(record)
 
     sinc = None
     if rng.random() < config.final_sinc_probability:
@@ -205,13 +207,15 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
         if sinc:
             record.append(sinc[0])
             image = ops.blur(image, sinc[1])
+    for index, entry in enumerate(record):
+        entry["stage"] = 1 if index < first_order else 2 if index < second_order else "final"
     lq = ops.clamp_round(image)
     if config.resize_back:
-        record.append({"op": "resize", "height": height, "width": width, "mode": config.resize_back_mode})
+        record.append({"op": "resize", "stage": "resize_back", "height": height, "width": width, "mode": config.resize_back_mode})
         lq = ops.to_uint8(ops.resize(ops.to_float(lq), height, width, config.resize_back_mode))
 
     target = hq
     if config.usm_target:
         target = ops.to_uint8(ops.usm_sharpen(ops.to_float(hq)))
-        record.insert(0, {"op": "usm_target", "weight": 0.5, "radius": 50, "threshold": 10})
+        record.insert(0, {"op": "usm_target", "stage": "target", "weight": 0.5, "radius": 50, "threshold": 10})
     return DegradedSample(hq=target, lq=lq, kind="realesrgan", ops=record, restoration_prompt=BLIND_PROMPT)

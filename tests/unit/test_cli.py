@@ -18,7 +18,7 @@ def _help_texts(parser, prefix=()):
 
 def test_help_at_every_level(capsys):
     paths = [argv for argv, _ in _help_texts(build_parser())]
-    assert {("demo",), ("list",), ("list", "presets"), ("list", "config"), ("submit",)} <= set(paths)
+    assert {("demo",), ("list",), ("list", "presets"), ("list", "degradations"), ("list", "config"), ("submit",)} <= set(paths)
     for argv in paths:
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--help"])
@@ -57,3 +57,10 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["submit", "--address", "127.0.0.1:8265", "--", "list", "presets"]) == 2
     assert "dashboard URL" in capsys.readouterr().err
     assert main(["submit", "--env", "NOVALUE", "--", "list", "presets"]) == 2
+
+
+def test_list_degradations_prints_ids(capsys):
+    assert main(["list", "degradations"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[1]: int(line.split()[0]) for line in lines[1:]}
+    assert rows == {"clean": 0, "noise": 1, "blur": 2, "jpeg": 3, "downsample": 4, "rain": 5, "haze": 6, "low_light": 7}
