@@ -1,0 +1,21 @@
+"""The benchmark scripts keep running (no timing is asserted: benchmarks are read by people)."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT, subprocess_env
+
+
+def test_degradation_bench_prints_every_row():
+    result = subprocess.run(
+        [sys.executable, "bench/degradations.py", "--seconds", "0.05", "--sizes", "64", "--no-profile"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for row in ("floor", "realesrgan", "realesrgan (plain)", "parameterized", "composite", "single", "negative"):
+        assert row in result.stdout
+    assert "1/" in result.stdout
