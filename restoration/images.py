@@ -108,6 +108,16 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """A single-channel uint8 mask (degradation type ids) as a greyscale PNG."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"expected an HxW uint8 mask, got {mask.dtype} {mask.shape}")
+    ok, buffer = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buffer.tobytes()
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")

@@ -63,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(demo)
     demo.set_defaults(handler=_run_demo)
 
+    data = commands.add_parser("data", help="dataset jobs (build)", description="Dataset jobs on Ray Data.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="JOB", required=True)
+    build = data_commands.add_parser(
+        "build",
+        help="corpus -> validated, deduplicated, captioned, degraded training shards",
+        description="Stream a corpus (image folder with same-stem .txt captions, img2dataset parquet, or webdataset tars; "
+        "local or s3://) through decode, quality, dedup, CLIP scores, captioning, crop and degradation into "
+        "OUTPUT/shards/*.parquet, OUTPUT/rejects/*.parquet and OUTPUT/manifest.json. Re-running resumes; a completed "
+        "build is a no-op. Connects to RAY_ADDRESS / ray.address, else starts the embedded local Ray.",
+        epilog="example: restoray data build --input data/samples --output /tmp/ds --set data.degrade.variants=1",
+    )
+    build.add_argument("--input", required=True, metavar="URI", help="corpus: a folder, .parquet file(s), .tar shards; local or s3://")
+    build.add_argument("--output", required=True, metavar="URI", help="dataset directory, local or s3://")
+    build.add_argument("--report", metavar="PATH", default=None, help="also write an HTML report (examples, score histograms)")
+    _add_config_arguments(build)
+    build.set_defaults(handler=_run_data_build)
+
     listing = commands.add_parser("list", help="list registries (presets, degradations, config keys)", description="List a registry.")
     what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
     presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
@@ -131,6 +148,13 @@ def _list_config(args: argparse.Namespace) -> int:
     for key, type_name, description in describe_keys():
         print(f"{key:<24} {type_name:<22} {description}")
     return 0
+
+
+def _run_data_build(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.data import run_data_build
+
+    return run_data_build(config, args.input, args.output, args.report)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.config import DataBuildConfig
 from restoration.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,7 @@ class RunConfig(StrictModel):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow tracking.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Caches and S3 access.")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="The bundled sample corpus.")
+    data: DataBuildConfig = Field(default_factory=DataBuildConfig, description="`restoray data build`.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
 
 

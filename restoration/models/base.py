@@ -226,6 +226,23 @@ def load_clip_scorer(spec: ClipScorerSpec, seed: int = 0) -> ClipScorer:
     return ClipScorer(model.eval(), preprocess, open_clip.get_tokenizer(spec.architecture))
 
 
+def load_aesthetic_head(spec: ClipScorerSpec, seed: int = 0) -> torch.nn.Linear | None:
+    """The preset's linear aesthetic predictor on normalised CLIP image embeddings, or None."""
+    if spec.aesthetic_head is None:
+        return None
+    embed_dim = (spec.config or {}).get("embed_dim")
+    if spec.aesthetic_head == "random":
+        if embed_dim is None:
+            raise ValueError("aesthetic_head 'random' needs the scorer's config (embed_dim)")
+        return _build_random(lambda: torch.nn.Linear(embed_dim, 1), seed, "aesthetic_head").eval()
+    from safetensors.torch import load_file
+
+    weights = load_file(spec.aesthetic_head)
+    head = torch.nn.Linear(weights["weight"].shape[1], 1)
+    head.load_state_dict(weights)
+    return head.eval()
+
+
 def save_sdxl(networks: SDXLNetworks, directory: str | Path) -> Path:
     """Write the SDXL networks in the diffusers repository layout, so a `source` pointing here loads them."""
     directory = Path(directory)

@@ -84,6 +84,11 @@ class ClipScorerSpec(_Spec):
     config: dict[str, Any] | None = Field(
         None, description="open-clip model config registered under `architecture` (for tiny random models)."
     )
+    aesthetic_head: str | None = Field(
+        None,
+        description="Linear aesthetic predictor on normalised image embeddings: a safetensors file with 'weight' (1, D) "
+        "and 'bias' (1,) (LAION's predictor), 'random' for a seeded random head (tiny presets), or unset for none.",
+    )
 
     @model_validator(mode="after")
     def _one_origin(self) -> ClipScorerSpec:

@@ -1,0 +1,118 @@
+"""Config of the dataset build: one model per stage, gathered in `DataBuildConfig` (the `[data]` table of a run)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from restoration.degradations import CompositeConfig, NegativeConfig, ParameterizedConfig, RealESRGANConfig
+from restoration.degradations.sample import KINDS
+from restoration.images import DEFAULT_MAX_PIXELS
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class SourceConfig(_Config):
+    format: Literal["auto", "folder", "parquet", "webdataset"] = Field(
+        "auto", description="Corpus layout; auto: .parquet files -> parquet, .tar files -> webdataset, else an image folder."
+    )
+    image_column: str = Field("jpg", description="Parquet: column of image bytes, or of paths/URIs to read.")
+    caption_column: str = Field("caption", description="Parquet: caption column (missing column = no captions).")
+    image_extensions: list[str] = Field(
+        [".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"],
+        description="Webdataset: member extensions that hold the image. Folders take every file except captions.",
+    )
+    caption_extensions: list[str] = Field([".txt", ".json"], description="Same-stem caption files (json: its 'caption' key).")
+    max_caption_chars: int = Field(2000, ge=1, description="Longer captions are cut for training; the full text stays in alt_text.")
+    read_parallelism: int = Field(8, ge=1, description="Read tasks over the listed sources (bounds memory).")
+
+
+class DecodeConfig(_Config):
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images over this many pixels, from the header.")
+
+
+class QualityConfig(_Config):
+    min_short_side: int = Field(512, ge=1, description="Reject images whose short side is smaller (too_small).")
+    max_aspect_ratio: float = Field(3.0, ge=1, description="Reject long/short side ratios above this (aspect_ratio).")
+    min_sharpness: float | None = Field(
+        40.0, description="Reject below this Laplacian variance, measured at a 256-px short side (blurry); unset = record only."
+    )
+    min_jpeg_quality: int | None = Field(60, description="Reject JPEGs whose estimated quality is below (low_jpeg_quality).")
+    min_entropy: float | None = Field(3.0, description="Reject grey-level entropies (bits) below this (flat).")
+
+
+class DedupConfig(_Config):
+    exact: bool = Field(True, description="Drop byte-identical images (duplicate).")
+    perceptual: bool = Field(True, description="Drop perceptual-hash near-duplicates (near_duplicate).")
+    max_hamming: int = Field(6, ge=0, le=32, description="64-bit pHash distance up to which images count as near-duplicates.")
+    clip_threshold: float | None = Field(
+        None, description="Cosine of CLIP embeddings above which images are near-duplicates (real CLIP presets only)."
+    )
+
+
+class EmbedConfig(_Config):
+    enabled: bool = Field(True, description="Embed images once with the preset's open-clip model.")
+    batch_size: int = Field(16, ge=1, description="Images per model call.")
+    actors: int = Field(1, ge=1, description="Actor pool size.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor.")
+    min_aesthetic: float | None = Field(None, description="Reject aesthetic scores below this (low_aesthetic); unset = record only.")
+    min_clip_score: float | None = Field(None, description="Reject image-text cosines below this (low_clip_score); unset = record only.")
+
+
+class CaptionConfig(_Config):
+    mode: Literal["keep-source", "generate", "generate-and-keep-alt"] = Field(
+        "keep-source",
+        description="keep-source: use the corpus caption; generate: VLM caption; generate-and-keep-alt: VLM caption, source in alt_text.",
+    )
+    batch_size: int = Field(4, ge=1, description="Images per VLM call.")
+    actors: int = Field(1, ge=1, description="Actor pool size.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor.")
+
+
+class CropConfig(_Config):
+    size: int = Field(512, ge=16, description="Square training crop, in pixels.")
+    mode: Literal["center", "random"] = Field("center", description="Crop position after resizing the short side to `size`.")
+
+
+class DegradeConfig(_Config):
+    variants: int = Field(2, ge=1, description="Degraded variants per accepted image.")
+    kinds: dict[str, float] = Field(
+        {"realesrgan": 0.4, "parameterized": 0.3, "composite": 0.1, "single": 0.15, "negative": 0.05},
+        description="Share of each sample kind among the variants.",
+    )
+    realesrgan: RealESRGANConfig = Field(default_factory=lambda: RealESRGANConfig(resize_back=True), description="Real-ESRGAN chain.")
+    parameterized: ParameterizedConfig = Field(default_factory=ParameterizedConfig, description="SPIRE chain.")
+    composite: CompositeConfig = Field(default_factory=CompositeConfig, description="ABAIR composite.")
+    negative: NegativeConfig = Field(default_factory=lambda: NegativeConfig(resize_back=True), description="Negative-quality samples.")
+    image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of hq and lq bytes (jpeg at quality 95).")
+
+    @model_validator(mode="after")
+    def _known_kinds(self) -> DegradeConfig:
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds or any(weight < 0 for weight in self.kinds.values()) or sum(self.kinds.values()) <= 0:
+            raise ValueError(f"kinds must map some of {', '.join(KINDS)} to non-negative weights with a positive sum; got {self.kinds}")
+        return self
+
+
+class WriteConfig(_Config):
+    max_rows_per_shard: int = Field(1000, ge=1, description="Rows per parquet shard at most.")
+
+
+class DataBuildConfig(_Config):
+    """`restoray data build`: corpus -> validated, deduplicated, captioned, degraded training shards."""
+
+    seed: int = Field(0, description="Seed of crops and degradations (each variant's generator derives from it and the source).")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Reading the corpus.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding and validation.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Basic quality filters.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="open-clip embedding and scores.")
+    caption: CaptionConfig = Field(default_factory=CaptionConfig, description="Captioning.")
+    crop: CropConfig = Field(default_factory=CropConfig, description="Crop to the training size.")
+    degrade: DegradeConfig = Field(default_factory=DegradeConfig, description="Degraded variants.")
+    write: WriteConfig = Field(default_factory=WriteConfig, description="Shard writing.")

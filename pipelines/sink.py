@@ -1,0 +1,110 @@
+"""One Datasink for both tables: accepted samples to `shards/`, rejected sources to `rejects/`.
+
+Each write task sorts its rows by source and writes files of at most `max_rows_per_shard` rows, cutting only
+between sources, each to a temporary name renamed into place once written: a source's rows become visible
+together or not at all, which is what resume relies on. Sample ids already in the output (a source cut in two
+by an interruption) are skipped, so a resumed build never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from pipelines.sources import filesystem
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("alt_text", pa.string()),
+        ("hq", pa.binary()),
+        ("lq", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("kind", pa.string()),
+        ("degradation", pa.string()),
+        ("restoration_prompt", pa.string()),
+        ("mask", pa.binary()),
+        ("quality", pa.string()),
+    ]
+)
+REJECT_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+class ShardSink(Datasink):
+    def __init__(
+        self, output: str, storage_options: dict[str, Any], max_rows_per_shard: int, existing_ids: frozenset[str], fail_after_rows: int = 0
+    ):
+        self.output = output.rstrip("/")
+        self.storage_options = storage_options
+        self.max_rows = max_rows_per_shard
+        self.existing_ids = existing_ids
+        self.fail_after_rows = fail_after_rows  # test hook: raise once a write task has committed this many rows
+
+    def get_name(self) -> str:
+        return "ShardSink"
+
+    def write(self, blocks, ctx) -> dict[str, int]:
+        samples: list[dict] = []
+        rejects: list[dict] = []
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+            for row in table.to_pylist():
+                row = {key: _none_for_nan(value) for key, value in row.items()}
+                if row.get("reject_reason"):
+                    rejects.append(
+                        {
+                            "source": row["source"],
+                            "stage": row["reject_stage"],
+                            "reason": row["reject_reason"],
+                            "detail": row["reject_detail"],
+                        }
+                    )
+                elif row["id"] not in self.existing_ids:
+                    samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
+        fail_after = self.fail_after_rows
+        committed = 0
+        for table, rows, schema in (("shards", samples, SAMPLE_SCHEMA), ("rejects", rejects, REJECT_SCHEMA)):
+            rows.sort(key=lambda row: (row["source"], row.get("id") or ""))
+            for part in _split_between_sources(rows, self.max_rows):
+                self._commit(table, pa.Table.from_pylist(part, schema=schema))
+                committed += len(part)
+                if fail_after and committed >= fail_after:
+                    raise RuntimeError(f"test hook fail_after_rows={fail_after}: stopping after {committed} rows")
+        return {"samples": len(samples), "rejects": len(rejects)}
+
+    def _commit(self, table_name: str, table: pa.Table) -> None:
+        fs, root = filesystem(self.output, self.storage_options)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        final = f"{root}/{table_name}/{name}"
+        partial = f"{root}/{table_name}/.{name}.partial"
+        fs.makedirs(f"{root}/{table_name}", exist_ok=True)
+        with fs.open(partial, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+        fs.mv(partial, final)
+
+
+def _none_for_nan(value):
+    # Blocks that went through pandas carry NaN for missing values.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _split_between_sources(rows: list[dict], max_rows: int) -> list[list[dict]]:
+    parts: list[list[dict]] = []
+    current: list[dict] = []
+    for index, row in enumerate(rows):
+        current.append(row)
+        next_source = rows[index + 1]["source"] if index + 1 < len(rows) else None
+        if len(current) >= max_rows and next_source != row["source"]:
+            parts.append(current)
+            current = []
+    if current:
+        parts.append(current)
+    return parts

@@ -1,0 +1,90 @@
+"""Duplicates: exact (SHA-256 of the source bytes) and near (64-bit DCT perceptual hash within a Hamming radius).
+
+Deciding needs every image's hashes, so it is a global step: a first pass computes (source, sha256, phash) for the
+images that pass decoding and basic quality, `find_duplicates` groups them on the driver, and the dedup stage
+of the main pass rejects the sources it named. In each group the smallest source URI is kept, so the choice does
+not depend on the order Ray processed the rows in. Near-duplicate candidates are found with LSH on four 16-bit
+bands of the hash (two hashes within distance <= 3 share a band) and then checked exactly; max_hamming above 3
+may miss pairs that share no band, which is the usual trade of banding.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipelines.config import DedupConfig
+from pipelines.rows import image_of, quality_of, reject, set_quality
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """pHash: DCT of the 32x32 grey image, the 8x8 lowest frequencies against their median (DC left out)."""
+    grey = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(grey)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return value - (1 << 64) if value >= 1 << 63 else value  # stored as a signed int64
+
+
+def hashes_row(row: dict) -> dict:
+    row["sha256"] = quality_of(row)["sha256"]
+    row["phash"] = perceptual_hash(image_of(row))
+    return row
+
+
+def hamming(a: int, b: int) -> int:
+    return bin((a ^ b) & ((1 << 64) - 1)).count("1")
+
+
+def find_duplicates(sources: list[str], sha256: list[str], phash: list[int], config: DedupConfig) -> dict[str, tuple[str, str]]:
+    """{rejected source: (reason, detail)}; deterministic whatever the input order."""
+    order = sorted(range(len(sources)), key=lambda i: sources[i])
+    decisions: dict[str, tuple[str, str]] = {}
+    kept: list[int] = []
+    if config.exact:
+        first_by_sha: dict[str, int] = {}
+        for index in order:
+            if sha256[index] in first_by_sha:
+                decisions[sources[index]] = ("duplicate", f"same bytes as {sources[first_by_sha[sha256[index]]]}")
+            else:
+                first_by_sha[sha256[index]] = index
+                kept.append(index)
+    else:
+        kept = order
+    if config.perceptual:
+        buckets: dict[tuple[int, int], list[int]] = {}
+        parent = {index: index for index in kept}
+
+        def root(index: int) -> int:
+            while parent[index] != index:
+                parent[index] = parent[parent[index]]
+                index = parent[index]
+            return index
+
+        for index in kept:
+            for band in range(4):
+                buckets.setdefault((band, (phash[index] >> (16 * band)) & 0xFFFF), []).append(index)
+        for members in buckets.values():
+            for position, a in enumerate(members):
+                for b in members[position + 1 :]:
+                    if hamming(phash[a], phash[b]) <= config.max_hamming:
+                        ra, rb = root(a), root(b)
+                        if ra != rb:
+                            # The smaller source URI becomes the root, so it is the one kept.
+                            parent[max(ra, rb, key=lambda i: sources[i])] = min(ra, rb, key=lambda i: sources[i])
+        for index in kept:
+            keeper = root(index)
+            if keeper != index:
+                distance = hamming(phash[index], phash[keeper])
+                decisions[sources[index]] = ("near_duplicate", f"perceptual hash {distance} bits from {sources[keeper]}")
+    return decisions
+
+
+def dedup_row(row: dict, decisions: dict[str, tuple[str, str]]) -> dict:
+    decision = decisions.get(row["source"])
+    if decision is not None:
+        return reject(row, "dedup", decision[0], decision[1])
+    set_quality(row, duplicate_checked=True)
+    return row

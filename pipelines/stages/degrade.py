@@ -1,0 +1,122 @@
+"""Degrade: K variants per accepted image, each of a kind drawn from the configured mix.
+
+Each variant's generator is seeded from (run seed, source, variant), so a rebuild or a resumed build makes the
+same samples. The output rows have DESIGN.md's sample schema; rejected rows pass through with their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import ray
+
+from pipelines.config import DegradeConfig
+from pipelines.rows import image_of, is_rejected, quality_of, rows_of
+from restoration.degradations import (
+    REGISTRY,
+    composite_degrade,
+    negative_degrade,
+    parameterized_degrade,
+    realesrgan_degrade,
+    single_degrade,
+)
+from restoration.images import encode_jpeg, encode_mask_png, encode_png
+
+OUTPUT_COLUMNS = (
+    "id",
+    "source",
+    "caption",
+    "alt_text",
+    "hq",
+    "lq",
+    "height",
+    "width",
+    "kind",
+    "degradation",
+    "restoration_prompt",
+    "mask",
+    "quality",
+    "reject_stage",
+    "reject_reason",
+    "reject_detail",
+)
+
+
+def source_seed(source: str) -> int:
+    return int.from_bytes(hashlib.sha256(source.encode("utf-8")).digest()[:8], "little")
+
+
+def sample_id(content_sha256: str, source: str, variant: int) -> str:
+    return hashlib.sha256(f"{content_sha256}\n{source}\n{variant}".encode()).hexdigest()[:32]
+
+
+def _encode(image: np.ndarray, image_format: str) -> bytes:
+    return encode_png(image) if image_format == "png" else encode_jpeg(image, 95)
+
+
+def degrade_variant(hq: np.ndarray, kind: str, rng: np.random.Generator, config: DegradeConfig):
+    if kind == "realesrgan":
+        return realesrgan_degrade(hq, rng, config.realesrgan)
+    if kind == "parameterized":
+        return parameterized_degrade(hq, rng, config.parameterized)
+    if kind == "composite":
+        return composite_degrade(hq, rng, config.composite)
+    if kind == "single":
+        types = REGISTRY.all()
+        return single_degrade(hq, rng, types[int(rng.integers(len(types)))].id)
+    return negative_degrade(hq, rng, config.negative)
+
+
+class DegradeStage:
+    """Batch UDF: work rows in, output rows out (K per accepted row, one per rejected row).
+
+    A plain object with `__call__`: pass `stage.__call__` to map_batches so it runs as tasks, not as an actor
+    pool holding a CPU (degradation has no model to keep loaded).
+    """
+
+    def __init__(self, config: DegradeConfig, seed: int, timer=None):
+        self.config = config
+        self.seed = seed
+        self.timer = timer
+        self.kinds = list(config.kinds)
+        weights = np.array([config.kinds[k] for k in self.kinds], dtype=np.float64)
+        self.weights = weights / weights.sum()
+
+    def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
+        out = []
+        for row in rows_of(batch):
+            if is_rejected(row):
+                out.append({key: row.get(key) for key in ("source", "reject_stage", "reject_reason", "reject_detail")})
+                continue
+            hq = image_of(row)
+            quality = quality_of(row)
+            hq_bytes = _encode(hq, self.config.image_format)
+            for variant in range(self.config.variants):
+                rng = np.random.default_rng([self.seed, source_seed(row["source"]), variant])
+                kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))]
+                sample = degrade_variant(hq, kind, rng, self.config)
+                out.append(
+                    {
+                        "id": sample_id(quality.get("sha256", ""), row["source"], variant),
+                        "source": row["source"],
+                        "caption": row.get("caption") or "",
+                        "alt_text": row.get("alt_text"),
+                        # Negative samples train on a deliberately bad target, so theirs replaces the photo.
+                        "hq": hq_bytes if sample.hq is hq else _encode(sample.hq, self.config.image_format),
+                        "lq": _encode(sample.lq, self.config.image_format),
+                        "height": int(hq.shape[0]),
+                        "width": int(hq.shape[1]),
+                        "kind": sample.kind,
+                        "degradation": json.dumps(sample.ops),
+                        "restoration_prompt": sample.restoration_prompt,
+                        "mask": encode_mask_png(sample.mask) if sample.mask is not None else None,
+                        "quality": row.get("quality"),
+                    }
+                )
+        if self.timer is not None:
+            ray.get(self.timer.add.remote("degrade", len(out), time.perf_counter() - started))
+        return {column: np.array([row.get(column) for row in out] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

@@ -1,0 +1,81 @@
+"""CLIP embedding (once per image), aesthetic score, and the image-text score after captioning.
+
+Both are callable classes for Ray Data actor pools: the model loads in `__init__`, batches run in `__call__`.
+The aesthetic score is a linear head on the normalised image embedding (LAION's predictor is one such layer);
+a preset names its weights, or `random` for tiny presets, whose scores only exercise the plumbing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from pipelines.config import EmbedConfig
+from pipelines.rows import batch_of, image_of, is_rejected, reject, rows_of, set_quality
+from restoration.models.base import load_aesthetic_head, load_clip_scorer
+from restoration.models.presets import load_preset
+
+
+class EmbedStage:
+    def __init__(self, preset: str, config: EmbedConfig, timer=None):
+        spec = load_preset(preset)
+        self.scorer = load_clip_scorer(spec.clip_scorer, seed=spec.seed)
+        self.aesthetic_head = load_aesthetic_head(spec.clip_scorer, seed=spec.seed)
+        self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.scorer.model.to(self.device)
+        self.config = config
+        self.timer = timer
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
+        rows = rows_of(batch)
+        live = [row for row in rows if not is_rejected(row)]
+        if live:
+            pixels = torch.stack([self.scorer.preprocess(Image.fromarray(image_of(row))) for row in live]).to(self.device)
+            embeddings = torch.nn.functional.normalize(self.scorer.model.encode_image(pixels).float(), dim=-1).cpu()
+            aesthetics = self.aesthetic_head(embeddings).squeeze(-1) if self.aesthetic_head is not None else None
+            for index, row in enumerate(live):
+                row["embedding"] = embeddings[index].numpy().astype(np.float32).tobytes()
+                if aesthetics is not None:
+                    score = round(float(aesthetics[index]), 4)
+                    set_quality(row, aesthetic=score)
+                    if self.config.min_aesthetic is not None and score < self.config.min_aesthetic:
+                        reject(row, "embed", "low_aesthetic", f"aesthetic score {score:.3f} < {self.config.min_aesthetic}")
+        if self.timer is not None:
+            ray.get(self.timer.add.remote("embed", len(rows), time.perf_counter() - started))
+        return batch_of(rows, tuple(batch))
+
+
+class ClipScoreStage:
+    """Cosine between the stored image embedding and the caption's text embedding."""
+
+    def __init__(self, preset: str, config: EmbedConfig, timer=None):
+        spec = load_preset(preset)
+        self.scorer = load_clip_scorer(spec.clip_scorer, seed=spec.seed)
+        self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.scorer.model.to(self.device)
+        self.config = config
+        self.timer = timer
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
+        rows = rows_of(batch)
+        live = [row for row in rows if not is_rejected(row) and row.get("embedding") is not None]
+        if live:
+            tokens = self.scorer.tokenizer([row.get("caption") or "" for row in live]).to(self.device)
+            texts = torch.nn.functional.normalize(self.scorer.model.encode_text(tokens).float(), dim=-1).cpu()
+            for index, row in enumerate(live):
+                image = torch.from_numpy(np.frombuffer(row["embedding"], np.float32).copy())
+                score = round(float(image @ texts[index]), 4)
+                set_quality(row, clip_score=score)
+                if self.config.min_clip_score is not None and score < self.config.min_clip_score:
+                    reject(row, "score", "low_clip_score", f"image-text score {score:.3f} < {self.config.min_clip_score}")
+        if self.timer is not None:
+            ray.get(self.timer.add.remote("score", len(rows), time.perf_counter() - started))
+        return batch_of(rows, tuple(batch))

@@ -1,0 +1,183 @@
+"""The dataset build on a local Ray instance (2 CPUs): awkward files, every source format, S3, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.build_dataset import build_dataset
+from pipelines.config import DataBuildConfig
+from restoration.errors import InputError
+from restoration.images import decode_image
+from tests.integration.corpus import UNICODE_CAPTION, photos, png_bytes, write_awkward_corpus
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="restoray-tests", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def small_config(**overrides) -> DataBuildConfig:
+    """Fast settings for 160-px test images: no model stages unless asked, one variant of every kind over the run."""
+    data = {
+        "quality": {"min_short_side": 128},
+        "crop": {"size": 128},
+        "embed": {"enabled": False},
+        "degrade": {"variants": 2, "image_format": "png"},
+        "write": {"max_rows_per_shard": 4},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value}
+    return DataBuildConfig.model_validate(data)
+
+
+def read(output, table: str) -> list[dict]:
+    files = sorted((output / table).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def test_awkward_corpus_every_source_accounted_for(tmp_path, local_ray):
+    corpus = tmp_path / "corpus"
+    expected = write_awkward_corpus(corpus)
+    output = tmp_path / "out"
+    summary = build_dataset(str(corpus), str(output), small_config(), "tiny")
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["sources_in"] == len(expected)
+    assert manifest["sources_in"] == manifest["sources_accepted"] + manifest["sources_rejected"]
+    assert summary.sources_in == len(expected)
+    rejects = {row["source"].rsplit("/", 1)[-1]: row for row in read(output, "rejects")}
+    samples = read(output, "shards")
+    accepted = {row["source"].rsplit("/", 1)[-1] for row in samples}
+    for name, reason in expected.items():
+        if reason is None:
+            assert name in accepted, (name, rejects.get(name))
+        else:
+            assert rejects[name]["reason"] == reason, (name, rejects.get(name))
+            assert rejects[name]["detail"]
+    assert accepted.isdisjoint(rejects)
+    assert len(samples) == 2 * len(accepted) and len({row["id"] for row in samples}) == len(samples)
+    assert manifest["rejected_by_reason"]["not_image"] == 2
+
+    by_name: dict[str, list[dict]] = {}
+    for row in samples:
+        by_name.setdefault(row["source"].rsplit("/", 1)[-1], []).append(row)
+    # EXIF-rotated: decoded upright, so the white band is along the top of the HQ crop.
+    hq = decode_image(by_name["exif_rotated.jpg"][0]["hq"])
+    assert hq[:10].mean() > 240 and hq[-30:].mean() < 200
+    # Captions: unicode kept exactly; the 100 kB one cut for training and kept whole in alt_text; empty/missing -> "".
+    assert {row["caption"] for row in by_name["unicode_caption.png"]} == {UNICODE_CAPTION}
+    assert {row["alt_text"] for row in by_name["unicode_caption.png"]} == {UNICODE_CAPTION}
+    long_row = by_name["long_caption.png"][0]
+    assert len(long_row["alt_text"]) == 100_000 - 1 and len(long_row["caption"]) == 2000
+    assert by_name["missing_caption.png"][0]["caption"] == "" and by_name["missing_caption.png"][0]["alt_text"] is None
+    # Every sample row follows the contract.
+    for row in samples:
+        assert row["height"] == row["width"] == 128
+        assert decode_image(row["hq"]).shape == (128, 128, 3) and decode_image(row["lq"]).shape == (128, 128, 3)
+        assert row["kind"] in ("realesrgan", "parameterized", "composite", "single", "negative")
+        assert isinstance(json.loads(row["degradation"]), list) and "sharpness" in json.loads(row["quality"])
+        assert (row["mask"] is not None) == (row["kind"] in ("composite", "single"))
+    # Shards are bounded.
+    assert all(pq.read_metadata(f).num_rows <= 4 for f in (output / "shards").glob("*.parquet"))
+
+
+def test_rerun_of_a_completed_build_is_a_no_op(tmp_path, local_ray):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index, image in enumerate(photos(3)):
+        (corpus / f"{index}.png").write_bytes(png_bytes(image))
+    output = tmp_path / "out"
+    first = build_dataset(str(corpus), str(output), small_config(), "tiny")
+    files = sorted(p.name for p in (output / "shards").iterdir())
+    second = build_dataset(str(corpus), str(output), small_config(), "tiny")
+    assert second.already_complete and not first.already_complete
+    assert second.samples_written == first.samples_written == 6
+    assert sorted(p.name for p in (output / "shards").iterdir()) == files
+    with pytest.raises(InputError, match="another input or config"):
+        build_dataset(str(corpus), str(output), small_config(degrade={"variants": 1}), "tiny")
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_row_set(tmp_path, local_ray):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index, image in enumerate(photos(8)):
+        (corpus / f"{index:02d}.png").write_bytes(png_bytes(image))
+    (corpus / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    config = small_config(write={"max_rows_per_shard": 2}, dedup={"perceptual": False})
+    reference = build_dataset(str(corpus), str(tmp_path / "reference"), config, "tiny")
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Exception, match="fail_after_rows"):
+        build_dataset(str(corpus), str(interrupted), config, "tiny", fail_after_rows=3)
+    partial = read(interrupted, "shards")
+    assert 0 < len(partial) < reference.samples_written
+    resumed = build_dataset(str(corpus), str(interrupted), config, "tiny")
+    assert resumed.sources_in == reference.sources_in == 9
+    ids = [row["id"] for row in read(interrupted, "shards")]
+    assert len(ids) == len(set(ids))  # never duplicated
+    assert sorted(ids) == sorted(row["id"] for row in read(tmp_path / "reference", "shards"))
+    reference_rows = {row["id"]: row["lq"] for row in read(tmp_path / "reference", "shards")}
+    assert all(reference_rows[row["id"]] == row["lq"] for row in read(interrupted, "shards"))  # same samples, byte for byte
+    assert [r["source"] for r in read(interrupted, "rejects")] == [r["source"] for r in read(tmp_path / "reference", "rejects")]
+
+
+def test_parquet_and_webdataset_sources(tmp_path, local_ray):
+    images = photos(4)
+    table = pa.table(
+        {"jpg": [png_bytes(image, "JPEG", quality=92) for image in images] + [b"junk"], "caption": [f"photo {i}" for i in range(5)]}
+    )
+    parquet_dir = tmp_path / "parquet"
+    parquet_dir.mkdir()
+    pq.write_table(table.slice(0, 3), parquet_dir / "part-0.parquet")
+    pq.write_table(table.slice(3), parquet_dir / "part-1.parquet")
+    summary = build_dataset(str(parquet_dir), str(tmp_path / "from-parquet"), small_config(), "tiny")
+    assert (summary.sources_in, summary.sources_accepted, summary.sources_rejected) == (5, 4, 1)
+    captions = {row["source"].rsplit("/", 1)[-1]: row["caption"] for row in read(tmp_path / "from-parquet", "shards")}
+    assert captions["part-0.parquet#row=1"] == "photo 1" and captions["part-1.parquet#row=0"] == "photo 3"
+
+    # A webdataset shard whose members are NOT ordered by key, plus a key without an image.
+    tar_path = tmp_path / "wds" / "shard-000.tar"
+    tar_path.parent.mkdir()
+    members = []
+    for index, image in enumerate(images[:3]):
+        members.append((f"sample{index}.jpg", png_bytes(image, "JPEG", quality=92)))
+        members.append((f"sample{index}.json", json.dumps({"caption": f"wds caption {index}"}).encode()))
+    members.append(("orphan.txt", b"a caption without an image"))
+    order = [0, 3, 2, 5, 1, 4, 6]
+    with tarfile.open(tar_path, "w") as tar:
+        for position in order:
+            name, payload = members[position]
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    summary = build_dataset(str(tar_path.parent), str(tmp_path / "from-wds"), small_config(), "tiny")
+    assert (summary.sources_in, summary.sources_accepted, summary.sources_rejected) == (4, 3, 1)
+    rows = read(tmp_path / "from-wds", "shards")
+    by_key = {row["source"].rsplit("#", 1)[-1]: row for row in rows if row["kind"] != "negative"}  # negatives replace the HQ
+    for index in range(3):
+        assert by_key[f"sample{index}"]["caption"] == f"wds caption {index}"
+        hq = decode_image(by_key[f"sample{index}"]["hq"]).astype(int)
+        expected = cv2.resize(images[index], (128, 128), interpolation=cv2.INTER_AREA).astype(int)
+        assert np.abs(hq - expected).mean() < 6  # each key got its own image, not a neighbour's
+    assert read(tmp_path / "from-wds", "rejects")[0]["reason"] == "not_image"
+
+
+def test_bad_inputs_fail_fast(tmp_path, local_ray):
+    with pytest.raises(InputError, match="does not exist"):
+        build_dataset(str(tmp_path / "missing"), str(tmp_path / "out"), small_config(), "tiny")
+    with pytest.raises(InputError, match="must differ"):
+        build_dataset(str(tmp_path), str(tmp_path), small_config(), "tiny")
+    with pytest.raises(ValueError, match="kinds must map"):
+        small_config(degrade={"kinds": {"sharpen": 1.0}})
