@@ -257,6 +257,7 @@ def build_dataset(
         raise InputError(f"{output_uri} holds a build of another input or config; choose a new --output or remove it")
     _write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
+    _check_resources(config)
     timer = StageTimer.remote()
     decisions: dict[str, tuple[str, str]] = {}
     if config.dedup.exact or config.dedup.perceptual:
@@ -325,6 +326,21 @@ def build_dataset(
     }
     _write_json(out_fs, f"{root}/{MANIFEST}", manifest)
     return summary
+
+
+def _check_resources(config: DataBuildConfig) -> None:
+    """Actor pools hold their CPUs for the whole run; the task stages need at least one CPU beside them."""
+    reserved = 0.0
+    if config.embed.enabled:
+        reserved += 2 * config.embed.actors * config.embed.num_cpus  # embedding and image-text score pools
+    if config.caption.mode != "keep-source":
+        reserved += config.caption.actors * config.caption.num_cpus
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if available - reserved < 1.0:
+        raise InputError(
+            f"the model stages' actor pools reserve {reserved:g} of the cluster's {available:g} CPUs, leaving less than one "
+            "for the read/decode/degrade tasks; lower data.embed.num_cpus / data.caption.num_cpus or their actors, or add CPUs"
+        )
 
 
 def _summarise(fs, root: str, output_uri: str, totals: dict, started: float) -> BuildSummary:

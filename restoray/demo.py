@@ -1,32 +1,40 @@
 """`restoray demo`: every stage that exists so far, end to end on the embedded default.
 
 Stages so far: connect to Ray (the embedded local instance unless a cluster is named), materialise the sample
-corpus, list the presets, build the run's preset networks (offline for `tiny`). Later stages (dataset build,
-training, restoration) join here as they land.
+corpus, list the presets, build the run's preset networks (offline for `tiny`), build a training dataset from
+the sample corpus with Ray Data (with an HTML report). Later stages (training, restoration) join here as they
+land.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from restoray.config import RunConfig
-from restoray.ray_env import connect
+from restoray.ray_env import cluster_address, connect, loopback_only
 from restoray.samples import materialise
+from restoray.uris import s3_endpoint
 
 log = logging.getLogger(__name__)
+STEPS = 5
 
 
-def run_demo(config: RunConfig) -> int:
+def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
+    if not cluster_address(config.ray):
+        loopback_only()
+    from pipelines.build_dataset import build_dataset
+    from pipelines.report import write_report
     from restoration.models.base import load_captioner, load_clip_scorer, load_sdxl
     from restoration.models.presets import list_presets, load_preset
 
     started = time.monotonic()
-    print(f"[1/4] Ray: {connect(config.ray)}")
+    print(f"[1/{STEPS}] Ray: {connect(config.ray)}")
     images = materialise(config.samples.dir)
-    print(f"[2/4] sample corpus: {len(images)} photos with captions in {config.samples.dir}/")
+    print(f"[2/{STEPS}] sample corpus: {len(images)} photos with captions in {config.samples.dir}/")
 
-    print("[3/4] presets:")
+    print(f"[3/{STEPS}] presets:")
     for preset in list_presets():
         print(f"      {preset.name:<8} {preset.description}")
 
@@ -43,8 +51,15 @@ def run_demo(config: RunConfig) -> int:
         "captioner": captioner.model,
         "clip_scorer": clip_scorer.model,
     }
-    print(f"[4/4] preset {preset.name!r} built in {time.monotonic() - build_started:.1f}s:")
+    print(f"[4/{STEPS}] preset {preset.name!r} built in {time.monotonic() - build_started:.1f}s:")
     for name, module in networks.items():
         print(f"      {name:<15} {sum(p.numel() for p in module.parameters()):>12,} parameters")
+
+    dataset, report = Path(output_dir) / "dataset", Path(output_dir) / "dataset-report.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    summary = build_dataset(config.samples.dir, str(dataset), config.data, config.preset, s3_endpoint(config.storage))
+    write_report(str(dataset), str(report))
+    print(f"[5/{STEPS}] dataset build (report: {report}):")
+    print("\n".join("      " + line for line in summary.table().splitlines()))
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0

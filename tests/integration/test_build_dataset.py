@@ -21,11 +21,22 @@ from tests.integration.corpus import UNICODE_CAPTION, photos, png_bytes, write_a
 
 @pytest.fixture(scope="module")
 def local_ray():
+    import os
+
     import ray
 
+    # Workers inherit the environment Ray starts with: moto's fake credentials must be there from the start.
+    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in fake}
+    os.environ.update(fake)
     ray.init(num_cpus=2, include_dashboard=False, namespace="restoray-tests", log_to_driver=False)
     yield
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def small_config(**overrides) -> DataBuildConfig:
@@ -181,3 +192,35 @@ def test_bad_inputs_fail_fast(tmp_path, local_ray):
         build_dataset(str(tmp_path), str(tmp_path), small_config(), "tiny")
     with pytest.raises(ValueError, match="kinds must map"):
         small_config(degrade={"kinds": {"sharpen": 1.0}})
+
+
+def test_s3_input_and_output_through_moto(tmp_path, local_ray, moto_endpoint, aws_test_credentials):
+    import boto3
+    import s3fs
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.create_bucket(Bucket="corpus")
+    s3.create_bucket(Bucket="datasets")
+    for index, image in enumerate(photos(3)):
+        s3.put_object(Bucket="corpus", Key=f"photos/{index}.jpg", Body=png_bytes(image, "JPEG", quality=92))
+        s3.put_object(Bucket="corpus", Key=f"photos/{index}.txt", Body=f"s3 caption {index}".encode())
+    s3.put_object(Bucket="corpus", Key="photos/broken.jpg", Body=b"\x00" * 10)
+    summary = build_dataset("s3://corpus/photos", "s3://datasets/v1", small_config(), "tiny", moto_endpoint)
+    assert (summary.sources_in, summary.sources_accepted, summary.sources_rejected) == (4, 3, 1)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})
+    manifest = json.loads(fs.cat("datasets/v1/manifest.json"))
+    assert manifest["complete"] and manifest["samples_written"] == 6
+    shards = [p for p in fs.find("datasets/v1/shards") if p.endswith(".parquet")]
+    rows = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in shards]).to_pylist()
+    assert {row["caption"] for row in rows} == {"s3 caption 0", "s3 caption 1", "s3 caption 2"}
+    assert all(row["source"].startswith("s3://corpus/photos/") for row in rows)
+
+
+def test_s3_errors_fail_fast_naming_the_uri(tmp_path, local_ray, moto_endpoint, aws_test_credentials):
+    with pytest.raises(InputError, match="s3://no-such-bucket/photos"):
+        build_dataset("s3://no-such-bucket/photos", str(tmp_path / "out"), small_config(), "tiny", moto_endpoint)
+    from tests.conftest import free_port
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(InputError, match="s3://corpus/photos"):
+        build_dataset("s3://corpus/photos", str(tmp_path / "out2"), small_config(), "tiny", unreachable)

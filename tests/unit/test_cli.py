@@ -64,3 +64,14 @@ def test_list_degradations_prints_ids(capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[1]: int(line.split()[0]) for line in lines[1:]}
     assert rows == {"clean": 0, "noise": 1, "blur": 2, "jpeg": 3, "downsample": 4, "rain": 5, "haze": 6, "low_light": 7}
+
+
+def test_data_build_bad_config_and_input_exit_2_before_any_work(tmp_path, capsys):
+    args = ["data", "build", "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main([*args, "--set", "data.crop.size=abc"]) == 2
+    assert "data.crop.size" in capsys.readouterr().err
+    assert main([*args, "--set", "data.degrade.kinds={sharpen = 1.0}"]) == 2
+    assert "kinds must map" in capsys.readouterr().err
+    assert main(["data", "build", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,14 +1,11 @@
-import signal
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from restoration.errors import InputError
 from restoray.config import MlflowConfig, StorageConfig
 from restoray.uris import resolve
-from tests.conftest import VENV_BIN, free_port, subprocess_env
+from tests.conftest import free_port
 
 
 def test_local_paths_and_hub_ids(tmp_path):
@@ -20,44 +17,6 @@ def test_local_paths_and_hub_ids(tmp_path):
         resolve(str(tmp_path / "missing" / "deeper"), storage)
     with pytest.raises(InputError, match="unsupported URI scheme"):
         resolve("gs://bucket/key", storage)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1, in its own process group, stopped at the end."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-        env=subprocess_env(),
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.2)
-    yield endpoint
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-
-
-@pytest.fixture
-def aws_test_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def test_s3_objects_and_prefixes_resolve_to_the_cache(tmp_path, moto_endpoint, aws_test_credentials):
