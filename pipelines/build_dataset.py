@@ -32,12 +32,10 @@ from pipelines.config import DataBuildConfig
 from pipelines.rows import batch_of, is_rejected, row_stage, rows_of
 from pipelines.sink import ShardSink
 from pipelines.sources import filesystem, list_units, read_units
-from pipelines.stages.caption import CaptionStage
 from pipelines.stages.crop import crop_row
 from pipelines.stages.decode import decode_row
 from pipelines.stages.dedup import dedup_row, find_duplicates, hashes_row
 from pipelines.stages.degrade import DegradeStage
-from pipelines.stages.embed import ClipScoreStage, EmbedStage
 from pipelines.stages.quality import quality_row
 from pipelines.timer import StageTimer
 from restoration.degradations import REGISTRY
@@ -271,7 +269,10 @@ def build_dataset(
     if decisions:
         decisions_ref = _broadcast(decisions)
         rows = rows.map_batches(row_stage("dedup", lambda row: dedup_row(row, _get_cached(decisions_ref)), timer), batch_size=8)
+    # Model stages are imported only when used: torch and transformers cost every Ray worker seconds to import.
     if config.embed.enabled:
+        from pipelines.stages.embed import ClipScoreStage, EmbedStage
+
         embed_args = {"preset": preset, "config": config.embed, "timer": timer}
         rows = rows.map_batches(
             EmbedStage,
@@ -282,6 +283,8 @@ def build_dataset(
             num_gpus=config.embed.num_gpus,
         )
     if config.caption.mode != "keep-source":
+        from pipelines.stages.caption import CaptionStage
+
         rows = rows.map_batches(
             CaptionStage,
             fn_constructor_kwargs={"preset": preset, "config": config.caption, "timer": timer},
