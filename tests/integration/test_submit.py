@@ -1,5 +1,6 @@
 """`restoray submit` against a real `ray start --head --block` cluster on 127.0.0.1."""
 
+import json
 import os
 import shutil
 import signal
@@ -111,3 +112,25 @@ def test_wrong_token_and_unreachable_cluster_are_bad_input(ray_cluster):
     )
     assert nowhere.returncode == 2
     assert "cannot reach the Ray Jobs API" in nowhere.stderr
+
+
+def test_submitted_data_build_runs_on_the_cluster(ray_cluster, tmp_path):
+    from tests.integration.corpus import photos, png_bytes
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index, image in enumerate(photos(3)):
+        (corpus / f"{index}.png").write_bytes(png_bytes(image))
+        (corpus / f"{index}.txt").write_text(f"caption {index}")
+    output = tmp_path / "dataset"
+    result = _submit(
+        ray_cluster,
+        "--",
+        "data", "build", "--input", str(corpus), "--output", str(output),
+        "--set", "data.quality.min_short_side=128", "--set", "data.crop.size=128",
+        "--set", "data.embed.enabled=false", "--set", "data.caption.mode=keep-source",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["sources_accepted"] == 3 and manifest["samples_written"] == 6
+    assert "samples written" in result.stdout  # the job's summary table, streamed back
