@@ -273,35 +273,13 @@ def build_dataset(
     if config.embed.enabled:
         from pipelines.stages.embed import ClipScoreStage, EmbedStage
 
-        embed_args = {"preset": preset, "config": config.embed, "timer": timer}
-        rows = rows.map_batches(
-            EmbedStage,
-            fn_constructor_kwargs=embed_args,
-            batch_size=config.embed.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.embed.actors),
-            num_cpus=config.embed.num_cpus,
-            num_gpus=config.embed.num_gpus,
-        )
+        rows = _actor_stage(rows, EmbedStage, preset, config.embed, timer)
     if config.caption.mode != "keep-source":
         from pipelines.stages.caption import CaptionStage
 
-        rows = rows.map_batches(
-            CaptionStage,
-            fn_constructor_kwargs={"preset": preset, "config": config.caption, "timer": timer},
-            batch_size=config.caption.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.caption.actors),
-            num_cpus=config.caption.num_cpus,
-            num_gpus=config.caption.num_gpus,
-        )
+        rows = _actor_stage(rows, CaptionStage, preset, config.caption, timer)
     if config.embed.enabled:
-        rows = rows.map_batches(
-            ClipScoreStage,
-            fn_constructor_kwargs=embed_args,
-            batch_size=config.embed.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.embed.actors),
-            num_cpus=config.embed.num_cpus,
-            num_gpus=config.embed.num_gpus,
-        )
+        rows = _actor_stage(rows, ClipScoreStage, preset, config.embed, timer)
     rows = rows.map_batches(row_stage("crop", lambda row: crop_row(row, config.crop, config.seed), timer), batch_size=8)
     samples = rows.map_batches(DegradeStage(config.degrade, config.seed, timer).__call__, batch_size=4)
     samples.write_datasink(ShardSink(output_uri, options, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
@@ -329,6 +307,18 @@ def build_dataset(
     }
     _write_json(out_fs, f"{root}/{MANIFEST}", manifest)
     return summary
+
+
+def _actor_stage(rows: ray.data.Dataset, stage_class, preset: str, stage_config, timer) -> ray.data.Dataset:
+    """A model stage: an actor pool that loads the model once per actor."""
+    return rows.map_batches(
+        stage_class,
+        fn_constructor_kwargs={"preset": preset, "config": stage_config, "timer": timer},
+        batch_size=stage_config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=stage_config.actors),
+        num_cpus=stage_config.num_cpus,
+        num_gpus=stage_config.num_gpus,
+    )
 
 
 def _check_resources(config: DataBuildConfig) -> None:

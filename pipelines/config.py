@@ -48,9 +48,6 @@ class DedupConfig(_Config):
     exact: bool = Field(True, description="Drop byte-identical images (duplicate).")
     perceptual: bool = Field(True, description="Drop perceptual-hash near-duplicates (near_duplicate).")
     max_hamming: int = Field(6, ge=0, le=32, description="64-bit pHash distance up to which images count as near-duplicates.")
-    clip_threshold: float | None = Field(
-        None, description="Cosine of CLIP embeddings above which images are near-duplicates (real CLIP presets only)."
-    )
 
 
 class EmbedConfig(_Config):

@@ -48,7 +48,7 @@ def _histogram(values: list[float], title: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return f'<img alt="{html.escape(title)} histogram" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def write_report(output_uri: str, report_path: str, s3_endpoint_url: str | None = None, examples: int = 12) -> None:

@@ -20,15 +20,20 @@ from restoration.models.base import load_aesthetic_head, load_clip_scorer
 from restoration.models.presets import load_preset
 
 
-class EmbedStage:
+class _ClipActor:
     def __init__(self, preset: str, config: EmbedConfig, timer=None):
-        spec = load_preset(preset)
-        self.scorer = load_clip_scorer(spec.clip_scorer, seed=spec.seed)
-        self.aesthetic_head = load_aesthetic_head(spec.clip_scorer, seed=spec.seed)
+        self.spec = load_preset(preset)
+        self.scorer = load_clip_scorer(self.spec.clip_scorer, seed=self.spec.seed)
         self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.scorer.model.to(self.device)
         self.config = config
         self.timer = timer
+
+
+class EmbedStage(_ClipActor):
+    def __init__(self, preset: str, config: EmbedConfig, timer=None):
+        super().__init__(preset, config, timer)
+        self.aesthetic_head = load_aesthetic_head(self.spec.clip_scorer, seed=self.spec.seed)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -51,16 +56,8 @@ class EmbedStage:
         return batch_of(rows, tuple(batch))
 
 
-class ClipScoreStage:
+class ClipScoreStage(_ClipActor):
     """Cosine between the stored image embedding and the caption's text embedding."""
-
-    def __init__(self, preset: str, config: EmbedConfig, timer=None):
-        spec = load_preset(preset)
-        self.scorer = load_clip_scorer(spec.clip_scorer, seed=spec.seed)
-        self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.scorer.model.to(self.device)
-        self.config = config
-        self.timer = timer
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
