@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from restoration.models.adaptor import AdaptedUNet, AdaptorConfig
+from restoration.models.base import encode_prompt, load_sdxl, size_crop_time_ids
+from restoration.models.presets import load_preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    networks = load_sdxl(load_preset("tiny")).frozen()
+    semantic, pooled = encode_prompt(networks, ["a photo of a cat"])
+    restoration, restoration_pooled = encode_prompt(networks, ["Deblur with sigma 2.0; Denoise with sigma 0.06"])
+    time_ids = size_crop_time_ids((64, 64), (0, 0), (64, 64), batch=1)
+    return {
+        "networks": networks,
+        "semantic": semantic,
+        "added": {"text_embeds": pooled, "time_ids": time_ids},
+        "restoration": restoration,
+        "restoration_added": {"text_embeds": restoration_pooled, "time_ids": time_ids},
+    }
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([500]), torch.randn(1, 4, 16, 16, generator=generator)
+
+
+@pytest.mark.parametrize("connector", ["zero_sft", "modulation"])
+def test_control_scale_zero_is_the_frozen_unet_exactly(tiny, connector):
+    unet = tiny["networks"].unet
+    adapted = AdaptedUNet(unet, AdaptorConfig(connector=connector, connector_hidden=8, norm_groups=8))
+    x, t, lq = _inputs()
+    with torch.no_grad():
+        reference = unet(x, t, encoder_hidden_states=tiny["semantic"], added_cond_kwargs=tiny["added"]).sample
+        off = adapted(x, t, tiny["semantic"], tiny["added"], control_scale=0.0)
+        on = adapted(x, t, tiny["semantic"], tiny["added"], lq, tiny["restoration"], tiny["restoration_added"], control_scale=1.0)
+    assert torch.equal(off, reference)
+    if connector == "modulation":
+        assert torch.allclose(on, reference, atol=1e-5)  # modulation fusion is the identity at initialisation
+    else:
+        assert on.shape == reference.shape and not torch.allclose(on, reference)  # ZeroSFT normalises at full scale
+
+
+def test_adaptor_is_trimmed_initialised_from_the_unet_and_alone_trainable(tiny):
+    unet = tiny["networks"].unet
+    adapted = AdaptedUNet(unet, AdaptorConfig(connector_hidden=8, norm_groups=8))
+    full = [
+        max((len(a.transformer_blocks) for a in getattr(b, "attentions", []) or []), default=0) for b in [*unet.down_blocks, unet.mid_block]
+    ]
+    assert adapted.adaptor.transformer_depth == [(d + 1) // 2 for d in full]
+    assert torch.equal(adapted.adaptor.conv_in.weight, unet.conv_in.weight)
+    assert adapted.adaptor.lq_conv_in.weight.abs().sum() == 0
+    kept = AdaptedUNet(unet, AdaptorConfig(transformer_depth=full, connector_hidden=8, norm_groups=8))
+    assert kept.adaptor.transformer_depth == full
+    with pytest.raises(ValueError, match="entries"):
+        AdaptedUNet(unet, AdaptorConfig(transformer_depth=[1]))
+
+    x, t, lq = _inputs()
+    out = adapted(x, t, tiny["semantic"], tiny["added"], lq, tiny["restoration"], tiny["restoration_added"])
+    out.square().mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    # As in ControlNet, the zero convolutions get gradients first; the adaptor behind them only once they moved.
+    assert all(connector.gamma.weight.grad.abs().sum() > 0 for block in adapted.connectors for connector in block)
+    assert adapted.adaptor.lq_conv_in.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        for block in adapted.connectors:
+            for connector in block:
+                connector.skip_add.weight.normal_(0, 0.01)
+    adapted.zero_grad()
+    adapted(x, t, tiny["semantic"], tiny["added"], lq, tiny["restoration"], tiny["restoration_added"]).square().mean().backward()
+    assert adapted.adaptor.lq_conv_in.weight.grad.abs().sum() > 0  # the LQ latent now steers the output
