@@ -45,7 +45,7 @@ class AdaptorConfig(BaseModel):
 
 
 def _transformers(block: nn.Module) -> list[nn.Module]:
-    return [t for attention in getattr(block, "attentions", []) or [] for t in [attention] if hasattr(t, "transformer_blocks")]
+    return [attention for attention in getattr(block, "attentions", None) or [] if hasattr(attention, "transformer_blocks")]
 
 
 def _trim(block: nn.Module, depth: int) -> None:
