@@ -80,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(build)
     build.set_defaults(handler=_run_data_build)
 
+    restore = commands.add_parser(
+        "restore",
+        help="restore one image with the restoration model",
+        description="Restore an image: robust encoding, captioning (unless --prompt), restoration-guided EDM sampling with the "
+        "adaptor, optional ReFIR references, colour fix. Weights: a directory saved by training, s3://, models:/NAME/VERSION, "
+        "or none (the preset's untrained adaptor).",
+        epilog="example: restoray restore data/samples/coffee.png --output out.png --preset tiny --steps 10",
+    )
+    restore.add_argument("input", metavar="INPUT", help="image file (any format the dataset build reads)")
+    restore.add_argument("--output", required=True, metavar="PATH", help="where to write the restored image (PNG/JPEG by extension)")
+    restore.add_argument("--prompt", default=None, help="semantic prompt (default: caption the stage-1 image with the preset's VLM)")
+    restore.add_argument("--restoration-prompt", default="Remove all degradation", help="SPIRE restoration prompt")
+    restore.add_argument("--reference", action="append", default=[], metavar="PATH", help="ReFIR reference image (repeatable)")
+    restore.add_argument("--tau-r", type=float, default=4.0, help="restoration-guidance exponent (0 or less: off)")
+    restore.add_argument("--steps", type=int, default=50, help="sampling steps")
+    restore.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (>= 1)")
+    restore.add_argument("--seed", type=int, default=0, help="random seed")
+    restore.add_argument("--weights", metavar="URI", default=None, help="trained weights: path, s3:// or models:/NAME/VERSION")
+    restore.add_argument("--preset", default=None, help="model preset when no --weights are given (default: the config's)")
+    _add_config_arguments(restore)
+    restore.set_defaults(handler=_run_restore)
+
     listing = commands.add_parser("list", help="list registries (presets, degradations, config keys)", description="List a registry.")
     what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
     presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
@@ -155,6 +177,13 @@ def _run_data_build(args: argparse.Namespace) -> int:
     from restoray.data import run_data_build
 
     return run_data_build(config, args.input, args.output, args.report)
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.restore import run_restore
+
+    return run_restore(config, args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -2,8 +2,8 @@
 
 Stages so far: connect to Ray (the embedded local instance unless a cluster is named), materialise the sample
 corpus, list the presets, build the run's preset networks (offline for `tiny`), build a training dataset from
-the sample corpus with Ray Data (with an HTML report). Later stages (training, restoration) join here as they
-land.
+the sample corpus with Ray Data (with an HTML report), restore one sample photo with the preset's (untrained)
+adaptor. Training joins here when it lands.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from restoray.samples import materialise
 from restoray.uris import s3_endpoint
 
 log = logging.getLogger(__name__)
-STEPS = 5
+STEPS = 6
 
 
 def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
@@ -61,5 +61,17 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     write_report(str(dataset), str(report))
     print(f"[5/{STEPS}] dataset build (report: {report}):")
     print("\n".join("      " + line for line in summary.table().splitlines()))
+    from PIL import Image
+
+    from restoration.restorer import Restorer
+
+    restore_started = time.monotonic()
+    restorer = Restorer.from_pretrained(config.preset)
+    photo = Image.open(images[0]).convert("RGB")
+    photo = photo.resize((photo.width // 4, photo.height // 4))  # a quick restore on CPU
+    restored = restorer.restore(photo, steps=4, seed=config.seed)
+    restored_path = Path(output_dir) / f"restored-{images[0].stem}.png"
+    restored.save(restored_path)
+    print(f"[6/{STEPS}] restored {images[0].name} -> {restored_path} in {time.monotonic() - restore_started:.1f}s")
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0

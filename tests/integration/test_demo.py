@@ -48,3 +48,5 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert report.count("<img") >= 10 and "Examples" in report and "sharpness" in report
     assert ("Rejected sources" in report) == (manifest["sources_rejected"] > 0)
     assert "dataset build" in out and "samples written" in out
+    restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
+    assert len(restored) == 1 and "[6/6] restored" in out

@@ -19,3 +19,17 @@ def test_degradation_bench_prints_every_row():
     for row in ("floor", "realesrgan", "realesrgan (plain)", "parameterized", "composite", "single", "negative"):
         assert row in result.stdout
     assert "1/" in result.stdout
+
+
+def test_sampling_bench_prints_every_row():
+    result = subprocess.run(
+        [sys.executable, "bench/sampling.py", "--steps", "1", "--size", "64", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for row in ("plain", "restoration-guided", "ReFIR, one reference", "ReFIR / no reference"):
+        assert row in result.stdout

@@ -1,0 +1,184 @@
+"""`Restorer`: load weights, `restore(image, ...) -> image`. The one API the CLI and serving use.
+
+Pipeline (SUPIR): the LQ image is encoded by the degradation-robust encoder (z_LQ, the stage-1 latent); without
+a prompt, the preset's captioner describes the stage-1 image (decoded z_LQ); the semantic prompt (+ SUPIR's
+positive quality prompt) drives the frozen UNet, the negative quality prompt is the CFG negative, and the
+restoration prompt (SPIRE) enters the adaptor; the restoration-guided EDM sampler denoises; the VAE decodes; a
+wavelet colour fix against the stage-1 image keeps the input's colours. With references, ReFIR's reference
+chain runs at every step on each reference latent, noised with the same noise and sigma.
+
+Weights: `save_pretrained(dir)` writes `restorer.json` (preset, adaptor config) and `model.safetensors` (adaptor,
+connectors, robust encoder); `from_pretrained(dir or preset name)` rebuilds it without training code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from restoration.errors import InputError
+from restoration.models.adaptor import AdaptedUNet, AdaptorConfig
+from restoration.models.base import encode_prompt, load_captioner, load_sdxl, size_crop_time_ids
+from restoration.models.encoder import RobustEncoder
+from restoration.models.presets import load_preset
+from restoration.prompts import BLIND_PROMPT, NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
+from restoration.retrieval.injection import InjectionConfig, ReferenceController, install
+from restoration.sampling.colorfix import wavelet_color_fix
+from restoration.sampling.edm import SamplerConfig, StepInfo, restoration_guided_sample, schedule_sigmas
+
+CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _to_image(tensor: torch.Tensor) -> Image.Image:
+    array = ((tensor[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+class Restorer:
+    def __init__(self, preset_name: str, adaptor_config: AdaptorConfig | None = None):
+        self.preset_name = preset_name
+        self.preset = load_preset(preset_name)
+        self.networks = load_sdxl(self.preset).frozen()
+        self.adaptor_config = adaptor_config or AdaptorConfig()
+        self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
+        self.encoder = RobustEncoder(self.networks.vae).eval()
+        self.train_sigmas = schedule_sigmas(self._alphas_cumprod())
+        self._captioner = None
+        # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
+        downsamplers = sum(block.downsamplers is not None for block in self.networks.unet.down_blocks)
+        self.size_multiple = 8 * 2**downsamplers
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        # SDXL's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        return torch.cumprod(1 - betas, dim=0)
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items() if not k.startswith("unet.")}
+        state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        return {k: v.contiguous() for k, v in state.items()}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"preset": self.preset_name, "adaptor": self.adaptor_config.model_dump()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_file(self.trained_state(), str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | Path) -> Restorer:
+        path = Path(path_or_preset)
+        if not (path / CONFIG_FILE).is_file():
+            return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        restorer = cls(config["preset"], AdaptorConfig.model_validate(config["adaptor"]))
+        state = load_file(str(path / WEIGHTS_FILE))
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = restorer.model.load_state_dict(model_state, strict=False)
+        if unexpected or any(not k.startswith("unet.") for k in missing):
+            raise InputError(f"{path}: weights do not match the adaptor config (unexpected {unexpected[:3]}, missing {missing[:3]})")
+        restorer.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
+        return restorer
+
+    # ---- restoration -----------------------------------------------------------------------------------------
+    def caption(self, image: Image.Image) -> str:
+        if self._captioner is None:
+            self._captioner = load_captioner(self.preset.captioner, self.preset.tokenizer, seed=self.preset.seed)
+        captioner = self._captioner
+        inputs = captioner.processor(images=[image], text=[f"<image> {captioner.prompt}"], return_tensors="pt")
+        with torch.no_grad():
+            generated = captioner.model.generate(**inputs, max_new_tokens=captioner.max_new_tokens, do_sample=False)
+        return captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+    def _prepare(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        multiple = self.size_multiple
+        size = (max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple))
+        return _to_tensor(image.resize(size, Image.BICUBIC) if size != image.size else image)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        image: Image.Image,
+        prompt: str | None = None,
+        restoration_prompt: str = BLIND_PROMPT,
+        references: tuple[Image.Image, ...] = (),
+        tau_r: float | None = 4.0,
+        steps: int = 50,
+        cfg: float = 7.5,
+        seed: int = 0,
+        control_scale: float = 1.0,
+        gate_scale: float = 1.0,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> Image.Image:
+        if steps < 1 or cfg < 1:
+            raise InputError(f"steps must be >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
+        original_size = image.size
+        lq = self._prepare(image)
+        vae = self.networks.vae
+        z_lq = self.encoder(lq)
+        stage1 = vae.decode(z_lq / vae.config.scaling_factor).sample
+        if prompt is None:
+            prompt = self.caption(_to_image(stage1))
+        semantic = encode_prompt(self.networks, [f"{prompt} {POSITIVE_QUALITY_PROMPT}".strip()])
+        negative = encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT])
+        restoration = encode_prompt(self.networks, [restoration_prompt])
+        height, width = lq.shape[2:]
+        time_ids = size_crop_time_ids((height, width), (0, 0), (height, width), batch=1)
+
+        reference_latents = [self.encoder(self._prepare(ref.resize(image.size, Image.BICUBIC))) for ref in references]
+        controller = ReferenceController(InjectionConfig(gate_scale=gate_scale))
+        previous = dict(self.networks.unet.attn_processors)
+        if reference_latents:
+            install(self.networks.unet, controller)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z_lq.shape, generator=generator)
+
+        log_sigmas = self.train_sigmas.log()
+        recorded_at = [float("nan")]
+
+        def eps_model(x_in: torch.Tensor, timestep: torch.Tensor, cond, scale: float) -> torch.Tensor:
+            embeds, pooled = cond
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            if reference_latents and float(timestep[0]) != recorded_at[0]:
+                # Reference chain: the same weights, noise and sigma as the target (sigma from the timestep), run
+                # once per step; the CFG negative pass of the same step reuses what the positive pass recorded.
+                t = float(timestep[0])
+                recorded_at[0] = t
+                low = min(int(t), len(log_sigmas) - 2)
+                sigma = float(torch.exp((1 - (t - low)) * log_sigmas[low] + (t - low) * log_sigmas[low + 1]))
+                controller.clear()
+                controller.mode = "record"
+                for reference in reference_latents:
+                    x_ref = (reference + noise * sigma) / float(np.sqrt(sigma**2 + 1))
+                    self.networks.unet(x_ref, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added)
+            if reference_latents:
+                controller.mode = "inject"
+            restoration_added = {"text_embeds": restoration[1], "time_ids": time_ids}
+            eps = self.model(x_in, timestep, embeds, added, z_lq, restoration[0], restoration_added, scale)
+            controller.mode = "off"
+            return eps
+
+        sampler = SamplerConfig(steps=steps, cfg=cfg, cfg_start=min(4.0, cfg), tau_r=tau_r, control_scale=control_scale)
+        try:
+            latent = restoration_guided_sample(
+                eps_model, noise, self.train_sigmas, sampler, semantic, negative, z_lq, generator, on_step=on_step
+            )
+        finally:
+            self.networks.unet.set_attn_processor(previous)
+        restored = vae.decode(latent / vae.config.scaling_factor).sample
+        restored = wavelet_color_fix(restored, stage1)
+        result = _to_image(restored)
+        return result.resize(original_size, Image.BICUBIC) if result.size != original_size else result
