@@ -53,6 +53,20 @@ def _trim(block: nn.Module, depth: int) -> None:
         transformer.transformer_blocks = nn.ModuleList(list(transformer.transformer_blocks)[:depth])
 
 
+def run_encoder(
+    blocks: nn.ModuleList, hidden: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The UNet encoder's forward: the last hidden state and every skip (conv_in output first)."""
+    skips = [hidden]
+    for block in blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, residuals = block(hidden_states=hidden, temb=emb, encoder_hidden_states=context)
+        else:
+            hidden, residuals = block(hidden_states=hidden, temb=emb)
+        skips.extend(residuals)
+    return hidden, skips
+
+
 class RestorationAdaptor(nn.Module):
     def __init__(self, unet: nn.Module, config: AdaptorConfig):
         super().__init__()
@@ -73,14 +87,7 @@ class RestorationAdaptor(nn.Module):
         self, sample: torch.Tensor, emb: torch.Tensor, lq_latent: torch.Tensor, restoration_embeds: torch.Tensor
     ) -> list[torch.Tensor]:
         """Control features at every skip of the UNet (conv_in, each down-block output), then the middle block's."""
-        hidden = self.conv_in(sample) + self.lq_conv_in(lq_latent)
-        features = [hidden]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                hidden, residuals = block(hidden_states=hidden, temb=emb, encoder_hidden_states=restoration_embeds)
-            else:
-                hidden, residuals = block(hidden_states=hidden, temb=emb)
-            features.extend(residuals)
+        hidden, features = run_encoder(self.down_blocks, self.conv_in(sample) + self.lq_conv_in(lq_latent), emb, restoration_embeds)
         features.append(self.mid_block(hidden, emb, encoder_hidden_states=restoration_embeds))
         return features
 
@@ -149,14 +156,7 @@ class AdaptedUNet(nn.Module):
             )
             controls = self.adaptor(sample, adaptor_emb, lq_latent, restoration_embeds)
 
-        hidden = unet.conv_in(sample)
-        skips = [hidden]
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                hidden, residuals = block(hidden_states=hidden, temb=emb, encoder_hidden_states=prompt_embeds)
-            else:
-                hidden, residuals = block(hidden_states=hidden, temb=emb)
-            skips.extend(residuals)
+        hidden, skips = run_encoder(unet.down_blocks, unet.conv_in(sample), emb, prompt_embeds)
         hidden = unet.mid_block(hidden, emb, encoder_hidden_states=prompt_embeds)
         control_stack = list(controls[:-1]) if controls is not None else None
 
