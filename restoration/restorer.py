@@ -49,7 +49,7 @@ class Restorer:
         self.preset_name = preset_name
         self.preset = load_preset(preset_name)
         self.networks = load_sdxl(self.preset).frozen()
-        self.adaptor_config = adaptor_config or AdaptorConfig()
+        self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
         self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
         self.encoder = RobustEncoder(self.networks.vae).eval()
         self.train_sigmas = schedule_sigmas(self._alphas_cumprod())

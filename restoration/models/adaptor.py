@@ -32,8 +32,10 @@ from restoration.models.connectors import ModulationFusion, ZeroCrossAttn, ZeroS
 class AdaptorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    transformer_depth: list[int] | None = Field(
-        None, description="Transformer blocks kept per encoder level and in the middle block; unset = half the UNet's (rounded up)."
+    transformer_depth: list[int] | Literal["half", "full"] = Field(
+        "half",
+        description="Transformer blocks kept per encoder level and in the middle block: a list, 'half' of the UNet's "
+        "(rounded up; the SUPIR paper's trim) or 'full' (SUPIR_v0).",
     )
     connector: Literal["zero_sft", "modulation"] = Field("zero_sft", description="SUPIR's ZeroSFT or SPIRE's modulation fusion.")
     connector_hidden: int = Field(128, ge=1, description="ZeroSFT hidden width (SUPIR: 128).")
@@ -41,7 +43,12 @@ class AdaptorConfig(BaseModel):
         None, description="Indices of decoder blocks that get a ZeroCrossAttn before their upsampler; unset = all with one."
     )
     cross_attention_heads: int = Field(8, ge=1, description="Heads of each ZeroCrossAttn (reduced to divide the width).")
+    cross_attention_head_dim: int | None = Field(
+        None, ge=1, description="If set, heads = width // head_dim instead (SUPIR_v0: 64, as its CrossAttention)."
+    )
     norm_groups: int = Field(32, ge=1, description="GroupNorm groups in the connectors (reduced to divide the width).")
+    norm_affine: bool = Field(False, description="Affine GroupNorm inside ZeroSFT (SUPIR_v0's `normalization` is affine).")
+    mid_connector: bool = Field(True, description="A ZeroSFT on the middle block's output (no skip), as SUPIR_v0 has.")
 
 
 def _transformers(block: nn.Module) -> list[nn.Module]:
@@ -72,7 +79,12 @@ class RestorationAdaptor(nn.Module):
         super().__init__()
         levels = [*unet.down_blocks, unet.mid_block]
         full_depth = [max((len(t.transformer_blocks) for t in _transformers(block)), default=0) for block in levels]
-        depth = config.transformer_depth or [math.ceil(d / 2) for d in full_depth]
+        if config.transformer_depth == "half":
+            depth = [math.ceil(d / 2) for d in full_depth]
+        elif config.transformer_depth == "full":
+            depth = full_depth
+        else:
+            depth = list(config.transformer_depth)
         if len(depth) != len(levels):
             raise ValueError(f"transformer_depth needs {len(levels)} entries (encoder levels + middle), got {len(depth)}")
         self.conv_in = copy.deepcopy(unet.conv_in)
@@ -115,20 +127,33 @@ class AdaptedUNet(nn.Module):
                 skip = stack.pop()
                 # The adaptor copies the encoder, so its feature at a skip has the skip's width.
                 if config.connector == "zero_sft":
-                    block_connectors.append(ZeroSFT(skip, decoder_channels, skip, config.connector_hidden, config.norm_groups))
+                    block_connectors.append(
+                        ZeroSFT(skip, decoder_channels, skip, config.connector_hidden, config.norm_groups, config.norm_affine)
+                    )
                 else:
                     block_connectors.append(ModulationFusion(skip, skip))
                 decoder_channels = resnet.out_channels
             connectors.append(block_connectors)
             wanted = config.cross_attention_blocks is None or index in config.cross_attention_blocks
             if block.upsamplers is not None and wanted:
-                heads = math.gcd(config.cross_attention_heads, decoder_channels)
+                if config.cross_attention_head_dim:
+                    heads = max(1, decoder_channels // config.cross_attention_head_dim)
+                else:
+                    heads = math.gcd(config.cross_attention_heads, decoder_channels)
                 attentions[str(index)] = ZeroCrossAttn(decoder_channels, skip, heads=heads, norm_groups=config.norm_groups)
         self.connectors = connectors
         self.cross_attentions = attentions
+        mid_channels = unet.mid_block.resnets[-1].out_channels
+        self.mid_connector = None
+        if config.mid_connector:
+            if config.connector == "zero_sft":
+                self.mid_connector = ZeroSFT(mid_channels, 0, mid_channels, config.connector_hidden, config.norm_groups, config.norm_affine)
+            else:
+                self.mid_connector = ModulationFusion(mid_channels, mid_channels)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for module in (self.adaptor, self.connectors, self.cross_attentions) for p in module.parameters()]
+        modules = [self.adaptor, self.connectors, self.cross_attentions] + ([self.mid_connector] if self.mid_connector else [])
+        return [p for module in modules for p in module.parameters()]
 
     def forward(
         self,
@@ -158,6 +183,9 @@ class AdaptedUNet(nn.Module):
 
         hidden, skips = run_encoder(unet.down_blocks, unet.conv_in(sample), emb, prompt_embeds)
         hidden = unet.mid_block(hidden, emb, encoder_hidden_states=prompt_embeds)
+        if controls is not None and self.mid_connector is not None:
+            # No skip here: the connector modulates the middle block's output itself (an empty decoder part).
+            hidden = self.mid_connector(hidden[:, :0], hidden, controls[-1], control_scale)
         control_stack = list(controls[:-1]) if controls is not None else None
 
         for index, block in enumerate(unet.up_blocks):

@@ -4,7 +4,7 @@
       h_raw = cat(h_dec, h_skip)
       h'    = cat(h_dec, h_skip + zero_conv1x1(c))
       a     = SiLU(conv3x3(c));  gamma = zero_conv3x3(a);  beta = zero_conv3x3(a)
-      out   = GroupNorm(h') * (1 + gamma) + beta          (parameter-free norm, as in SFT/SPADE)
+      out   = GroupNorm(h') * (1 + gamma) + beta          (parameter-free by default, as in SFT/SPADE; SUPIR_v0: affine)
       return s * out + (1 - s) * h_raw                    (s: control scale; s = 0 is the frozen UNet exactly)
 - `ZeroCrossAttn` (SUPIR): x + s * CrossAttn(GN(x), GN(c)) before the decoder's upsamplers. Its output projection is
   zero-initialised, so it starts as the identity; SUPIR's release leaves it random (a stated departure: an
@@ -37,7 +37,15 @@ def _groups(channels: int, preferred: int) -> int:
 
 
 class ZeroSFT(nn.Module):
-    def __init__(self, control_channels: int, decoder_channels: int, skip_channels: int, hidden_channels: int = 128, norm_groups: int = 32):
+    def __init__(
+        self,
+        control_channels: int,
+        decoder_channels: int,
+        skip_channels: int,
+        hidden_channels: int = 128,
+        norm_groups: int = 32,
+        norm_affine: bool = False,
+    ):
         super().__init__()
         total = decoder_channels + skip_channels
         self.decoder_channels = decoder_channels
@@ -45,7 +53,7 @@ class ZeroSFT(nn.Module):
         self.shared = nn.Sequential(nn.Conv2d(control_channels, hidden_channels, 3, padding=1), nn.SiLU())
         self.gamma = zero_module(nn.Conv2d(hidden_channels, total, 3, padding=1))
         self.beta = zero_module(nn.Conv2d(hidden_channels, total, 3, padding=1))
-        self.norm = nn.GroupNorm(_groups(total, norm_groups), total, affine=False)
+        self.norm = nn.GroupNorm(_groups(total, norm_groups), total, affine=norm_affine)
 
     def forward(self, h_dec: torch.Tensor, h_skip: torch.Tensor, control: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         h_raw = torch.cat([h_dec, h_skip], dim=1)

@@ -109,9 +109,12 @@ class Preset(_Spec):
     tokenizer_2: TokenizerSpec = Field(description="Tokenizer of text_encoder_2.")
     captioner: CaptionerSpec = Field(description="VLM that captions training images.")
     clip_scorer: ClipScorerSpec = Field(description="open-clip model for embeddings and scores.")
+    adaptor: dict[str, Any] | None = Field(
+        None, description="Adaptor/connector config (restoration.models.adaptor.AdaptorConfig); unset = the paper's trimmed default."
+    )
 
     def networks(self) -> dict[str, NetworkSpec | TokenizerSpec | ClipScorerSpec]:
-        return {name: getattr(self, name) for name in Preset.model_fields if name not in ("name", "description", "seed")}
+        return {name: getattr(self, name) for name in Preset.model_fields if name not in ("name", "description", "seed", "adaptor")}
 
 
 _registry: dict[str, Path] = {}

@@ -70,3 +70,52 @@ def test_adaptor_is_trimmed_initialised_from_the_unet_and_alone_trainable(tiny):
     adapted.zero_grad()
     adapted(x, t, tiny["semantic"], tiny["added"], lq, tiny["restoration"], tiny["restoration_added"]).square().mean().backward()
     assert adapted.adaptor.lq_conv_in.weight.grad.abs().sum() > 0  # the LQ latent now steers the output
+
+
+def test_supir_v0_layout_at_tiny_width(tiny):
+    """The `supir-v0` preset's adaptor config on the tiny UNet has SUPIR_v0's module layout (SUPIR/modules/SUPIR_v0.py,
+    LightGLVUNet + GLVControl): full-depth control trunk; one ZeroSFT per skip (control width -> skip width, affine norm,
+    128 hidden) and one on the middle block (no skip); a ZeroCrossAttn with 64-dim heads before each upsampler; in
+    SUPIR's processing order: mid, then per output block its ZeroSFT and, where it upsamples, the ZeroCrossAttn."""
+    from restoration.models.connectors import ZeroCrossAttn, ZeroSFT
+
+    unet = tiny["networks"].unet
+    adapted = AdaptedUNet(unet, AdaptorConfig.model_validate(load_preset("supir-v0").adaptor))
+    full = [
+        max((len(a.transformer_blocks) for a in getattr(b, "attentions", []) or []), default=0) for b in [*unet.down_blocks, unet.mid_block]
+    ]
+    assert adapted.adaptor.transformer_depth == full
+
+    # SUPIR_v0's channel bookkeeping, from the UNet: controls = every input-block output, then the middle block.
+    skips = [unet.conv_in.out_channels]
+    for block in unet.down_blocks:
+        skips += [r.out_channels for r in block.resnets] + ([block.downsamplers[0].out_channels] if block.downsamplers else [])
+    mid = unet.mid_block.resnets[-1].out_channels
+    expected = [("sft", mid, mid, 0)]  # (kind, control width, skip width, decoder width)
+    decoder = mid
+    stack = list(skips)
+    for block in unet.up_blocks:
+        for resnet in block.resnets:
+            skip = stack.pop()
+            expected.append(("sft", skip, skip, decoder))
+            decoder = resnet.out_channels
+        if block.upsamplers is not None:
+            expected.append(("xattn", skip, None, decoder))
+    assert len(skips) + 1 == 10 and sum(kind == "xattn" for kind, *_ in expected) == 2  # as SUPIR_v0 on SDXL
+
+    ours = [adapted.mid_connector]
+    for index, block in enumerate(adapted.connectors):
+        ours.extend(block)
+        if str(index) in adapted.cross_attentions:
+            ours.append(adapted.cross_attentions[str(index)])
+    assert len(ours) == len(expected) == 12
+    for module, (kind, control, skip, decoder) in zip(ours, expected, strict=True):
+        if kind == "sft":
+            assert isinstance(module, ZeroSFT)
+            assert module.skip_add.in_channels == control and module.skip_add.out_channels == skip
+            assert module.gamma.out_channels == decoder + skip and module.shared[0].out_channels == 128
+            assert module.norm.affine
+        else:
+            assert isinstance(module, ZeroCrossAttn)
+            assert module.to_q.in_features == decoder and module.to_k.in_features == control
+            assert module.heads == max(1, decoder // 64)
