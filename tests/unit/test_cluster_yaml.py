@@ -14,7 +14,11 @@ def _cluster():
 
 def test_cluster_config_validates_against_rays_schema():
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(_cluster(), schema)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert [error.message for error in validator.iter_errors(_cluster())] == []
+    # The schema does catch mistakes: a misspelt top-level key is refused.
+    broken = dict(_cluster(), max_worker=3)
+    assert any("max_worker" in error.message for error in validator.iter_errors(broken))
 
 
 def test_cluster_config_has_the_node_roles_and_installs_the_project():
