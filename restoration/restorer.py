@@ -121,10 +121,15 @@ class Restorer:
         seed: int = 0,
         control_scale: float = 1.0,
         gate_scale: float = 1.0,
+        reference_range: tuple[float, float] = (0.0, 1.0),
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> Image.Image:
+        """Restore one image. `reference_range` is the part of the denoising (0 = pure noise, 1 = done) in which
+        ReFIR references are injected; the paper injects in the detail-restoration stage, i.e. late."""
         if steps < 1 or cfg < 1:
             raise InputError(f"steps must be >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
+        if not 0.0 <= reference_range[0] <= reference_range[1] <= 1.0:
+            raise InputError(f"reference_range must satisfy 0 <= start <= end <= 1, got {reference_range}")
         original_size = image.size
         lq = self._prepare(image)
         vae = self.networks.vae
@@ -152,7 +157,9 @@ class Restorer:
         def eps_model(x_in: torch.Tensor, timestep: torch.Tensor, cond, scale: float) -> torch.Tensor:
             embeds, pooled = cond
             added = {"text_embeds": pooled, "time_ids": time_ids}
-            if reference_latents and float(timestep[0]) != recorded_at[0]:
+            progress = 1.0 - float(timestep[0]) / (len(log_sigmas) - 1)
+            use_references = bool(reference_latents) and reference_range[0] <= progress <= reference_range[1]
+            if use_references and float(timestep[0]) != recorded_at[0]:
                 # Reference chain: the same weights, noise and sigma as the target (sigma from the timestep), run
                 # once per step; the CFG negative pass of the same step reuses what the positive pass recorded.
                 t = float(timestep[0])
@@ -164,7 +171,7 @@ class Restorer:
                 for reference in reference_latents:
                     x_ref = (reference + noise * sigma) / float(np.sqrt(sigma**2 + 1))
                     self.networks.unet(x_ref, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added)
-            if reference_latents:
+            if use_references:
                 controller.mode = "inject"
             restoration_added = {"text_embeds": restoration[1], "time_ids": time_ids}
             eps = self.model(x_in, timestep, embeds, added, z_lq, restoration[0], restoration_added, scale)

@@ -67,3 +67,15 @@ def test_restore_cli_end_to_end(tmp_path):
         [*command[:4], str(tmp_path / "nope.png"), *command[5:]], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path
     )
     assert bad.returncode == 2 and "nope.png" in bad.stderr
+
+
+def test_references_apply_only_inside_their_range(restorer, photo):
+    reference = photo.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    plain = np.asarray(restorer.restore(photo, prompt="a cat", steps=3, seed=0))
+    never = np.asarray(restorer.restore(photo, prompt="a cat", steps=3, seed=0, references=(reference,), reference_range=(0.2, 0.4)))
+    assert np.abs(never.astype(int) - plain.astype(int)).max() <= 1  # no step (progress 0, 0.5, 1) in range: the plain result
+    late = np.asarray(restorer.restore(photo, prompt="a cat", steps=3, seed=0, references=(reference,), reference_range=(0.5, 1.0)))
+    always = np.asarray(restorer.restore(photo, prompt="a cat", steps=3, seed=0, references=(reference,)))
+    assert not np.array_equal(always, plain) and not np.array_equal(late, always)
+    with pytest.raises(Exception, match="reference_range"):
+        restorer.restore(photo, prompt="a cat", steps=1, references=(reference,), reference_range=(0.8, 0.2))
