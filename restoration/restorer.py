@@ -31,6 +31,7 @@ from restoration.prompts import BLIND_PROMPT, NEGATIVE_QUALITY_PROMPT, POSITIVE_
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install
 from restoration.sampling.colorfix import wavelet_color_fix
 from restoration.sampling.edm import SamplerConfig, StepInfo, restoration_guided_sample, schedule_sigmas
+from restoration.sampling.tiling import tiled
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
 
@@ -122,10 +123,14 @@ class Restorer:
         control_scale: float = 1.0,
         gate_scale: float = 1.0,
         reference_range: tuple[float, float] = (0.0, 1.0),
+        tile_latent: int | None = 128,
+        tile_overlap: int = 32,
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> Image.Image:
         """Restore one image. `reference_range` is the part of the denoising (0 = pure noise, 1 = done) in which
-        ReFIR references are injected; the paper injects in the detail-restoration stage, i.e. late."""
+        ReFIR references are injected; the paper injects in the detail-restoration stage, i.e. late. Latents larger
+        than `tile_latent` (128 = SDXL's 1024 px) are denoised in Gaussian-weighted overlapping tiles (tiled
+        diffusion, as SUPIR does for large images); None never tiles."""
         if steps < 1 or cfg < 1:
             raise InputError(f"steps must be >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
         if not 0.0 <= reference_range[0] <= reference_range[1] <= 1.0:
@@ -174,7 +179,15 @@ class Restorer:
             if use_references:
                 controller.mode = "inject"
             restoration_added = {"text_embeds": restoration[1], "time_ids": time_ids}
-            eps = self.model(x_in, timestep, embeds, added, z_lq, restoration[0], restoration_added, scale)
+
+            def denoise(stacked: torch.Tensor) -> torch.Tensor:
+                # x_in and z_LQ travel together so that every tile sees its own part of the LQ latent.
+                x_tile, lq_tile = stacked.chunk(2, dim=1)
+                return self.model(x_tile, timestep, embeds, added, lq_tile, restoration[0], restoration_added, scale)
+
+            stacked = torch.cat([x_in, z_lq], dim=1)
+            large = tile_latent is not None and max(x_in.shape[2:]) > tile_latent
+            eps = tiled(denoise, stacked, tile_latent, tile_overlap) if large and not use_references else denoise(stacked)
             controller.mode = "off"
             return eps
 

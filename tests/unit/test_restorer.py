@@ -79,3 +79,12 @@ def test_references_apply_only_inside_their_range(restorer, photo):
     assert not np.array_equal(always, plain) and not np.array_equal(late, always)
     with pytest.raises(Exception, match="reference_range"):
         restorer.restore(photo, prompt="a cat", steps=1, references=(reference,), reference_range=(0.8, 0.2))
+
+
+def test_large_latents_are_denoised_in_tiles(restorer, photo):
+    wide = photo.resize((144, 48))  # an 18x6 latent on the tiny VAE; tiles of 8 with overlap 4 cover it
+    tiled_once = np.asarray(restorer.restore(wide, prompt="a cat", steps=2, seed=0, tile_latent=8, tile_overlap=4))
+    assert tiled_once.shape == (48, 144, 3)
+    assert np.array_equal(tiled_once, np.asarray(restorer.restore(wide, prompt="a cat", steps=2, seed=0, tile_latent=8, tile_overlap=4)))
+    untiled = np.asarray(restorer.restore(wide, prompt="a cat", steps=2, seed=0, tile_latent=None))
+    assert not np.array_equal(tiled_once, untiled)  # the tiles really ran (the UNet sees less context per tile)
