@@ -120,8 +120,6 @@ def run_one(corpus: str, output: str, cpus: int) -> dict:
 
 def in_process_degrade_rate(corpus: Path, count: int) -> float:
     """The same DegradeStage on the same 512 crops, called directly in one process pinned to one core."""
-    import numpy as np
-
     from pipelines.rows import batch_of, set_image, set_quality
     from pipelines.stages.crop import crop_row
     from pipelines.stages.degrade import DegradeStage
@@ -139,7 +137,6 @@ def in_process_degrade_rate(corpus: Path, count: int) -> float:
     batches = [batch_of(rows[i : i + 4]) for i in range(0, len(rows), 4)]
     started = time.perf_counter()
     produced = sum(len(stage(batch)["id"]) for batch in batches)
-    del np
     return produced / (time.perf_counter() - started)
 
 

@@ -231,17 +231,19 @@ def build_dataset(
     preset: str,
     s3_endpoint_url: str | None = None,
     *,
+    listed: tuple[str, list[dict]] | None = None,
     fail_after_rows: int = 0,
 ) -> BuildSummary:
     """Run the build; Ray must be initialised by the caller. Raises InputError for unusable inputs/outputs.
 
+    `listed` is `list_units`' result when the caller already listed the input (listing a large S3 prefix is slow).
     `fail_after_rows` is a test hook: each write task raises once it has committed that many rows.
     """
     started = time.time()
     options = storage_options(s3_endpoint_url)
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
-    units_format, units = list_units(input_uri, config.source, options)
+    units_format, units = listed if listed is not None else list_units(input_uri, config.source, options)
     out_fs, root = filesystem(output_uri, options)
     try:
         out_fs.makedirs(root, exist_ok=True)

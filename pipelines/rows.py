@@ -108,16 +108,26 @@ def set_quality(row: dict, **scores: Any) -> None:
     row["quality"] = json.dumps(quality, sort_keys=True)
 
 
+def run_on_live(
+    stage: str, batch: dict, process: Callable[[list[dict]], None], timer=None, wanted: Callable[[dict], bool] = lambda row: True
+) -> dict:
+    """The body of every stage UDF: `process` the rows not rejected yet (in place, as a list, so model stages can
+    batch them), pass the others through, and report the busy time to `timer`."""
+    started = time.perf_counter()
+    rows = rows_of(batch)
+    live = [row for row in rows if not is_rejected(row) and wanted(row)]
+    if live:
+        process(live)
+    if timer is not None:
+        ray.get(timer.add.remote(stage, len(rows), time.perf_counter() - started))
+    return batch_of(rows, tuple(batch))
+
+
 def row_stage(stage: str, function: Callable[[dict], dict], timer=None) -> Callable[[dict], dict]:
-    """Batch UDF applying `function` to every row that is not rejected yet; reports busy time to `timer`."""
+    """Batch UDF applying `function` (which updates a row in place) to every row that is not rejected yet."""
 
     def udf(batch: dict) -> dict:
-        started = time.perf_counter()
-        rows = rows_of(batch)
-        out = [row if is_rejected(row) else function(row) for row in rows]
-        if timer is not None:
-            ray.get(timer.add.remote(stage, len(rows), time.perf_counter() - started))
-        return batch_of(out, tuple(batch))
+        return run_on_live(stage, batch, lambda live: [function(row) for row in live], timer)
 
     udf.__name__ = stage
     return udf

@@ -24,9 +24,9 @@ def run_data_build(config: RunConfig, input_uri: str, output_uri: str, report_pa
     endpoint = s3_endpoint(config.storage)
     from pipelines.build_dataset import storage_options
 
-    list_units(input_uri, config.data.source, storage_options(endpoint))  # unreadable input: fail before Ray starts
+    listed = list_units(input_uri, config.data.source, storage_options(endpoint))  # unreadable input: fail before Ray starts
     print(f"Ray: {connect(config.ray)}")
-    summary = build_dataset(input_uri, output_uri, config.data, config.preset, endpoint)
+    summary = build_dataset(input_uri, output_uri, config.data, config.preset, endpoint, listed=listed)
     print(summary.table())
     if report_path:
         from pipelines.report import write_report

@@ -7,14 +7,11 @@
 
 from __future__ import annotations
 
-import time
-
-import ray
 import torch
 from PIL import Image
 
 from pipelines.config import CaptionConfig
-from pipelines.rows import batch_of, image_of, is_rejected, rows_of
+from pipelines.rows import image_of, run_on_live
 from restoration.models.base import IMAGE_TOKEN, load_captioner
 from restoration.models.presets import load_preset
 
@@ -35,21 +32,17 @@ class CaptionStage:
             return processor.apply_chat_template(conversation, add_generation_prompt=True)
         return f"{IMAGE_TOKEN} {self.captioner.prompt}"
 
-    @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        started = time.perf_counter()
-        rows = rows_of(batch)
-        live = [row for row in rows if not is_rejected(row)]
-        if live:
-            images = [Image.fromarray(image_of(row)) for row in live]
-            inputs = self.captioner.processor(images=images, text=[self._prompt()] * len(live), return_tensors="pt", padding=True)
-            inputs = {key: value.to(self.device) for key, value in inputs.items()}
-            generated = self.captioner.model.generate(**inputs, max_new_tokens=self.captioner.max_new_tokens, do_sample=False)
-            texts = self.captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row, text in zip(live, texts, strict=True):
-                source_caption = row.get("alt_text")
-                row["caption"] = text.strip()
-                row["alt_text"] = source_caption if self.config.mode == "generate-and-keep-alt" else None
-        if self.timer is not None:
-            ray.get(self.timer.add.remote("caption", len(rows), time.perf_counter() - started))
-        return batch_of(rows, tuple(batch))
+        return run_on_live("caption", batch, self._caption, self.timer)
+
+    @torch.no_grad()
+    def _caption(self, live: list[dict]) -> None:
+        images = [Image.fromarray(image_of(row)) for row in live]
+        inputs = self.captioner.processor(images=images, text=[self._prompt()] * len(live), return_tensors="pt", padding=True)
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        generated = self.captioner.model.generate(**inputs, max_new_tokens=self.captioner.max_new_tokens, do_sample=False)
+        texts = self.captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for row, text in zip(live, texts, strict=True):
+            source_caption = row.get("alt_text")
+            row["caption"] = text.strip()
+            row["alt_text"] = source_caption if self.config.mode == "generate-and-keep-alt" else None

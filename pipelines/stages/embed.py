@@ -7,15 +7,12 @@ a preset names its weights, or `random` for tiny presets, whose scores only exer
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import ray
 import torch
 from PIL import Image
 
 from pipelines.config import EmbedConfig
-from pipelines.rows import batch_of, image_of, is_rejected, reject, rows_of, set_quality
+from pipelines.rows import image_of, reject, run_on_live, set_quality
 from restoration.models.base import load_aesthetic_head, load_clip_scorer
 from restoration.models.presets import load_preset
 
@@ -35,44 +32,36 @@ class EmbedStage(_ClipActor):
         super().__init__(preset, config, timer)
         self.aesthetic_head = load_aesthetic_head(self.spec.clip_scorer, seed=self.spec.seed)
 
-    @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        started = time.perf_counter()
-        rows = rows_of(batch)
-        live = [row for row in rows if not is_rejected(row)]
-        if live:
-            pixels = torch.stack([self.scorer.preprocess(Image.fromarray(image_of(row))) for row in live]).to(self.device)
-            embeddings = torch.nn.functional.normalize(self.scorer.model.encode_image(pixels).float(), dim=-1).cpu()
-            aesthetics = self.aesthetic_head(embeddings).squeeze(-1) if self.aesthetic_head is not None else None
-            for index, row in enumerate(live):
-                row["embedding"] = embeddings[index].numpy().astype(np.float32).tobytes()
-                if aesthetics is not None:
-                    score = round(float(aesthetics[index]), 4)
-                    set_quality(row, aesthetic=score)
-                    if self.config.min_aesthetic is not None and score < self.config.min_aesthetic:
-                        reject(row, "embed", "low_aesthetic", f"aesthetic score {score:.3f} < {self.config.min_aesthetic}")
-        if self.timer is not None:
-            ray.get(self.timer.add.remote("embed", len(rows), time.perf_counter() - started))
-        return batch_of(rows, tuple(batch))
+        return run_on_live("embed", batch, self._embed, self.timer)
+
+    @torch.no_grad()
+    def _embed(self, live: list[dict]) -> None:
+        pixels = torch.stack([self.scorer.preprocess(Image.fromarray(image_of(row))) for row in live]).to(self.device)
+        embeddings = torch.nn.functional.normalize(self.scorer.model.encode_image(pixels).float(), dim=-1).cpu()
+        aesthetics = self.aesthetic_head(embeddings).squeeze(-1) if self.aesthetic_head is not None else None
+        for index, row in enumerate(live):
+            row["embedding"] = embeddings[index].numpy().astype(np.float32).tobytes()
+            if aesthetics is not None:
+                score = round(float(aesthetics[index]), 4)
+                set_quality(row, aesthetic=score)
+                if self.config.min_aesthetic is not None and score < self.config.min_aesthetic:
+                    reject(row, "embed", "low_aesthetic", f"aesthetic score {score:.3f} < {self.config.min_aesthetic}")
 
 
 class ClipScoreStage(_ClipActor):
     """Cosine between the stored image embedding and the caption's text embedding."""
 
-    @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        started = time.perf_counter()
-        rows = rows_of(batch)
-        live = [row for row in rows if not is_rejected(row) and row.get("embedding") is not None]
-        if live:
-            tokens = self.scorer.tokenizer([row.get("caption") or "" for row in live]).to(self.device)
-            texts = torch.nn.functional.normalize(self.scorer.model.encode_text(tokens).float(), dim=-1).cpu()
-            for index, row in enumerate(live):
-                image = torch.from_numpy(np.frombuffer(row["embedding"], np.float32).copy())
-                score = round(float(image @ texts[index]), 4)
-                set_quality(row, clip_score=score)
-                if self.config.min_clip_score is not None and score < self.config.min_clip_score:
-                    reject(row, "score", "low_clip_score", f"image-text score {score:.3f} < {self.config.min_clip_score}")
-        if self.timer is not None:
-            ray.get(self.timer.add.remote("score", len(rows), time.perf_counter() - started))
-        return batch_of(rows, tuple(batch))
+        return run_on_live("score", batch, self._score, self.timer, wanted=lambda row: row.get("embedding") is not None)
+
+    @torch.no_grad()
+    def _score(self, live: list[dict]) -> None:
+        tokens = self.scorer.tokenizer([row.get("caption") or "" for row in live]).to(self.device)
+        texts = torch.nn.functional.normalize(self.scorer.model.encode_text(tokens).float(), dim=-1).cpu()
+        for index, row in enumerate(live):
+            image = torch.from_numpy(np.frombuffer(row["embedding"], np.float32).copy())
+            score = round(float(image @ texts[index]), 4)
+            set_quality(row, clip_score=score)
+            if self.config.min_clip_score is not None and score < self.config.min_clip_score:
+                reject(row, "score", "low_clip_score", f"image-text score {score:.3f} < {self.config.min_clip_score}")
