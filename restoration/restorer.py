@@ -7,8 +7,13 @@ restoration prompt (SPIRE) enters the adaptor; the restoration-guided EDM sample
 wavelet colour fix against the stage-1 image keeps the input's colours. With references, ReFIR's reference
 chain runs at every step on each reference latent, noised with the same noise and sigma.
 
-Weights: `save_pretrained(dir)` writes `restorer.json` (preset, adaptor config) and `model.safetensors` (adaptor,
-connectors, robust encoder); `from_pretrained(dir or preset name)` rebuilds it without training code.
+ABAIR: the adaptor may carry LoRA experts (one per degradation type) and the Restorer a degradation estimator;
+`restore(expert_weights=...)` blends the experts with the estimator's soft weights ("soft", the default), its
+arg-max ("one_hot"), or weights given by the caller (oracle: {"noise": 1.0}).
+
+Weights: `save_pretrained(dir)` writes `restorer.json` (preset, adaptor config, experts, estimator) and
+`model.safetensors` (adaptor with its experts, connectors, robust encoder, estimator); `from_pretrained(dir or
+preset name)` rebuilds it without training code.
 """
 
 from __future__ import annotations
@@ -16,21 +21,26 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from restoration.degradations.registry import REGISTRY
 from restoration.errors import InputError
 from restoration.models.adaptor import AdaptedUNet, AdaptorConfig
 from restoration.models.base import encode_prompt, load_captioner, load_sdxl, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
+from restoration.models.estimator import DegradationEstimator
+from restoration.models.experts import add_expert, expert_names, set_expert_weights
 from restoration.models.presets import load_preset
 from restoration.prompts import BLIND_PROMPT, NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install
 from restoration.sampling.colorfix import wavelet_color_fix
 from restoration.sampling.edm import SamplerConfig, StepInfo, restoration_guided_sample, schedule_sigmas
+from restoration.sampling.tiled_vae import tiled_decode, tiled_encode
 from restoration.sampling.tiling import tiled
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
@@ -46,13 +56,25 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
 
 
 class Restorer:
-    def __init__(self, preset_name: str, adaptor_config: AdaptorConfig | None = None):
+    def __init__(
+        self,
+        preset_name: str,
+        adaptor_config: AdaptorConfig | None = None,
+        experts: dict[str, Any] | None = None,
+        estimator: dict[str, Any] | None = None,
+    ):
         self.preset_name = preset_name
         self.preset = load_preset(preset_name)
         self.networks = load_sdxl(self.preset).frozen()
         self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
         self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
         self.encoder = RobustEncoder(self.networks.vae).eval()
+        self.experts: dict[str, Any] | None = None
+        self.estimator: DegradationEstimator | None = None
+        if experts:
+            self.add_experts(experts["names"], experts.get("rank", 4))
+        if estimator:
+            self.set_estimator(DegradationEstimator(estimator["type_ids"], estimator.get("width", 32)))
         self.train_sigmas = schedule_sigmas(self._alphas_cumprod())
         self._captioner = None
         # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
@@ -64,16 +86,56 @@ class Restorer:
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         return torch.cumprod(1 - betas, dim=0)
 
+    # ---- ABAIR experts ---------------------------------------------------------------------------------------
+    def add_experts(self, names: list[str], rank: int = 4) -> None:
+        """One LoRA expert per degradation type name (registry names); existing experts are kept untouched."""
+        known = {degradation.name for degradation in REGISTRY.all()}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise InputError(f"unknown degradation types {unknown} for experts; known: {', '.join(sorted(known))}")
+        for name in names:
+            if name not in expert_names(self.model.adaptor):
+                add_expert(self.model.adaptor, name, rank=rank)
+        self.experts = {"names": expert_names(self.model.adaptor), "rank": rank}
+
+    def set_estimator(self, estimator: DegradationEstimator) -> None:
+        self.estimator = estimator.eval()
+
+    def expert_weights_for(self, lq: torch.Tensor, mode: str | dict[str, float]) -> dict[str, float]:
+        """The blending weights for this LQ image: the estimator's ('soft' / 'one_hot') or the caller's (oracle)."""
+        names = self.experts["names"] if self.experts else []
+        if isinstance(mode, dict):
+            unknown = set(mode) - set(names)
+            if unknown:
+                raise InputError(f"unknown experts {sorted(unknown)}; this model has: {', '.join(names) or 'none'}")
+            return {name: float(mode.get(name, 0.0)) for name in names}
+        if mode not in ("soft", "one_hot"):
+            raise InputError(f"expert_weights must be 'soft', 'one_hot' or a dict of expert weights, got {mode!r}")
+        if self.estimator is None:
+            raise InputError(f"expert_weights={mode!r} needs a degradation estimator; this model has none (give oracle weights)")
+        with torch.no_grad():
+            weights = self.estimator.weights(lq, mode)[0]
+        by_name = {REGISTRY.get(type_id).name: float(weight) for type_id, weight in zip(self.estimator.type_ids, weights, strict=True)}
+        return {name: by_name.get(name, 0.0) for name in names}
+
     # ---- weights ---------------------------------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
         state = {f"model.{k}": v for k, v in self.model.state_dict().items() if not k.startswith("unet.")}
         state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        if self.estimator is not None:
+            state.update({f"estimator.{k}": v for k, v in self.estimator.state_dict().items()})
         return {k: v.contiguous() for k, v in state.items()}
+
+    def config(self) -> dict[str, Any]:
+        estimator = None
+        if self.estimator is not None:
+            estimator = {"type_ids": self.estimator.type_ids, "width": self.estimator.width}
+        return {"preset": self.preset_name, "adaptor": self.adaptor_config.model_dump(), "experts": self.experts, "estimator": estimator}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"preset": self.preset_name, "adaptor": self.adaptor_config.model_dump()}
+        config = self.config()
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(self.trained_state(), str(directory / WEIGHTS_FILE))
         return directory
@@ -84,13 +146,15 @@ class Restorer:
         if not (path / CONFIG_FILE).is_file():
             return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        restorer = cls(config["preset"], AdaptorConfig.model_validate(config["adaptor"]))
+        restorer = cls(config["preset"], AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"))
         state = load_file(str(path / WEIGHTS_FILE))
         model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = restorer.model.load_state_dict(model_state, strict=False)
         if unexpected or any(not k.startswith("unet.") for k in missing):
             raise InputError(f"{path}: weights do not match the adaptor config (unexpected {unexpected[:3]}, missing {missing[:3]})")
         restorer.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
+        if restorer.estimator is not None:
+            restorer.estimator.load_state_dict({k.removeprefix("estimator."): v for k, v in state.items() if k.startswith("estimator.")})
         return restorer
 
     # ---- restoration -----------------------------------------------------------------------------------------
@@ -125,12 +189,17 @@ class Restorer:
         reference_range: tuple[float, float] = (0.0, 1.0),
         tile_latent: int | None = 128,
         tile_overlap: int = 32,
+        tile_encoder_overlap: int = 64,
+        expert_weights: str | dict[str, float] = "soft",
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> Image.Image:
         """Restore one image. `reference_range` is the part of the denoising (0 = pure noise, 1 = done) in which
         ReFIR references are injected; the paper injects in the detail-restoration stage, i.e. late. Latents larger
         than `tile_latent` (128 = SDXL's 1024 px) are denoised in Gaussian-weighted overlapping tiles (tiled
-        diffusion, as SUPIR does for large images); None never tiles."""
+        diffusion, as SUPIR does for large images) and decoded by the tiled VAE (image-wide GroupNorm statistics and
+        attention; `tile_overlap` latent pixels of overlap); images larger than 8 * `tile_latent` pixels are encoded
+        by the tiled VAE too, with `tile_encoder_overlap` pixels of overlap. None never tiles. `expert_weights`
+        blends the LoRA experts (if the model has any): "soft" / "one_hot" from the estimator, or a dict (oracle)."""
         if steps < 1 or cfg < 1:
             raise InputError(f"steps must be >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
         if not 0.0 <= reference_range[0] <= reference_range[1] <= 1.0:
@@ -138,8 +207,21 @@ class Restorer:
         original_size = image.size
         lq = self._prepare(image)
         vae = self.networks.vae
-        z_lq = self.encoder(lq)
-        stage1 = vae.decode(z_lq / vae.config.scaling_factor).sample
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            if tile_latent is None:
+                return self.encoder(pixels)
+            return tiled_encode(self.encoder, self.encoder.encoder, pixels, tile_latent * factor, tile_encoder_overlap, factor)
+
+        def decode(latent: torch.Tensor) -> torch.Tensor:
+            latent = latent / vae.config.scaling_factor
+            return vae.decode(latent).sample if tile_latent is None else tiled_decode(vae, latent, tile_latent, tile_overlap)
+
+        if self.experts:
+            set_expert_weights(self.model.adaptor, self.expert_weights_for(lq, expert_weights))
+        z_lq = encode(lq)
+        stage1 = decode(z_lq)
         if prompt is None:
             prompt = self.caption(_to_image(stage1))
         semantic = encode_prompt(self.networks, [f"{prompt} {POSITIVE_QUALITY_PROMPT}".strip()])
@@ -148,7 +230,7 @@ class Restorer:
         height, width = lq.shape[2:]
         time_ids = size_crop_time_ids((height, width), (0, 0), (height, width), batch=1)
 
-        reference_latents = [self.encoder(self._prepare(ref.resize(image.size, Image.BICUBIC))) for ref in references]
+        reference_latents = [encode(self._prepare(ref.resize(image.size, Image.BICUBIC))) for ref in references]
         controller = ReferenceController(InjectionConfig(gate_scale=gate_scale))
         previous = dict(self.networks.unet.attn_processors)
         if reference_latents:
@@ -198,7 +280,7 @@ class Restorer:
             )
         finally:
             self.networks.unet.set_attn_processor(previous)
-        restored = vae.decode(latent / vae.config.scaling_factor).sample
+        restored = decode(latent)
         restored = wavelet_color_fix(restored, stage1)
         result = _to_image(restored)
         return result.resize(original_size, Image.BICUBIC) if result.size != original_size else result

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--steps", type=int, default=50, help="sampling steps")
     restore.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (>= 1)")
     restore.add_argument("--seed", type=int, default=0, help="random seed")
+    restore.add_argument(
+        "--experts",
+        default="soft",
+        metavar="MODE",
+        help="blending of ABAIR LoRA experts, if the weights have any: soft, one_hot (from the estimator), or oracle "
+        "weights such as noise=1 or noise=0.7,blur=0.3",
+    )
     restore.add_argument("--weights", metavar="URI", default=None, help="trained weights: path, s3:// or models:/NAME/VERSION")
     restore.add_argument("--preset", default=None, help="model preset when no --weights are given (default: the config's)")
     _add_config_arguments(restore)

@@ -25,6 +25,20 @@ def _read_image(path: str):
         raise InputError(f"{path}: not a usable image ({err})") from err
 
 
+def parse_expert_weights(text: str) -> str | dict[str, float]:
+    """'soft' / 'one_hot', or 'name=weight,...' (oracle weights)."""
+    if text in ("soft", "one_hot"):
+        return text
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--experts {text!r}: use soft, one_hot or name=weight[,name=weight...]") from None
+    return weights
+
+
 def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -34,6 +48,7 @@ def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
         raise InputError(f"--steps must be >= 1 and --cfg >= 1 (got {args.steps}, {args.cfg})")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InputError(f"--output {args.output!r}: use a .png, .jpg or .webp file name")
+    expert_weights = parse_expert_weights(args.experts)
     image = _read_image(args.input)
     references = tuple(_read_image(path) for path in args.reference)
     source = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
@@ -48,6 +63,7 @@ def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
             steps=args.steps,
             cfg=args.cfg,
             seed=args.seed,
+            expert_weights=expert_weights,
             on_step=lambda info: progress.update(1),
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

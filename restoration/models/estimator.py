@@ -20,6 +20,7 @@ class DegradationEstimator(nn.Module):
         if not type_ids or len(set(type_ids)) != len(type_ids) or 0 in type_ids:
             raise ValueError(f"type_ids must be distinct registry ids (0 is clean), got {type_ids}")
         self.type_ids = list(type_ids)
+        self.width = width
         layers: list[nn.Module] = []
         channels = 3
         for out in (width, width * 2, width * 4, width * 4):

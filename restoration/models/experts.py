@@ -10,6 +10,8 @@ alone, soft weights the estimator's mixture. Weights apply to the whole batch (r
 
 from __future__ import annotations
 
+import warnings
+
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -28,7 +30,10 @@ def add_expert(
     if any(name in layer.lora_A for layer in _lora_layers(model)):
         raise ValueError(f"expert {name!r} already exists")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
-    inject_adapter_in_model(config, model, adapter_name=name)
+    with warnings.catch_warnings():
+        # peft warns on every adapter after the first; several adapters in one model is exactly ABAIR's design.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
     for layer in _lora_layers(model):
         layer.base_scaling = getattr(layer, "base_scaling", {})
         if name in layer.scaling:

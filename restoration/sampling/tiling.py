@@ -3,9 +3,8 @@
 `tiled(fn, x, tile, overlap)` applies `fn` to overlapping spatial tiles of x (B, C, H, W) and blends the outputs
 with Gaussian weights normalised to sum to 1 at every position, so seams disappear and a constant `fn` output is
 reproduced exactly. `fn` may change the spatial scale by an integer factor (the VAE: latent <-> pixels x8).
-Used for the denoiser inside the sampler (tiled diffusion, as SUPIR does). For the VAE it is not enough yet: the
-VAE's GroupNorm and middle self-attention see only the tile, and on the random tiny VAE a 2x2-tiled decode is
-only ~14 dB from the untiled one; tiled VAE needs image-wide GroupNorm statistics (issue #5, open).
+Used for the denoiser inside the sampler (tiled diffusion, as SUPIR does). Not for the VAE: its GroupNorm and
+middle self-attention must see the whole image, which `tiled_vae.py` arranges.
 """
 
 from __future__ import annotations

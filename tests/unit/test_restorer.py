@@ -67,6 +67,15 @@ def test_restore_cli_end_to_end(tmp_path):
         [*command[:4], str(tmp_path / "nope.png"), *command[5:]], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path
     )
     assert bad.returncode == 2 and "nope.png" in bad.stderr
+    bad_experts = subprocess.run([*command, "--experts", "noise=lots"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path)
+    assert bad_experts.returncode == 2 and "--experts" in bad_experts.stderr
+
+
+def test_expert_weights_parse_modes_and_oracle_weights():
+    from restoray.restore import parse_expert_weights
+
+    assert parse_expert_weights("one_hot") == "one_hot"
+    assert parse_expert_weights("noise=0.7, blur=0.3") == {"noise": 0.7, "blur": 0.3}
 
 
 def test_references_apply_only_inside_their_range(restorer, photo):
@@ -88,3 +97,42 @@ def test_large_latents_are_denoised_in_tiles(restorer, photo):
     assert np.array_equal(tiled_once, np.asarray(restorer.restore(wide, prompt="a cat", steps=2, seed=0, tile_latent=8, tile_overlap=4)))
     untiled = np.asarray(restorer.restore(wide, prompt="a cat", steps=2, seed=0, tile_latent=None))
     assert not np.array_equal(tiled_once, untiled)  # the tiles really ran (the UNet sees less context per tile)
+
+
+def test_experts_are_blended_by_the_estimator_and_saved_with_it(photo, tmp_path):
+    import torch
+
+    from restoration.errors import InputError
+    from restoration.models.estimator import DegradationEstimator
+
+    restorer = Restorer("tiny", experts={"names": ["noise", "blur"], "rank": 4})
+    restorer.set_estimator(DegradationEstimator([1, 2], width=8))
+    with torch.no_grad():
+        for block in restorer.model.connectors:
+            for connector in block:
+                connector.gamma.weight.normal_(0, 0.05)  # trained connectors, or the adaptor (and experts) are invisible
+        for name, parameter in restorer.model.adaptor.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+        restorer.estimator.head.bias.copy_(torch.tensor([5.0, -5.0]))  # the estimator is sure it sees noise
+
+    def run(weights):
+        return np.asarray(restorer.restore(photo, prompt="a cat", steps=2, seed=0, expert_weights=weights))
+
+    noise, blur = run({"noise": 1.0}), run({"blur": 1.0})
+    assert not np.array_equal(noise, blur)
+    assert np.array_equal(run("one_hot"), noise)  # the estimator's arg-max picks the noise expert
+    soft_weights = restorer.expert_weights_for(restorer._prepare(photo), "soft")
+    assert soft_weights["noise"] > 0.99 and abs(sum(soft_weights.values()) - 1) < 1e-6
+    with pytest.raises(InputError, match="unknown experts"):
+        run({"rain": 1.0})
+    with pytest.raises(InputError, match="unknown degradation types"):
+        restorer.add_experts(["smudge"])
+
+    restorer.save_pretrained(tmp_path / "abair")
+    loaded = Restorer.from_pretrained(tmp_path / "abair")
+    assert loaded.experts == {"names": ["noise", "blur"], "rank": 4} and loaded.estimator.type_ids == [1, 2]
+    assert np.array_equal(np.asarray(loaded.restore(photo, prompt="a cat", steps=2, seed=0, expert_weights="one_hot")), noise)
+    without = Restorer("tiny", experts={"names": ["noise"]})
+    with pytest.raises(InputError, match="needs a degradation estimator"):
+        without.restore(photo, prompt="a cat", steps=1)
