@@ -18,6 +18,8 @@ preset name)` rebuilds it without training code.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +57,20 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, name: str):
+    """Initialise new trainable parts from (preset seed, part name) without touching the global RNG, so that every
+    data-parallel rank (and every rerun) starts from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little"))
+        yield
+
+
+def new_estimator(restorer: Restorer, type_ids: list[int], width: int = 32) -> DegradationEstimator:
+    with _seeded(restorer.preset.seed, "estimator"):
+        return DegradationEstimator(type_ids, width)
+
+
 class Restorer:
     def __init__(
         self,
@@ -67,21 +83,23 @@ class Restorer:
         self.preset = load_preset(preset_name)
         self.networks = load_sdxl(self.preset).frozen()
         self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
-        self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
+        with _seeded(self.preset.seed, "adaptor"):
+            self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
         self.encoder = RobustEncoder(self.networks.vae).eval()
         self.experts: dict[str, Any] | None = None
         self.estimator: DegradationEstimator | None = None
         if experts:
             self.add_experts(experts["names"], experts.get("rank", 4))
         if estimator:
-            self.set_estimator(DegradationEstimator(estimator["type_ids"], estimator.get("width", 32)))
-        self.train_sigmas = schedule_sigmas(self._alphas_cumprod())
+            with _seeded(self.preset.seed, "estimator"):
+                self.set_estimator(DegradationEstimator(estimator["type_ids"], estimator.get("width", 32)))
+        self.train_sigmas = schedule_sigmas(self.train_alphas_cumprod())
         self._captioner = None
         # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
         downsamplers = sum(block.downsamplers is not None for block in self.networks.unet.down_blocks)
         self.size_multiple = 8 * 2**downsamplers
 
-    def _alphas_cumprod(self) -> torch.Tensor:
+    def train_alphas_cumprod(self) -> torch.Tensor:
         # SDXL's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         return torch.cumprod(1 - betas, dim=0)
@@ -95,7 +113,8 @@ class Restorer:
             raise InputError(f"unknown degradation types {unknown} for experts; known: {', '.join(sorted(known))}")
         for name in names:
             if name not in expert_names(self.model.adaptor):
-                add_expert(self.model.adaptor, name, rank=rank)
+                with _seeded(self.preset.seed, f"expert:{name}"):
+                    add_expert(self.model.adaptor, name, rank=rank)
         self.experts = {"names": expert_names(self.model.adaptor), "rank": rank}
 
     def set_estimator(self, estimator: DegradationEstimator) -> None:

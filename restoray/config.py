@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.config import DataBuildConfig
 from restoration.errors import ConfigError
+from training.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.toml"
@@ -67,16 +68,6 @@ class SamplesConfig(StrictModel):
     dir: str = Field(
         "data/samples",
         description="Where the bundled sample corpus is materialised (image folder with same-stem .txt captions).",
-    )
-
-
-class TrainConfig(StrictModel):
-    resolution: int = Field(
-        1024,
-        ge=64,
-        multiple_of=64,
-        description="Square training crop size in pixels (SDXL trains at 1024; local.toml uses 256 because "
-        "several sample photos are under 512 px on the short side).",
     )
 
 
