@@ -84,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
 def test_bad_training_configs_are_refused():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="needs train.expert"):
+    with pytest.raises(ValidationError, match=r"needs train\.expert"):
         TrainConfig(stage="experts")
     with pytest.raises(ValidationError, match="needs GPUs"):
         TrainConfig(precision="bf16")
