@@ -104,6 +104,21 @@ class Restorer:
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         return torch.cumprod(1 - betas, dim=0)
 
+    def to(self, device: torch.device | str) -> Restorer:
+        """Move every network to `device` (training workers; restore() itself runs where the networks are)."""
+        for module in (
+            self.networks.unet,
+            self.networks.vae,
+            self.networks.text_encoder,
+            self.networks.text_encoder_2,
+            self.model,
+            self.encoder,
+        ):
+            module.to(device)
+        if self.estimator is not None:
+            self.estimator.to(device)
+        return self
+
     # ---- ABAIR experts ---------------------------------------------------------------------------------------
     def add_experts(self, names: list[str], rank: int = 4) -> None:
         """One LoRA expert per degradation type name (registry names); existing experts are kept untouched."""
@@ -162,6 +177,11 @@ class Restorer:
     @classmethod
     def from_pretrained(cls, path_or_preset: str | Path) -> Restorer:
         path = Path(path_or_preset)
+        if path.is_dir() and not (path / CONFIG_FILE).is_file():
+            found = sorted(path.rglob(CONFIG_FILE))  # e.g. an MLflow model directory with the weights under data/
+            if len(found) != 1:
+                raise InputError(f"{path}: no trained weights ({CONFIG_FILE}) inside, or more than one ({len(found)})")
+            path = found[0].parent
         if not (path / CONFIG_FILE).is_file():
             return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(build)
     build.set_defaults(handler=_run_data_build)
 
+    train = commands.add_parser(
+        "train",
+        help="train a stage (adaptor, encoder, experts, estimator) on Ray Train + DeepSpeed, tracked in MLflow",
+        description="Train one stage from the shards of `restoray data build` with Ray Train workers running "
+        "DeepSpeed ZeRO (on CPU over gloo when train.gpus_per_worker = 0). Checkpoints go to "
+        "train.storage_path/<name>; rerunning the same name resumes from the latest checkpoint; the result is "
+        "logged to MLflow and registered as restoray-<stage>. Every [train] key: `restoray list config`.",
+        epilog="example: restoray train --config configs/local.toml --set train.steps=20 --set train.stage=encoder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(train)
+    train.set_defaults(handler=_run_train)
+
     restore = commands.add_parser(
         "restore",
         help="restore one image with the restoration model",
@@ -184,6 +197,13 @@ def _run_data_build(args: argparse.Namespace) -> int:
     from restoray.data import run_data_build
 
     return run_data_build(config, args.input, args.output, args.report)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.train import run_train
+
+    return run_train(config)
 
 
 def _run_restore(args: argparse.Namespace) -> int:

@@ -1,0 +1,126 @@
+"""MLflow for training: one run per training (its id kept in the run's storage, so restarts and resumed runs log
+to the same run), metrics and validation images from rank 0, the exported model logged as a pyfunc wrapping
+`Restorer` (loader module `restoration.pyfunc`) and registered as `restoray-<stage>`.
+
+The driver opens the run and logs params and tags; rank 0 logs through `MlflowClient` with the run id (Train V2
+refuses `MLflowLoggerCallback`; see DESIGN.md's Ray notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Workers may run in another directory: a relative sqlite path is made absolute against the driver's."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    run_id_path: str,
+    storage_options: dict[str, Any],
+    params: dict[str, Any],
+    tags: dict[str, str],
+) -> tuple[str, bool]:
+    """(run id, resumed): the run recorded at `run_id_path` if it still exists, else a new one (recorded there)."""
+    import fsspec
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri)
+    options = storage_options if run_id_path.startswith("s3://") else {}
+    fs, path = fsspec.core.url_to_fs(run_id_path, **options)
+    if fs.exists(path):
+        run_id = fs.cat_file(path).decode().strip()
+        try:
+            client.get_run(run_id)
+            client.set_terminated(run_id, status="RUNNING")
+            return run_id, True
+        except MlflowException:
+            log.warning("MLflow run %s recorded in %s is gone from %s; starting a new run", run_id, run_id_path, tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = list(flatten(params).items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, run.info.run_id.encode())
+    return run.info.run_id, False
+
+
+class RankZeroLogger:
+    """Metrics and images to one MLflow run from the training worker of rank 0 (a no-op elsewhere)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
+        self.enabled = enabled and tracking_uri is not None and run_id is not None
+        if self.enabled:
+            import mlflow
+
+            self.client = mlflow.MlflowClient(tracking_uri)
+            self.run_id = run_id
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+
+    def image(self, step: int, image, name: str = "validation") -> None:
+        if self.enabled:
+            self.client.log_image(self.run_id, image, artifact_file=f"{name}/step_{step:06d}.png")
+
+
+def log_model(tracking_uri: str, run_id: str, export_dir: str, stage: str, register: bool, tags: dict[str, str]) -> str | None:
+    """Log the exported weights as a pyfunc model in the run; register it as restoray-<stage>. Returns the
+    registered version (None when not registered)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    name = f"restoray-{stage}"
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="restoration.pyfunc",
+            data_path=export_dir,
+            pip_requirements=["restoray"],  # this package; its own pins bring torch, diffusers, peft
+            registered_model_name=name if register else None,
+        )
+    if not register:
+        return None
+    client = mlflow.MlflowClient(tracking_uri)
+    version = info.registered_model_version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return str(version)
+
+
+def finish(tracking_uri: str, run_id: str, status: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status=status)
