@@ -49,6 +49,13 @@ def check_shared_storage(config: RunConfig, nodes: int, tracking: str) -> None:
 
 
 def run_train(config: RunConfig) -> int:
+    summary = train_from_config(config)
+    print_summary(config, summary)
+    return 0
+
+
+def train_from_config(config: RunConfig) -> dict:
+    """Connect to Ray (the embedded instance unless a cluster is named) and train `config.train`; the summary."""
     if not cluster_address(config.ray):
         loopback_only()
     from pipelines.build_dataset import storage_options
@@ -76,7 +83,7 @@ def run_train(config: RunConfig) -> int:
 
     from training.trainer import run_training
 
-    summary = run_training(
+    return run_training(
         train,
         seed=config.seed,
         init=init,
@@ -87,12 +94,15 @@ def run_train(config: RunConfig) -> int:
         tags={"restoray.code_version": code_version(), "restoray.preset": config.preset},
         storage_filesystem=storage_filesystem,
     )
+
+
+def print_summary(config: RunConfig, summary: dict, indent: str = "") -> None:
+    train = config.train
     metrics = summary["metrics"] or {}
     print(
-        f"trained stage {train.stage!r}: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} "
+        f"{indent}trained stage {train.stage!r}: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} "
         f"({summary['rows']} training rows; MLflow run {summary['run_id']}{', resumed' if summary['resumed'] else ''})"
     )
-    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"{indent}checkpoint: {summary['checkpoint']}")
     if summary["model"]:
-        print(f"model: {summary['model']}  (restoray restore IMAGE --output OUT.png --weights {summary['model']})")
-    return 0
+        print(f"{indent}model: {summary['model']}  (restoray restore IMAGE --output OUT.png --weights {summary['model']})")

@@ -48,5 +48,10 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert report.count("<img") >= 10 and "Examples" in report and "sharpness" in report
     assert ("Rejected sources" in report) == (manifest["sources_rejected"] > 0)
     assert "dataset build" in out and "samples written" in out
+    # Training on the demo dataset: Ray Train + DeepSpeed, tracked in MLflow, the model registered ...
+    assert "[6/7] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
+    export = next((tmp_path / "data" / "demo" / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
+    assert export.stat().st_size > 0 and (tmp_path / "mlflow.db").is_file()
+    # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
-    assert len(restored) == 1 and "[6/6] restored" in out
+    assert len(restored) == 1 and "[7/7] restored" in out and "with models:/restoray-adaptor/1" in out
