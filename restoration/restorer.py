@@ -53,7 +53,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _to_image(tensor: torch.Tensor) -> Image.Image:
-    array = ((tensor[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    array = ((tensor[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(array)
 
 
@@ -244,7 +244,8 @@ class Restorer:
         if not 0.0 <= reference_range[0] <= reference_range[1] <= 1.0:
             raise InputError(f"reference_range must satisfy 0 <= start <= end <= 1, got {reference_range}")
         original_size = image.size
-        lq = self._prepare(image)
+        device = next(self.model.parameters()).device  # restore runs where the networks are (see `to`)
+        lq = self._prepare(image).to(device)
         vae = self.networks.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
 
@@ -267,15 +268,15 @@ class Restorer:
         negative = encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT])
         restoration = encode_prompt(self.networks, [restoration_prompt])
         height, width = lq.shape[2:]
-        time_ids = size_crop_time_ids((height, width), (0, 0), (height, width), batch=1)
+        time_ids = size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(device)
 
-        reference_latents = [encode(self._prepare(ref.resize(image.size, Image.BICUBIC))) for ref in references]
+        reference_latents = [encode(self._prepare(ref.resize(image.size, Image.BICUBIC)).to(device)) for ref in references]
         controller = ReferenceController(InjectionConfig(gate_scale=gate_scale))
         previous = dict(self.networks.unet.attn_processors)
         if reference_latents:
             install(self.networks.unet, controller)
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(z_lq.shape, generator=generator)
+        noise = torch.randn(z_lq.shape, generator=generator).to(device)  # CPU draw: the same image on every device
 
         log_sigmas = self.train_sigmas.log()
         recorded_at = [float("nan")]

@@ -82,6 +82,12 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.stage == "experts" and not self.expert:
             raise ValueError("stage 'experts' needs train.expert, the degradation type whose expert is trained (e.g. 'noise')")
+        from restoration.degradations import REGISTRY
+
+        known = [degradation.name for degradation in REGISTRY.all()]
+        unknown = [name for name in [self.expert, *(self.estimator_types or [])] if name is not None and name not in known]
+        if unknown:
+            raise ValueError(f"unknown degradation types {unknown} (train.expert / train.estimator_types); known: {', '.join(known)}")
         if self.precision != "fp32" and self.gpus_per_worker == 0:
             raise ValueError(f"precision {self.precision!r} needs GPUs (gpus_per_worker > 0); on CPU use 'fp32'")
         if self.offload_optimizer and self.gpus_per_worker == 0:

@@ -195,20 +195,24 @@ def _gathered(engine, config: TrainConfig):
 
 
 def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, rank: int) -> None:
-    """One restoration of a training LQ crop, logged as an image artifact (diffusion stages only)."""
+    """One restoration of a training LQ crop, logged as an image artifact (diffusion stages only). Every rank
+    restores (its own crop, same size): under ZeRO-3 each module call gathers its parameters collectively, so a
+    restore on rank 0 alone would wait forever for the others."""
     if config.stage not in ("adaptor", "experts") or image is None:
         return
-    import torch.distributed as dist
+    import contextlib
 
-    with _gathered(engine, config):
-        if rank == 0:
-            was_training = engine.module.training
-            engine.module.eval()
-            kwargs = {"expert_weights": {config.expert: 1.0}} if config.stage == "experts" else {}
-            restored = restorer.restore(image, prompt="", steps=config.validation_steps, seed=0, **kwargs)
-            engine.module.train(was_training)
-            tracker.image(step, restored)
-        dist.barrier()
+    was_training = engine.module.training
+    engine.module.eval()
+    kwargs = {"expert_weights": {config.expert: 1.0}} if config.stage == "experts" else {}
+    device = next(restorer.networks.vae.parameters()).device
+    # DeepSpeed keeps the trained modules in bf16/fp16; the networks outside the engine stay fp32.
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+    with mixed if config.precision != "fp32" else contextlib.nullcontext():
+        restored = restorer.restore(image, prompt="", steps=config.validation_steps, seed=0, **kwargs)
+    engine.module.train(was_training)
+    if rank == 0:
+        tracker.image(step, restored)
 
 
 def _export(engine, restorer, config: TrainConfig, directory: Path, rank: int, step: int, loop_config: dict[str, Any]) -> None:

@@ -111,7 +111,8 @@ def restoration_guided_sample(
         gamma = min(config.s_churn / steps, math.sqrt(2) - 1) if config.s_tmin <= sigma <= config.s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
-            churn = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # Drawn on the generator's device (CPU by default), so a seed gives the same noise on any device.
+            churn = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = x + churn * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
         x_in = x / math.sqrt(sigma_hat**2 + 1)
         timestep = sigma_to_timestep(torch.tensor([sigma_hat]), train_sigmas).to(x.device, torch.float32).expand(x.shape[0])

@@ -1,0 +1,165 @@
+"""`restoray train` end to end: 2 Ray Train workers with DeepSpeed on CPU, shards from a real `data build`,
+ZeRO-3 with a worker failure recovered from a checkpoint and a real MLflow server; ZeRO-2 with a resumed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from restoration.restorer import Restorer
+from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env
+
+CONFIG = str(REPO_ROOT / "configs" / "local.toml")
+
+
+def restoray(*args: str, cwd, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    environment = subprocess_env(**env)
+    environment.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "restoray", *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=timeout
+    )
+
+
+def sets(**values) -> list[str]:
+    return [item for key, value in values.items() for item in ("--set", f"{key.replace('__', '.')}={value}")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from restoray.samples import materialise
+
+    root = tmp_path_factory.mktemp("training-data")
+    materialise(str(root / "samples"))
+    result = restoray("data", "build", "--input", str(root / "samples"), "--output", str(root / "dataset"), "--config", CONFIG, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "dataset"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with its own sqlite store and artifact root, in its own process group."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=log, start_new_session=True, env=subprocess_env(),
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}") from None
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def _assert_complete_export(weights, trained_part: str) -> Restorer:
+    """Every trained tensor present with its full shape (no empty ZeRO partitions), and training changed them."""
+    loaded = Restorer.from_pretrained(weights)
+    fresh = Restorer("tiny").trained_state()
+    state = loaded.trained_state()
+    assert state.keys() == fresh.keys()
+    assert all(state[k].shape == fresh[k].shape and state[k].numel() > 0 for k in state)
+    changed = [k for k in state if k.startswith(trained_part) and not torch.equal(state[k], fresh[k])]
+    assert changed, f"no {trained_part} weight changed in training"
+    untouched = [k for k in state if not k.startswith(trained_part) and not torch.equal(state[k], fresh[k])]
+    assert not untouched, f"weights outside {trained_part} changed: {untouched[:3]}"
+    return loaded
+
+
+def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlflow_server, tmp_path):
+    import mlflow
+
+    storage = tmp_path / "train"
+    args = sets(
+        train__data=dataset, train__storage_path=storage, train__num_workers=2, train__cpus_per_worker=0.5, train__zero_stage=3,
+        train__steps=4, train__checkpoint_every=2, train__fail_at_step=3, train__max_failures=1, mlflow__tracking_uri=mlflow_server,
+    )  # fmt: skip
+    result = restoray("train", "--config", CONFIG, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "model: models:/restoray-adaptor/1" in result.stdout
+    # The last rank raised at step 3; FailureConfig restarted both workers from the step-2 checkpoint.
+    assert (storage / "restoray-adaptor" / "fail_once.marker").read_text().startswith("failed once at step 3")
+
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.train.zero_stage"] == "3" and run.data.params["dataset.manifest_id"] != "None"
+    assert run.data.tags["restoray.dataset"] == str(dataset) and run.data.tags["restoray.code_version"]
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # steps 1-2 before the failure, 3-4 after the restart: none twice
+    assert {"lr", "samples_per_s", "memory_mb"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000004.png"]
+    version = client.get_model_version("restoray-adaptor", "1")
+    assert version.run_id == run.info.run_id and version.tags["run_id"] == run.info.run_id
+
+    checkpoint_export = next((storage / "restoray-adaptor").glob("checkpoint_*/export"))
+    assert json.loads((checkpoint_export / "training.json").read_text())["step"] == 4
+    _assert_complete_export(checkpoint_export, "model.")
+
+    image = REPO_ROOT / "restoray" / "samples.toml"  # not an image: the restore must refuse it clearly
+    bad = restoray("restore", str(image), "--output", str(tmp_path / "x.png"), "--weights", "models:/restoray-adaptor/1", cwd=tmp_path,
+                   MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
+    assert bad.returncode == 2
+    photo = next((dataset.parent / "samples").glob("*.png"))
+    restored = restoray("restore", str(photo), "--output", str(tmp_path / "out.png"), "--weights", "models:/restoray-adaptor/1",
+                        "--steps", "2", "--prompt", "a photo", cwd=tmp_path, MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_zero2_run_resumes_at_the_saved_step_in_the_same_mlflow_run(dataset, tmp_path):
+    import mlflow
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = dict(
+        train__data=dataset, train__storage_path=tmp_path / "train", train__num_workers=2, train__cpus_per_worker=0.5, train__zero_stage=2,
+        train__stage="encoder", train__checkpoint_every=2, train__register_model="false", mlflow__tracking_uri=tracking,
+    )  # fmt: skip
+    first = restoray("train", "--config", CONFIG, *sets(**common, train__steps=2), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "step 2" in first.stdout and "resumed" not in first.stdout
+    second = restoray("train", "--config", CONFIG, *sets(**common, train__steps=4), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "step 4" in second.stdout and ", resumed)" in second.stdout
+
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
+    assert len(runs) == 1  # the resumed training logged into the same run
+    steps = sorted(metric.step for metric in client.get_metric_history(runs[0].info.run_id, "loss"))
+    assert steps == [1, 2, 3, 4]
+    exports = sorted((tmp_path / "train" / "restoray-encoder").glob("checkpoint_*/export/training.json"))
+    assert [json.loads(path.read_text())["step"] for path in exports] == [2, 4]  # each run exports at its end
+    _assert_complete_export(exports[-1].parent, "encoder.")
+
+
+def test_bad_training_input_is_refused_before_workers_start(dataset, tmp_path):
+    too_few = restoray("train", "--config", CONFIG, *sets(train__data=dataset, train__stage="experts", train__expert="rain",
+                       train__batch_size=5000, train__storage_path=tmp_path / "t"), cwd=tmp_path)  # fmt: skip
+    assert too_few.returncode == 2 and "needs at least 5000 `single` rows of type 'rain'" in too_few.stderr
+    unknown = restoray("train", "--config", CONFIG, *sets(train__stage="experts", train__expert="smudge"), cwd=tmp_path)
+    assert unknown.returncode == 2 and "smudge" in unknown.stderr and "noise" in unknown.stderr
+    missing = restoray("train", "--config", CONFIG, *sets(train__data=tmp_path / "nothing"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no readable parquet shards" in missing.stderr
+    bad_stage = restoray("train", "--config", CONFIG, *sets(train__stage="everything"), cwd=tmp_path)
+    assert bad_stage.returncode == 2 and "train.stage" in bad_stage.stderr
