@@ -1,0 +1,47 @@
+"""The [train] table, the DeepSpeed config generated from it, and the multi-node storage rule."""
+
+import pytest
+
+from restoration.errors import InputError
+from restoray.config import load_config
+from restoray.train import check_shared_storage
+from training.trainer import deepspeed_config
+
+
+def test_deepspeed_config_is_generated_from_ours():
+    config = load_config(overrides=["train.zero_stage=3", "train.gpus_per_worker=1", "train.precision=bf16", "train.offload_optimizer=true",
+                                    "train.batch_size=4", "train.grad_accum=2", "train.grad_clip=0.5"]).train  # fmt: skip
+    generated = deepspeed_config(config)
+    assert generated["zero_optimization"]["stage"] == 3
+    assert generated["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert generated["zero_force_ds_cpu_optimizer"] is False  # a torch optimizer with offload
+    assert generated["bf16"]["enabled"] and not generated["fp16"]["enabled"]
+    assert (generated["train_micro_batch_size_per_gpu"], generated["gradient_accumulation_steps"], generated["gradient_clipping"]) == (
+        4,
+        2,
+        0.5,
+    )
+    cpu = deepspeed_config(load_config().train)
+    assert cpu["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in cpu["zero_optimization"] and not cpu["bf16"]["enabled"]
+
+
+def test_several_nodes_need_shared_storage():
+    local = load_config(overrides=["train.data=data/demo/dataset", "train.storage_path=data/train"])
+    check_shared_storage(local, nodes=1, tracking="sqlite:///mlflow.db")  # one machine: local paths are fine
+    with pytest.raises(InputError) as err:
+        check_shared_storage(local, nodes=3, tracking="sqlite:///mlflow.db")
+    message = str(err.value)
+    assert "3 nodes" in message and "train.storage_path" in message and "train.data" in message and "mlflow.tracking_uri" in message
+    shared = load_config(overrides=["train.data=s3://b/ds", "train.storage_path=s3://b/train"])
+    check_shared_storage(shared, nodes=3, tracking="http://mlflow:5000")
+    mounted = load_config(overrides=["train.data=/mnt/shared/ds", "train.storage_path=/mnt/shared/train", "train.shared_filesystem=true"])
+    check_shared_storage(mounted, nodes=3, tracking="http://mlflow:5000")
+
+
+def test_train_keys_are_validated_with_the_config():
+    from restoration.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(overrides=["train.zero_stage=1"])
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        load_config(overrides=["train.precision=fp16"])
