@@ -85,6 +85,7 @@ def _assert_complete_export(weights, trained_part: str) -> Restorer:
     return loaded
 
 
+@pytest.mark.slow
 def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlflow_server, tmp_path):
     import mlflow
 
@@ -128,6 +129,7 @@ def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlf
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_zero2_run_resumes_at_the_saved_step_in_the_same_mlflow_run(dataset, tmp_path):
     import mlflow
 

@@ -3,11 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT, subprocess_env
 
 
 def _run_bench(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=300)
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -23,3 +25,12 @@ def test_sampling_bench_prints_every_row():
     result = _run_bench("bench/sampling.py", "--steps", "1", "--size", "64", "--repeats", "1")
     for row in ("plain", "restoration-guided", "ReFIR, one reference", "ReFIR / no reference"):
         assert row in result.stdout
+
+
+@pytest.mark.slow
+def test_training_bench_prints_both_comparisons():
+    result = _run_bench("bench/training.py", "--resolution", "64", "--batch-size", "1", "--steps", "1", "--warmup", "1")
+    for row in ("plain torch (single process)", "Ray Train + DeepSpeed ZeRO-2, 1 worker", "plain DDP", "ZeRO-2 / DDP moment bytes"):
+        assert row in result.stdout
+    ratio = float(result.stdout.split("ZeRO-2 / DDP moment bytes: ")[1].split("x")[0])
+    assert 0.4 < ratio < 0.6  # ZeRO-2 shards Adam's moments over the 2 ranks
