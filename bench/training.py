@@ -87,7 +87,6 @@ def deepspeed_loop(options: dict) -> None:
     """Ray Train worker: the same steps through a DeepSpeed engine; reports samples/s and Adam moment bytes."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
-    import ray.train
     import torch
 
     from training.trainer import deepspeed_config

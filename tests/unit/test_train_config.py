@@ -41,7 +41,7 @@ def test_several_nodes_need_shared_storage():
 def test_train_keys_are_validated_with_the_config():
     from restoration.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.zero_stage"):
+    with pytest.raises(ConfigError, match=r"train\.zero_stage"):
         load_config(overrides=["train.zero_stage=1"])
     with pytest.raises(ConfigError, match="needs GPUs"):
         load_config(overrides=["train.precision=fp16"])
