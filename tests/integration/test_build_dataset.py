@@ -214,6 +214,17 @@ def test_s3_input_and_output_through_moto(tmp_path, local_ray, moto_endpoint, aw
     rows = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in shards]).to_pylist()
     assert {row["caption"] for row in rows} == {"s3 caption 0", "s3 caption 1", "s3 caption 2"}
     assert all(row["source"].startswith("s3://corpus/photos/") for row in rows)
+    # The training feed reads the same shards from S3 (decoded and cropped in Ray Data tasks).
+    from pipelines.build_dataset import storage_options
+    from training.config import TrainConfig
+    from training.data import check_shards, training_dataset
+
+    train = TrainConfig(data="s3://datasets/v1", resolution=64)
+    options = storage_options(moto_endpoint)
+    assert check_shards(train, options, min_rows=1)["rows"] == 6
+    batch = training_dataset(train, 0, options).take_batch(4, batch_format="numpy")
+    assert batch["hq"].shape == batch["lq"].shape == (4, 64, 64, 3) and batch["mask"].shape == (4, 64, 64)
+    assert {str(caption) for caption in batch["caption"]} <= {"s3 caption 0", "s3 caption 1", "s3 caption 2"}
 
 
 def test_s3_errors_fail_fast_naming_the_uri(tmp_path, local_ray, moto_endpoint, aws_test_credentials):
