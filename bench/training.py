@@ -106,9 +106,7 @@ def deepspeed_loop(options: dict) -> None:
         engine.backward(loss)
         engine.step()
     elapsed = time.perf_counter() - started
-    _report(
-        {"samples_per_s": options["steps"] * options["batch_size"] / elapsed, "moment_bytes": _moment_bytes(optimizer.optimizer)}
-    )
+    _report({"samples_per_s": options["steps"] * options["batch_size"] / elapsed, "moment_bytes": _moment_bytes(optimizer.optimizer)})
 
 
 def ddp_loop(options: dict) -> None:

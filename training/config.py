@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; leave some to Ray Data, which prepares the batches.")
+    data_cpus: float = Field(
+        0.5, gt=0, description="CPUs per Ray Data task reading and preparing batches (fractional: they are light and share cores)."
+    )
     gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU (DeepSpeed with DS_ACCELERATOR=cpu over gloo).")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also parameters.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (DeepSpeed offload).")

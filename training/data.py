@@ -183,6 +183,7 @@ def training_dataset(config: TrainConfig, seed: int, storage_options: dict[str, 
 
     path = shards_path(config.data)
     filesystem, local_path = _filesystem(path, storage_options)
-    dataset = ray.data.read_parquet(local_path, filesystem=filesystem, columns=list(REQUIRED_COLUMNS))
+    cpus = config.data_cpus
+    dataset = ray.data.read_parquet(local_path, filesystem=filesystem, columns=list(REQUIRED_COLUMNS), num_cpus=cpus)
     # A bound method, so that Ray Data runs it as tasks (a callable class would hold an actor pool's CPUs).
-    return dataset.map_batches(PrepareRows(config, seed).__call__, batch_size=16, batch_format="pyarrow")
+    return dataset.map_batches(PrepareRows(config, seed).__call__, batch_size=16, batch_format="pyarrow", num_cpus=cpus)

@@ -229,6 +229,26 @@ def _export(engine, restorer, config: TrainConfig, directory: Path, rank: int, s
         dist.barrier()
 
 
+def _check_resources(config: TrainConfig) -> None:
+    """On a fixed single-node instance, workers that take every CPU leave none for the Ray Data tasks preparing
+    their batches (listing the shards takes a whole CPU), and training would wait forever: say so instead.
+    (Multi-node clusters may autoscale, so they are not checked.)"""
+    import ray
+
+    from restoration.errors import InputError
+
+    if len([node for node in ray.nodes() if node.get("Alive")]) != 1:
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = config.num_workers * config.cpus_per_worker
+    if wanted + max(1.0, config.data_cpus) > cpus:
+        raise InputError(
+            f"train.num_workers x train.cpus_per_worker = {wanted:g} CPUs leave {cpus - wanted:g} of this Ray instance's "
+            f"{cpus:g} CPUs to the Ray Data tasks that feed them, which need at least 1 (and train.data_cpus = "
+            f"{config.data_cpus:g} each); lower train.cpus_per_worker or train.num_workers"
+        )
+
+
 def run_training(
     config: TrainConfig,
     *,
@@ -248,6 +268,7 @@ def run_training(
     from training.data import check_shards, manifest_id, training_dataset
     from training.tracking import RUN_ID_FILE, finish, log_model, open_run
 
+    _check_resources(config)
     shards = check_shards(config, storage_options, min_rows=config.batch_size * config.num_workers)
     manifest = manifest_id(config, storage_options)
     remote = config.storage_path.startswith("s3://")

@@ -42,7 +42,7 @@ def ray_cluster():
         f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
         f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 99}",
-        "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir / 'ray'}",
+        "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir / 'ray'}",
     ]  # fmt: skip
     log = (temp_dir / "ray-start.log").open("w")
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -134,3 +134,17 @@ def test_submitted_data_build_runs_on_the_cluster(ray_cluster, tmp_path):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["complete"] and manifest["sources_accepted"] == 3 and manifest["samples_written"] == 6
     assert "samples written" in result.stdout  # the job's summary table, streamed back
+
+    # Training as a job on the same cluster, fed by the shards just built (two CPUs: half of one for the worker,
+    # the rest for the Ray Data tasks that list, read and prepare its batches, which need a whole CPU to start).
+    trained = _submit(
+        ray_cluster,
+        "--",
+        "train", "--set", f"train.data={output}", "--set", f"train.storage_path={tmp_path / 'train'}",
+        "--set", "train.cpus_per_worker=0.5", "--set", "train.steps=2", "--set", "train.checkpoint_every=2",
+        "--set", "train.resolution=128", "--set", "train.validation_steps=1",
+        "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "trained stage 'adaptor': step 2" in trained.stdout and "models:/restoray-adaptor/1" in trained.stdout
+    assert list((tmp_path / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
