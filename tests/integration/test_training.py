@@ -163,5 +163,7 @@ def test_bad_training_input_is_refused_before_workers_start(dataset, tmp_path):
     assert unknown.returncode == 2 and "smudge" in unknown.stderr and "noise" in unknown.stderr
     missing = restoray("train", "--config", CONFIG, *sets(train__data=tmp_path / "nothing"), cwd=tmp_path)
     assert missing.returncode == 2 and "no readable parquet shards" in missing.stderr
+    crowded = restoray("train", "--config", CONFIG, *sets(train__data=dataset, train__cpus_per_worker=2), cwd=tmp_path)
+    assert crowded.returncode == 2 and "lower train.cpus_per_worker" in crowded.stderr  # not a silent wait for data
     bad_stage = restoray("train", "--config", CONFIG, *sets(train__stage="everything"), cwd=tmp_path)
     assert bad_stage.returncode == 2 and "train.stage" in bad_stage.stderr
