@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +33,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float, log_path: Path | None = None) -> None:
+    """Poll `url` until it answers (any HTTP status); kill the process group and raise if `process` dies or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                os.killpg(process.pid, signal.SIGKILL)
+                detail = log_path.read_text()[-2000:] if log_path is not None and log_path.exists() else ""
+                raise RuntimeError(f"{url} did not come up\n{detail}") from None
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 
 from restoration.restorer import Restorer
-from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env
+from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env, wait_for_http
 
 CONFIG = str(REPO_ROOT / "configs" / "local.toml")
 
@@ -53,16 +51,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=log, start_new_session=True, env=subprocess_env(),
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}") from None
-            time.sleep(0.5)
+    wait_for_http(f"{uri}/health", server, 120, root / "server.log")
     yield uri
     os.killpg(server.pid, signal.SIGTERM)
     try:
