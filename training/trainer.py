@@ -172,6 +172,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower train.lr or check the data")
         if step % config.log_every == 0 or step == config.steps:
             tracker.metrics(step, metrics)
+            if rank == 0:  # progress in the driver's (and the Ray job's) log, through the logger Ray Train shows
+                logging.getLogger("ray.train").info(
+                    "[train] step %d/%d  loss %.4f  lr %.2e  %.2f samples/s  %.0f MiB",
+                    step, config.steps, metrics["loss"], metrics["lr"], metrics["samples_per_s"], metrics["memory_mb"],
+                )  # fmt: skip
         final = step == config.steps
         if (config.validate_every and step % config.validate_every == 0) or final:
             _validate(engine, restorer, config, tracker, step, validation_image, rank)
