@@ -91,8 +91,7 @@ class Restorer:
         if experts:
             self.add_experts(experts["names"], experts.get("rank", 4))
         if estimator:
-            with _seeded(self.preset.seed, "estimator"):
-                self.set_estimator(DegradationEstimator(estimator["type_ids"], estimator.get("width", 32)))
+            self.set_estimator(new_estimator(self, estimator["type_ids"], estimator.get("width", 32)))
         self.train_sigmas = schedule_sigmas(self.train_alphas_cumprod())
         self._captioner = None
         # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
