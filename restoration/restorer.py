@@ -57,6 +57,17 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def weights_directory(path_or_preset: str | Path) -> Path | None:
+    """The directory holding trained weights (restorer.json) at or under this path; None for a preset name/file."""
+    path = Path(path_or_preset)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        found = sorted(path.rglob(CONFIG_FILE))  # e.g. an MLflow model directory with the weights under data/
+        if len(found) != 1:
+            raise InputError(f"{path}: no trained weights ({CONFIG_FILE}) inside, or more than one ({len(found)})")
+        path = found[0].parent
+    return path if (path / CONFIG_FILE).is_file() else None
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, name: str):
     """Initialise new trainable parts from (preset seed, part name) without touching the global RNG, so that every
@@ -175,13 +186,8 @@ class Restorer:
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | Path) -> Restorer:
-        path = Path(path_or_preset)
-        if path.is_dir() and not (path / CONFIG_FILE).is_file():
-            found = sorted(path.rglob(CONFIG_FILE))  # e.g. an MLflow model directory with the weights under data/
-            if len(found) != 1:
-                raise InputError(f"{path}: no trained weights ({CONFIG_FILE}) inside, or more than one ({len(found)})")
-            path = found[0].parent
-        if not (path / CONFIG_FILE).is_file():
+        path = weights_directory(path_or_preset)
+        if path is None:
             return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         restorer = cls(config["preset"], AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"))

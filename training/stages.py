@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from restoration.degradations.registry import REGISTRY
+from restoration.errors import InputError
 from restoration.models.adaptor import AdaptedUNet
 from restoration.models.base import encode_prompt, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
@@ -192,6 +193,26 @@ class Stage:
             "restoration_pooled": restoration_pooled.to(device),
             "time_ids": size_crop_time_ids((height, width), (0, 0), (height, width), batch=size).to(device),
         }
+
+
+def require_trained_adaptor(init: str) -> None:
+    """Experts train on a trained adaptor: with zero-initialised connectors no gradient reaches the adaptor, so a
+    LoRA expert could not learn. Checked on the driver from the weights file (no model is built)."""
+    from safetensors import safe_open
+
+    from restoration.restorer import WEIGHTS_FILE, weights_directory
+
+    directory = weights_directory(init)
+    trained = False
+    if directory is not None:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+            names = [k for k in weights.keys() if "connector" in k and (".gamma.weight" in k or ".beta.weight" in k)]
+            trained = any(weights.get_tensor(name).any() for name in names)
+    if not trained:
+        raise InputError(
+            f"stage 'experts' trains LoRA experts on a trained adaptor, but {init!r} has untrained (zero) connectors: "
+            "set train.init_from to a trained adaptor (e.g. models:/restoray-adaptor/1)"
+        )
 
 
 def prepare_restorer(restorer: Restorer, config: TrainConfig) -> Restorer:

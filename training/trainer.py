@@ -274,6 +274,10 @@ def run_training(
     from training.tracking import RUN_ID_FILE, finish, log_model, open_run
 
     _check_resources(config)
+    if config.stage == "experts":
+        from training.stages import require_trained_adaptor
+
+        require_trained_adaptor(init)
     shards = check_shards(config, storage_options, min_rows=config.batch_size * config.num_workers)
     manifest = manifest_id(config, storage_options)
     remote = config.storage_path.startswith("s3://")

@@ -156,3 +156,66 @@ def test_bad_training_input_is_refused_before_workers_start(dataset, tmp_path):
     assert crowded.returncode == 2 and "lower train.cpus_per_worker" in crowded.stderr  # not a silent wait for data
     bad_stage = restoray("train", "--config", CONFIG, *sets(train__stage="everything"), cwd=tmp_path)
     assert bad_stage.returncode == 2 and "train.stage" in bad_stage.stderr
+
+
+def _abair_shards(root):
+    """A small dataset in the shard schema of `data build` with `single` noise rows and `composite` rows (the
+    sample-photo build draws kinds at random, so it may hold neither)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import skimage.data
+    from PIL import Image
+
+    from restoration.degradations import composite_degrade, single_degrade
+    from restoration.images import encode_mask_png, encode_png
+
+    rng = np.random.default_rng(0)
+    photos = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut()]
+    rows = []
+    for index in range(6):
+        hq = np.asarray(Image.fromarray(photos[index % 3]).resize((128, 128)))
+        sample = single_degrade(hq, rng, 1) if index % 2 == 0 else composite_degrade(hq, rng)
+        rows.append({
+            "id": f"row{index}", "source": f"synthetic://{index}", "caption": "a photo", "alt_text": None,
+            "hq": encode_png(sample.hq), "lq": encode_png(sample.lq), "height": 128, "width": 128, "kind": sample.kind,
+            "degradation": json.dumps(sample.ops), "restoration_prompt": sample.restoration_prompt,
+            "mask": encode_mask_png(sample.mask), "quality": "{}",
+        })  # fmt: skip
+    (root / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "shards" / "part-00000.parquet")
+    return root
+
+
+@pytest.mark.slow
+def test_adaptor_then_expert_then_estimator_chain_into_one_model(tmp_path):
+    data = _abair_shards(tmp_path / "abair")
+    train = tmp_path / "train"
+
+    def run(stage: str, **extra) -> subprocess.CompletedProcess:
+        args = sets(train__data=data, train__stage=stage, train__steps=2, train__checkpoint_every=2, train__resolution=128,
+                    train__validation_steps=1, train__storage_path=train, mlflow__tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    **extra)  # fmt: skip
+        return restoray("train", "--config", CONFIG, *args, cwd=tmp_path)
+
+    untrained = run("experts", train__expert="noise")
+    assert untrained.returncode == 2 and "set train.init_from to a trained adaptor" in untrained.stderr
+    assert run("adaptor", train__lr=1e-3).returncode == 0
+    adaptor = next((train / "restoray-adaptor").glob("checkpoint_*/export"))
+    expert = run("experts", train__expert="noise", train__lr=1e-2, train__init_from=adaptor)
+    assert expert.returncode == 0, expert.stderr[-3000:]
+    assert "models:/restoray-experts/1" in expert.stdout
+    experts = next((train / "restoray-experts").glob("checkpoint_*/export"))
+    estimator = run("estimator", train__init_from=experts)
+    assert estimator.returncode == 0, estimator.stderr[-3000:]
+    final = Restorer.from_pretrained(next((train / "restoray-estimator").glob("checkpoint_*/export")))
+    assert final.experts == {"names": ["noise"], "rank": 4} and final.estimator is not None
+    lora = {k: v for k, v in final.trained_state().items() if "lora_B.noise" in k}
+    assert lora and any(v.any() for v in lora.values())  # the expert learned on the trained adaptor
+    fresh_estimator = Restorer("tiny", estimator={"type_ids": final.estimator.type_ids}).estimator.state_dict()
+    assert any(not torch.equal(v, fresh_estimator[k]) for k, v in final.estimator.state_dict().items())
+    import skimage.data
+    from PIL import Image
+
+    photo = Image.fromarray(skimage.data.chelsea()).resize((64, 64))
+    assert final.restore(photo, prompt="a cat", steps=1, expert_weights="one_hot").size == (64, 64)
