@@ -274,11 +274,11 @@ def run_training(
     from training.tracking import RUN_ID_FILE, finish, log_model, open_run
 
     _check_resources(config)
+    shards = check_shards(config, storage_options, min_rows=config.batch_size * config.num_workers)
     if config.stage == "experts":
         from training.stages import require_trained_adaptor
 
         require_trained_adaptor(init)
-    shards = check_shards(config, storage_options, min_rows=config.batch_size * config.num_workers)
     manifest = manifest_id(config, storage_options)
     remote = config.storage_path.startswith("s3://")
     storage_path = config.storage_path if remote else str(Path(config.storage_path).resolve())
