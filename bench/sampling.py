@@ -31,23 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from restoration.restorer import Restorer
+    from restoration.sampling.edm import SamplerConfig
 
     torch.set_num_threads(1)
     restorer = Restorer.from_pretrained("tiny")
     photo = Image.fromarray(skimage.data.astronaut()).resize((args.size, args.size))
     reference = Image.fromarray(skimage.data.coffee()).resize((args.size, args.size))
     rows = {
-        "plain (no guidance)": {"tau_r": None},
-        "restoration-guided": {"tau_r": 4.0},
-        "ReFIR, one reference": {"tau_r": 4.0, "references": (reference,)},
+        "plain (no guidance)": {"sampler": SamplerConfig(steps=args.steps, tau_r=None)},
+        "restoration-guided": {"sampler": SamplerConfig(steps=args.steps, tau_r=4.0)},
+        "ReFIR, one reference": {"sampler": SamplerConfig(steps=args.steps, tau_r=4.0), "references": (reference,)},
     }
-    restorer.restore(photo, prompt="a photo", steps=1, seed=0)  # warm up
+    restorer.restore(photo, prompt="a photo", sampler=SamplerConfig(steps=1), seed=0)  # warm up
     timings = {}
     for name, options in rows.items():
         best = float("inf")
         for _ in range(args.repeats):
             started = time.perf_counter()
-            restorer.restore(photo, prompt="a photo", steps=args.steps, seed=0, **options)
+            restorer.restore(photo, prompt="a photo", seed=0, **options)
             best = min(best, time.perf_counter() - started)
         timings[name] = best / args.steps
     base = timings["restoration-guided"]

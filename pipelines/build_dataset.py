@@ -10,7 +10,13 @@ does not repeat it.
 
 Resume: committed shard and reject files name their sources. A re-run skips sources already complete (all
 variants written, or rejected) before decoding them, skips sample ids already written, and a re-run of a
-completed build with the same input and config is a no-op that says so.
+completed build with the same input and config is a no-op that says so. `retry_rejected` drops the reject rows of
+the given reasons first (e.g. `read_error` after an outage), so those sources are read again.
+
+Failures: a storage failure that outlasts the retries (runtime/storage.py) stops the build with `StorageError`
+(exit 1) and writes no reject for it; so does a `read_error` share above `data.source.max_read_error_share` once
+`data.source.read_error_min_sources` sources were read (something is wrong with the corpus or its storage, not
+with a few files). A corrupt manifest or scan file in the output is an error naming the file.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.config import DataBuildConfig
-from pipelines.rows import batch_of, is_rejected, row_stage, rows_of
+from pipelines.rows import REASONS, batch_of, is_rejected, row_stage, rows_of
 from pipelines.sink import ShardSink
-from pipelines.sources import filesystem, list_units, read_units
+from pipelines.sources import list_units, read_units
 from pipelines.stages.crop import crop_row
 from pipelines.stages.decode import decode_row
 from pipelines.stages.dedup import dedup_row, find_duplicates, hashes_row
@@ -40,6 +46,10 @@ from pipelines.stages.quality import quality_row
 from pipelines.timer import StageTimer
 from restoration.degradations import REGISTRY
 from restoration.errors import InputError, RestorayError
+from runtime import faults
+from runtime.config import StorageConfig
+from runtime.resources import check_cpus_left
+from runtime.storage import filesystem, retrying, storage_cause
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -78,50 +88,90 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def storage_options(endpoint_url: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}}
-    if endpoint_url:
-        options["client_kwargs"] = {"endpoint_url": endpoint_url}
-    return options
-
-
 def fingerprint(input_uri: str, config: DataBuildConfig, preset: str) -> str:
     payload = json.dumps({"input": input_uri, "config": config.model_dump(mode="json"), "preset": preset}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _read_json(fs, path: str) -> dict | None:
-    try:
-        if fs.exists(path):
-            with fs.open(path, "rb") as handle:
-                return json.loads(handle.read())
-    except (OSError, json.JSONDecodeError):
+class BuildStopped(RestorayError):
+    """The build stopped while working for a reason that is not one source's (exit 1)."""
+
+
+def _read_json(fs, path: str, storage: StorageConfig) -> dict | None:
+    """The JSON file's content; None only when the file does not exist. A corrupt file is an error naming it."""
+
+    def read() -> bytes | None:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+
+    payload = retrying(read, path, storage)
+    if payload is None:
         return None
-    return None
+    try:
+        value = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is corrupt ({err}); remove it (or the whole output) to build afresh") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} is corrupt (not a JSON object); remove it (or the whole output) to build afresh")
+    return value
 
 
-def _read_table(fs, root: str, name: str, columns: list[str]) -> pa.Table | None:
+def _parquet_files(fs, root: str, name: str) -> list[str]:
     directory = f"{root}/{name}"
     if not fs.exists(directory):
-        return None
-    files = sorted(p for p in fs.find(directory) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+        return []
+    return sorted(p for p in fs.find(directory) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+
+
+def _read_parquet(fs, path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    try:
+        return retrying(read, path, storage)
+    except (pa.ArrowInvalid, EOFError) as err:
+        raise InputError(f"{path} is corrupt ({err}); remove it to rebuild what it held") from None
+
+
+def _read_table(fs, root: str, name: str, columns: list[str], storage: StorageConfig) -> pa.Table | None:
+    files = _parquet_files(fs, root, name)
     if not files:
         return None
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([_read_parquet(fs, path, storage, columns) for path in files])
 
 
-def _existing_output(fs, root: str, variants: int) -> tuple[set[str], frozenset[str]]:
+def _drop_rejects(fs, root: str, reasons: set[str], storage: StorageConfig) -> int:
+    """Remove the reject rows of `reasons` (each file rewritten without them), so resume reads those sources again."""
+    dropped = 0
+    for path in _parquet_files(fs, root, "rejects"):
+        table = _read_parquet(fs, path, storage)
+        keep = [reason not in reasons for reason in table.column("reason").to_pylist()]
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        kept = table.filter(pa.array(keep))
+        if kept.num_rows:
+            directory, name = path.rsplit("/", 1)
+            replacement = f"{directory}/{name.removesuffix('.parquet')}-kept.parquet"
+            partial = f"{directory}/.{name}.partial"
+            with fs.open(partial, "wb") as handle:
+                pq.write_table(kept, handle, compression="zstd")
+            fs.mv(partial, replacement)
+        fs.rm(path)
+    return dropped
+
+
+def _existing_output(fs, root: str, variants: int, storage: StorageConfig) -> tuple[set[str], frozenset[str]]:
     """(sources already complete, sample ids of sources written only in part)."""
     done: set[str] = set()
     partial_ids: set[str] = set()
-    rejects = _read_table(fs, root, "rejects", ["source"])
+    rejects = _read_table(fs, root, "rejects", ["source"], storage)
     if rejects is not None:
         done.update(rejects.column("source").to_pylist())
-    shards = _read_table(fs, root, "shards", ["source", "id"])
+    shards = _read_table(fs, root, "shards", ["source", "id"], storage)
     if shards is not None:
         by_source: dict[str, list[str]] = {}
         for source, sample in zip(shards.column("source").to_pylist(), shards.column("id").to_pylist(), strict=True):
@@ -149,23 +199,33 @@ def _broadcast(value: Any) -> dict:
     return {"key": f"{id(value)}-{time.monotonic_ns()}", "ref": ray.put(value)}
 
 
-def _read_stage(timer, label: str, skip: dict | None):
+def _read_stage(timer, label: str, skip: dict | None, config: DataBuildConfig):
+    max_share, min_sources = config.source.max_read_error_share, config.source.read_error_min_sources
+
     def udf(batch: dict) -> dict:
         rows = rows_of(batch)
         done = _get_cached(skip) if skip else set()
         kept = [row for row in rows if row["source"] not in done]
-        ray.get(timer.add.remote(label, len(rows), 0.0))  # counted, not timed: reading happens in read_units
+        read_errors = sum(1 for row in kept if (row.get("error") or "").startswith("read_error"))
+        # Counted, not timed (reading happens in read_units); the answer is the build's running totals.
+        total, total_errors = ray.get(timer.count_reads.remote(label, len(rows), read_errors))
         if done:
             ray.get(timer.add.remote("skipped (already written)", len(rows) - len(kept), 0.0))
+        if total >= min_sources and total_errors > max_share * total:
+            raise BuildStopped(
+                f"{total_errors} of the first {total} sources could not be read (read_error), more than "
+                f"data.source.max_read_error_share = {max_share:g}: the corpus or its storage is broken, not a few files; "
+                f"fix it and rerun (add --retry-rejected read_error to read the rejected ones again)"
+            )
         return batch_of(kept)
 
     return udf
 
 
-def _source_rows(units: list[dict], config: DataBuildConfig, options: dict) -> ray.data.Dataset:
+def _source_rows(units: list[dict], config: DataBuildConfig, storage: StorageConfig) -> ray.data.Dataset:
     blocks = max(1, min(len(units), config.source.read_parallelism * 4))
     return ray.data.from_items(units, override_num_blocks=blocks).map_batches(
-        read_units, batch_size=1, fn_kwargs={"config": config.source, "storage_options": options}
+        read_units, batch_size=1, fn_kwargs={"config": config.source, "storage": storage}
     )
 
 
@@ -187,14 +247,14 @@ def _front_stages(dataset: ray.data.Dataset, config: DataBuildConfig, timer, pre
     )
 
 
-def _scan_duplicates(units, config: DataBuildConfig, options: dict, fs, root: str, fp: str, timer) -> dict[str, tuple[str, str]]:
-    cached = _read_json(fs, f"{root}/_work/scan.json")
+def _scan_duplicates(units, config: DataBuildConfig, storage: StorageConfig, fs, root: str, fp: str, timer) -> dict[str, tuple[str, str]]:
+    cached = _read_json(fs, f"{root}/_work/scan.json", storage)
     if cached and cached.get("fingerprint") == fp and fs.exists(f"{root}/{SCAN}"):
-        with fs.open(f"{root}/{SCAN}", "rb") as handle:
-            table = pq.read_table(handle)
+        table = _read_parquet(fs, f"{root}/{SCAN}", storage)
         log.info("dedup: reusing the hash scan of an earlier run (%d images)", table.num_rows)
     else:
-        scan = _front_stages(_source_rows(units, config, options).map_batches(_read_stage(timer, "scan", None)), config, timer, "scan: ")
+        read = _read_stage(timer, "scan", None, config)
+        scan = _front_stages(_source_rows(units, config, storage).map_batches(read), config, timer, "scan: ")
 
         def hashes(batch: dict) -> dict:
             rows = [hashes_row(row) for row in rows_of(batch) if not is_rejected(row)]
@@ -229,44 +289,84 @@ def build_dataset(
     output_uri: str,
     config: DataBuildConfig,
     preset: str,
-    s3_endpoint_url: str | None = None,
+    storage: StorageConfig | None = None,
     *,
     listed: tuple[str, list[dict]] | None = None,
-    fail_after_rows: int = 0,
+    retry_rejected: tuple[str, ...] = (),
 ) -> BuildSummary:
-    """Run the build; Ray must be initialised by the caller. Raises InputError for unusable inputs/outputs.
+    """Run the build; Ray must be initialised by the caller. Raises InputError for unusable inputs/outputs (exit 2),
+    StorageError / BuildStopped when it stops while working (exit 1).
 
     `listed` is `list_units`' result when the caller already listed the input (listing a large S3 prefix is slow).
-    `fail_after_rows` is a test hook: each write task raises once it has committed that many rows.
+    `retry_rejected`: reject reasons whose sources are read again (their reject rows are dropped first).
     """
     started = time.time()
-    options = storage_options(s3_endpoint_url)
+    storage = storage or StorageConfig()
+    unknown = sorted(set(retry_rejected) - set(REASONS))
+    if unknown:
+        raise InputError(f"--retry-rejected: unknown reasons {', '.join(unknown)}; reasons: {', '.join(REASONS)}")
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
-    units_format, units = listed if listed is not None else list_units(input_uri, config.source, options)
-    out_fs, root = filesystem(output_uri, options)
+    units_format, units = listed if listed is not None else list_units(input_uri, config.source, storage)
+    out_fs, root = filesystem(output_uri, storage)
     try:
         out_fs.makedirs(root, exist_ok=True)
     except Exception as err:
         raise InputError(f"cannot write to output {output_uri}: {type(err).__name__}: {err}") from err
     fp = fingerprint(input_uri, config, preset)
-    manifest = _read_json(out_fs, f"{root}/{MANIFEST}")
-    if manifest and manifest.get("complete") and manifest.get("fingerprint") == fp:
-        return _summary_from_manifest(output_uri, manifest)
+    manifest = _read_json(out_fs, f"{root}/{MANIFEST}", storage)
     if manifest and manifest.get("fingerprint") not in (None, fp):
         raise InputError(f"{output_uri} holds a build of another input or config; choose a new --output or remove it")
+    if retry_rejected:
+        dropped = _drop_rejects(out_fs, root, set(retry_rejected), storage)
+        log.info("retry-rejected %s: %d rejected sources will be read again", ",".join(retry_rejected), dropped)
+        if dropped and out_fs.exists(f"{root}/_work/scan.json"):
+            out_fs.rm(f"{root}/_work/scan.json")  # the dedup scan never saw those sources
+        if dropped:
+            manifest = None
+    if manifest and manifest.get("complete") and manifest.get("fingerprint") == fp:
+        return _summary_from_manifest(output_uri, manifest)
     _write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
     _check_resources(config)
+    try:
+        summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
+    except RestorayError:
+        raise
+    except Exception as err:  # Ray wraps what a task raised: a storage failure inside is still one
+        cause = storage_cause(err)
+        if cause is not None:
+            raise cause from None
+        stopped = _find(err, BuildStopped)
+        if stopped is not None:
+            raise stopped from None
+        raise
+    return summary
+
+
+def _find(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen, stack = set(), [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current) is kind:
+            return current
+        stack.extend([current.__context__, current.__cause__, getattr(current, "cause", None)])
+    return None
+
+
+def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, preset, storage, out_fs, root, fp, started) -> BuildSummary:
     timer = StageTimer.remote()
     decisions: dict[str, tuple[str, str]] = {}
     if config.dedup.exact or config.dedup.perceptual:
-        decisions = _scan_duplicates(units, config, options, out_fs, root, fp, timer)
-    done, partial_ids = _existing_output(out_fs, root, config.degrade.variants)
+        decisions = _scan_duplicates(units, config, storage, out_fs, root, fp, timer)
+    done, partial_ids = _existing_output(out_fs, root, config.degrade.variants, storage)
     if done or partial_ids:
         log.info("resuming: %d sources already written, %d sample ids of partly written sources", len(done), len(partial_ids))
 
-    rows = _source_rows(units, config, options).map_batches(_read_stage(timer, "read", _broadcast(done) if done else None))
+    rows = _source_rows(units, config, storage).map_batches(_read_stage(timer, "read", _broadcast(done) if done else None, config))
     rows = _front_stages(rows, config, timer)
     if decisions:
         decisions_ref = _broadcast(decisions)
@@ -284,9 +384,10 @@ def build_dataset(
         rows = _actor_stage(rows, ClipScoreStage, preset, config.embed, timer)
     rows = rows.map_batches(row_stage("crop", lambda row: crop_row(row, config.crop, config.seed), timer), batch_size=8)
     samples = rows.map_batches(DegradeStage(config.degrade, config.seed, timer).__call__, batch_size=4)
-    samples.write_datasink(ShardSink(output_uri, options, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
+    fail_after_rows = faults.fault("build.fail_after_rows")
+    samples.write_datasink(ShardSink(output_uri, storage, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
 
-    summary = _summarise(out_fs, root, output_uri, ray.get(timer.totals.remote()), started)
+    summary = _summarise(out_fs, root, output_uri, ray.get(timer.totals.remote()), started, storage)
     manifest = {
         "complete": True,
         "fingerprint": fp,
@@ -330,17 +431,17 @@ def _check_resources(config: DataBuildConfig) -> None:
         reserved += 2 * config.embed.actors * config.embed.num_cpus  # embedding and image-text score pools
     if config.caption.mode != "keep-source":
         reserved += config.caption.actors * config.caption.num_cpus
-    available = ray.cluster_resources().get("CPU", 0.0)
-    if available - reserved < 1.0:
-        raise InputError(
-            f"the model stages' actor pools reserve {reserved:g} of the cluster's {available:g} CPUs, leaving less than one "
-            "for the read/decode/degrade tasks; lower data.embed.num_cpus / data.caption.num_cpus or their actors, or add CPUs"
-        )
+    check_cpus_left(
+        reserved,
+        1.0,
+        "the model stages' actor pools",
+        "lower data.embed.num_cpus / data.caption.num_cpus or their actors, or add CPUs",
+    )
 
 
-def _summarise(fs, root: str, output_uri: str, totals: dict, started: float) -> BuildSummary:
-    shards = _read_table(fs, root, "shards", ["source", "id", "kind"])
-    rejects = _read_table(fs, root, "rejects", ["source", "reason"])
+def _summarise(fs, root: str, output_uri: str, totals: dict, started: float, storage: StorageConfig) -> BuildSummary:
+    shards = _read_table(fs, root, "shards", ["source", "id", "kind"], storage)
+    rejects = _read_table(fs, root, "rejects", ["source", "reason"], storage)
     accepted = set(shards.column("source").to_pylist()) if shards is not None else set()
     reject_sources = rejects.column("source").to_pylist() if rejects is not None else []
     by_reason: dict[str, int] = {}

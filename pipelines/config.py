@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from restoration.config_model import StrictModel
 from restoration.degradations import CompositeConfig, NegativeConfig, ParameterizedConfig, RealESRGANConfig
 from restoration.degradations.sample import KINDS
 from restoration.images import DEFAULT_MAX_PIXELS
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
-
-
-class SourceConfig(_Config):
+class SourceConfig(StrictModel):
     format: Literal["auto", "folder", "parquet", "webdataset"] = Field(
         "auto", description="Corpus layout; auto: .parquet files -> parquet, .tar files -> webdataset, else an image folder."
     )
@@ -28,13 +25,17 @@ class SourceConfig(_Config):
     caption_extensions: list[str] = Field([".txt", ".json"], description="Same-stem caption files (json: its 'caption' key).")
     max_caption_chars: int = Field(2000, ge=1, description="Longer captions are cut for training; the full text stays in alt_text.")
     read_parallelism: int = Field(8, ge=1, description="Read tasks over the listed sources (bounds memory).")
+    max_read_error_share: float = Field(
+        0.05, ge=0, le=1, description="Stop the build (exit 1) when more than this share of the sources read so far are read_error rejects."
+    )
+    read_error_min_sources: int = Field(100, ge=1, description="Sources read before the read_error share is checked.")
 
 
-class DecodeConfig(_Config):
+class DecodeConfig(StrictModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images over this many pixels, from the header.")
 
 
-class QualityConfig(_Config):
+class QualityConfig(StrictModel):
     min_short_side: int = Field(512, ge=1, description="Reject images whose short side is smaller (too_small).")
     max_aspect_ratio: float = Field(3.0, ge=1, description="Reject long/short side ratios above this (aspect_ratio).")
     min_sharpness: float | None = Field(
@@ -44,13 +45,13 @@ class QualityConfig(_Config):
     min_entropy: float | None = Field(3.0, description="Reject grey-level entropies (bits) below this (flat).")
 
 
-class DedupConfig(_Config):
+class DedupConfig(StrictModel):
     exact: bool = Field(True, description="Drop byte-identical images (duplicate).")
     perceptual: bool = Field(True, description="Drop perceptual-hash near-duplicates (near_duplicate).")
     max_hamming: int = Field(6, ge=0, le=32, description="64-bit pHash distance up to which images count as near-duplicates.")
 
 
-class EmbedConfig(_Config):
+class EmbedConfig(StrictModel):
     enabled: bool = Field(True, description="Embed images once with the preset's open-clip model.")
     batch_size: int = Field(16, ge=1, description="Images per model call.")
     actors: int = Field(1, ge=1, description="Actor pool size.")
@@ -60,7 +61,7 @@ class EmbedConfig(_Config):
     min_clip_score: float | None = Field(None, description="Reject image-text cosines below this (low_clip_score); unset = record only.")
 
 
-class CaptionConfig(_Config):
+class CaptionConfig(StrictModel):
     mode: Literal["keep-source", "generate", "generate-and-keep-alt"] = Field(
         "keep-source",
         description="keep-source: use the corpus caption; generate: VLM caption; generate-and-keep-alt: VLM caption, source in alt_text.",
@@ -71,12 +72,12 @@ class CaptionConfig(_Config):
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor.")
 
 
-class CropConfig(_Config):
+class CropConfig(StrictModel):
     size: int = Field(512, ge=16, description="Square training crop, in pixels.")
     mode: Literal["center", "random"] = Field("center", description="Crop position after resizing the short side to `size`.")
 
 
-class DegradeConfig(_Config):
+class DegradeConfig(StrictModel):
     variants: int = Field(2, ge=1, description="Degraded variants per accepted image.")
     kinds: dict[str, float] = Field(
         {"realesrgan": 0.4, "parameterized": 0.3, "composite": 0.1, "single": 0.15, "negative": 0.05},
@@ -96,11 +97,11 @@ class DegradeConfig(_Config):
         return self
 
 
-class WriteConfig(_Config):
+class WriteConfig(StrictModel):
     max_rows_per_shard: int = Field(1000, ge=1, description="Rows per parquet shard at most.")
 
 
-class DataBuildConfig(_Config):
+class DataBuildConfig(StrictModel):
     """`restoray data build`: corpus -> validated, deduplicated, captioned, degraded training shards."""
 
     seed: int = Field(0, description="Seed of crops and degradations (each variant's generator derives from it and the source).")

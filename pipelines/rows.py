@@ -18,23 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 
-REASONS = (
-    "read_error",
-    "empty",
-    "truncated",
-    "not_image",
-    "too_large",
-    "too_small",
-    "aspect_ratio",
-    "blurry",
-    "low_jpeg_quality",
-    "flat",
-    "low_aesthetic",
-    "low_clip_score",
-    "duplicate",
-    "near_duplicate",
-    "caption_error",
-)
+from restoration.dataset import REASONS
 
 # Columns between the read and degrade stages.
 WORK_COLUMNS = (
@@ -84,7 +68,7 @@ def is_rejected(row: dict) -> bool:
 
 def reject(row: dict, stage: str, reason: str, detail: str) -> dict:
     if reason not in REASONS:
-        raise ValueError(f"unknown reject reason {reason!r}; add it to DESIGN.md's list first")
+        raise ValueError(f"unknown reject reason {reason!r}; add it to docs/architecture.md's list and restoration/dataset.py first")
     row.update(reject_stage=stage, reject_reason=reason, reject_detail=detail, pixels=None, data=None, embedding=None)
     return row
 

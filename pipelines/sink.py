@@ -8,45 +8,27 @@ by an interruption) are skipped, so a resumed build never duplicates rows.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import uuid
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipelines.sources import filesystem
-
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("caption", pa.string()),
-        ("alt_text", pa.string()),
-        ("hq", pa.binary()),
-        ("lq", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("kind", pa.string()),
-        ("degradation", pa.string()),
-        ("restoration_prompt", pa.string()),
-        ("mask", pa.binary()),
-        ("quality", pa.string()),
-    ]
-)
-REJECT_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+from restoration.dataset import REJECT_SCHEMA, SAMPLE_SCHEMA
+from runtime.config import StorageConfig
+from runtime.storage import filesystem, retrying
 
 
 class ShardSink(Datasink):
     def __init__(
-        self, output: str, storage_options: dict[str, Any], max_rows_per_shard: int, existing_ids: frozenset[str], fail_after_rows: int = 0
+        self, output: str, storage: StorageConfig, max_rows_per_shard: int, existing_ids: frozenset[str], fail_after_rows: int = 0
     ):
         self.output = output.rstrip("/")
-        self.storage_options = storage_options
+        self.storage = storage
         self.max_rows = max_rows_per_shard
         self.existing_ids = existing_ids
-        self.fail_after_rows = fail_after_rows  # test hook: raise once a write task has committed this many rows
+        self.fail_after_rows = fail_after_rows  # runtime.faults' build.fail_after_rows (tests)
 
     def get_name(self) -> str:
         return "ShardSink"
@@ -77,18 +59,31 @@ class ShardSink(Datasink):
                 self._commit(table, pa.Table.from_pylist(part, schema=schema))
                 committed += len(part)
                 if fail_after and committed >= fail_after:
-                    raise RuntimeError(f"test hook fail_after_rows={fail_after}: stopping after {committed} rows")
+                    raise RuntimeError(f"fault build.fail_after_rows={fail_after}: stopping after {committed} rows")
         return {"samples": len(samples), "rejects": len(rejects)}
 
+    @staticmethod
+    def _ids(table: pa.Table) -> list[str]:
+        return table.column("id").to_pylist() if "id" in table.column_names else [""] * table.num_rows
+
     def _commit(self, table_name: str, table: pa.Table) -> None:
-        fs, root = filesystem(self.output, self.storage_options)
-        name = f"part-{uuid.uuid4().hex}.parquet"
+        fs, root = filesystem(self.output, self.storage)
+        # Named by content (the rows' sources and ids): the same build writes the same files, so the shards' order,
+        # and a training run that reads them in order, reproduce; a retried write overwrites its own file.
+        digest = hashlib.sha256(
+            "\n".join(f"{s}\t{i}" for s, i in zip(table.column("source").to_pylist(), self._ids(table), strict=True)).encode()
+        )
+        name = f"part-{digest.hexdigest()[:24]}.parquet"
         final = f"{root}/{table_name}/{name}"
         partial = f"{root}/{table_name}/.{name}.partial"
-        fs.makedirs(f"{root}/{table_name}", exist_ok=True)
-        with fs.open(partial, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-        fs.mv(partial, final)
+
+        def write() -> None:  # idempotent: a retry rewrites the same partial file
+            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
+            with fs.open(partial, "wb") as handle:
+                pq.write_table(table, handle, compression="zstd")
+            fs.mv(partial, final)
+
+        retrying(write, f"{self.output}/{table_name}/{name}", self.storage, "write")
 
 
 def _none_for_nan(value):

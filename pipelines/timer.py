@@ -10,10 +10,17 @@ class StageTimer:
     def __init__(self):
         self.rows: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
+        self.read_errors: dict[str, int] = {}
 
     def add(self, stage: str, rows: int, seconds: float) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def count_reads(self, stage: str, rows: int, read_errors: int) -> tuple[int, int]:
+        """Count read rows and their read errors; the running totals (the read-error share check)."""
+        self.add(stage, rows, 0.0)
+        self.read_errors[stage] = self.read_errors.get(stage, 0) + read_errors
+        return self.rows[stage], self.read_errors[stage]
 
     def totals(self) -> dict[str, tuple[int, float]]:
         return {stage: (self.rows[stage], self.seconds[stage]) for stage in self.rows}

@@ -17,6 +17,12 @@ class InputError(RestorayError):
     exit_code = 2
 
 
+class RestorationCancelled(RestorayError):
+    """A restoration stopped by its per-step callback (a client went away, a deadline passed)."""
+
+    exit_code = 130
+
+
 class ConfigError(InputError):
     """A config file or `--set` override that does not validate."""
 

@@ -1,4 +1,5 @@
-"""`Restorer`: load weights, `restore(image, ...) -> image`. The one API the CLI and serving use.
+"""`Restorer`: load weights, `stage1(image)`, `caption(image)`, `restore(image, ...) -> Restoration`. The one API the
+CLI, training validation, batch restore, evaluation and serving use.
 
 Pipeline (SUPIR): the LQ image is encoded by the degradation-robust encoder (z_LQ, the stage-1 latent); without
 a prompt, the preset's captioner describes the stage-1 image (decoded z_LQ); the semantic prompt (+ SUPIR's
@@ -11,6 +12,11 @@ ABAIR: the adaptor may carry LoRA experts (one per degradation type) and the Res
 `restore(expert_weights=...)` blends the experts with the estimator's soft weights ("soft", the default), its
 arg-max ("one_hot"), or weights given by the caller (oracle: {"noise": 1.0}).
 
+`restore` reads top to bottom, one object per phase: `stage1` (robust encoding and its decoding), the caption,
+`Conditioning` (text embeddings), `ReferenceChain` (ReFIR), `AdaptedDenoiser` (the eps model the EDM loop calls),
+decoding and colour fix; it returns a `Restoration` with the caption and references used, the seed, the model's
+identity and per-phase seconds. Settings travel as `SamplerConfig` ([sampler]) and `RestoreConfig` ([restore]).
+
 Weights: `save_pretrained(dir)` writes `restorer.json` (preset, adaptor config, experts, estimator) and
 `model.safetensors` (adaptor with its experts, connectors, robust encoder, estimator); `from_pretrained(dir or
 preset name)` rebuilds it without training code.
@@ -18,10 +24,10 @@ preset name)` rebuilds it without training code.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +36,23 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from restoration.captioning import caption_images
 from restoration.degradations.registry import REGISTRY
 from restoration.errors import InputError
 from restoration.models.adaptor import AdaptedUNet, AdaptorConfig
-from restoration.models.base import encode_prompt, load_captioner, load_sdxl, size_crop_time_ids
+from restoration.models.base import encode_prompt, load_captioner, load_noise_schedule, load_sdxl, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import add_expert, expert_names, set_expert_weights
 from restoration.models.presets import load_preset
-from restoration.prompts import BLIND_PROMPT, NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
+from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install
 from restoration.sampling.colorfix import wavelet_color_fix
-from restoration.sampling.edm import SamplerConfig, StepInfo, restoration_guided_sample, schedule_sigmas
+from restoration.sampling.edm import StepInfo, restoration_guided_sample, schedule_sigmas, timestep_to_sigma
 from restoration.sampling.tiled_vae import tiled_decode, tiled_encode
 from restoration.sampling.tiling import tiled
+from restoration.seeding import torch_seeded
+from restoration.settings import RestoreConfig, SamplerConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
 
@@ -68,17 +77,8 @@ def weights_directory(path_or_preset: str | Path) -> Path | None:
     return path if (path / CONFIG_FILE).is_file() else None
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, name: str):
-    """Initialise new trainable parts from (preset seed, part name) without touching the global RNG, so that every
-    data-parallel rank (and every rerun) starts from the same weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little"))
-        yield
-
-
 def new_estimator(restorer: Restorer, type_ids: list[int], width: int = 32) -> DegradationEstimator:
-    with _seeded(restorer.preset.seed, "estimator"):
+    with torch_seeded(restorer.preset.seed, "estimator"):
         return DegradationEstimator(type_ids, width)
 
 
@@ -94,7 +94,7 @@ class Restorer:
         self.preset = load_preset(preset_name)
         self.networks = load_sdxl(self.preset).frozen()
         self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
-        with _seeded(self.preset.seed, "adaptor"):
+        with torch_seeded(self.preset.seed, "adaptor"):
             self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
         self.encoder = RobustEncoder(self.networks.vae).eval()
         self.experts: dict[str, Any] | None = None
@@ -103,16 +103,14 @@ class Restorer:
             self.add_experts(experts["names"], experts.get("rank", 4))
         if estimator:
             self.set_estimator(new_estimator(self, estimator["type_ids"], estimator.get("width", 32)))
-        self.train_sigmas = schedule_sigmas(self.train_alphas_cumprod())
+        self.alphas_cumprod = load_noise_schedule(self.preset)  # the base's training schedule ([scheduler])
+        self.train_sigmas = schedule_sigmas(self.alphas_cumprod)
+        self.weights: str | None = None  # the trained weights' directory (from_pretrained), None: untrained adaptor
         self._captioner = None
+        self.vae_factor = 2 ** (len(self.networks.vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
         # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
         downsamplers = sum(block.downsamplers is not None for block in self.networks.unet.down_blocks)
         self.size_multiple = 8 * 2**downsamplers
-
-    def train_alphas_cumprod(self) -> torch.Tensor:
-        # SDXL's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps.
-        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-        return torch.cumprod(1 - betas, dim=0)
 
     def to(self, device: torch.device | str) -> Restorer:
         """Move every network to `device` (training workers; restore() itself runs where the networks are)."""
@@ -138,7 +136,7 @@ class Restorer:
             raise InputError(f"unknown degradation types {unknown} for experts; known: {', '.join(sorted(known))}")
         for name in names:
             if name not in expert_names(self.model.adaptor):
-                with _seeded(self.preset.seed, f"expert:{name}"):
+                with torch_seeded(self.preset.seed, f"expert:{name}"):
                     add_expert(self.model.adaptor, name, rank=rank)
         self.experts = {"names": expert_names(self.model.adaptor), "rank": rank}
 
@@ -199,133 +197,273 @@ class Restorer:
         restorer.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
         if restorer.estimator is not None:
             restorer.estimator.load_state_dict({k.removeprefix("estimator."): v for k, v in state.items() if k.startswith("estimator.")})
+        restorer.weights = str(path)
         return restorer
 
     # ---- restoration -----------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What model restored an image: the preset, the weights directory (None: untrained adaptor), its experts."""
+        return {"preset": self.preset_name, "weights": self.weights, "experts": (self.experts or {}).get("names", [])}
+
     def caption(self, image: Image.Image) -> str:
+        """SUPIR's VLM caption of an image (the stage-1 image when `restore` captions), prompted as the dataset build does."""
         if self._captioner is None:
             self._captioner = load_captioner(self.preset.captioner, self.preset.tokenizer, seed=self.preset.seed)
-        captioner = self._captioner
-        inputs = captioner.processor(images=[image], text=[f"<image> {captioner.prompt}"], return_tensors="pt")
-        with torch.no_grad():
-            generated = captioner.model.generate(**inputs, max_new_tokens=captioner.max_new_tokens, do_sample=False)
-        return captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+            self._captioner.model.to(self.device)
+        return caption_images(self._captioner, [image])[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device  # restore runs where the networks are (see `to`)
 
     def _prepare(self, image: Image.Image) -> torch.Tensor:
         width, height = image.size
         multiple = self.size_multiple
         size = (max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple))
-        return _to_tensor(image.resize(size, Image.BICUBIC) if size != image.size else image)
+        return _to_tensor(image.resize(size, Image.BICUBIC) if size != image.size else image).to(self.device)
+
+    def _encode(self, pixels: torch.Tensor, options: RestoreConfig) -> torch.Tensor:
+        if options.tile_latent is None:
+            return self.encoder(pixels)
+        factor = self.vae_factor
+        return tiled_encode(self.encoder, self.encoder.encoder, pixels, options.tile_latent * factor, options.tile_encoder_overlap, factor)
+
+    def _decode(self, latent: torch.Tensor, options: RestoreConfig) -> torch.Tensor:
+        vae = self.networks.vae
+        latent = latent / vae.config.scaling_factor
+        if options.tile_latent is None:
+            return vae.decode(latent).sample
+        return tiled_decode(vae, latent, options.tile_latent, options.tile_overlap)
+
+    @torch.no_grad()
+    def stage1(self, image: Image.Image, options: RestoreConfig | None = None) -> Stage1:
+        """SUPIR's stage 1: the degradation-robust encoding z_LQ of the LQ image and its decoding (what is captioned
+        and what the colour fix aligns to)."""
+        options = options or RestoreConfig()
+        lq = self._prepare(image)
+        latent = self._encode(lq, options)
+        return Stage1(lq=lq, latent=latent, decoded=self._decode(latent, options), original_size=image.size)
 
     @torch.no_grad()
     def restore(
         self,
         image: Image.Image,
         prompt: str | None = None,
-        restoration_prompt: str = BLIND_PROMPT,
-        references: tuple[Image.Image, ...] = (),
-        tau_r: float | None = 4.0,
-        steps: int = 50,
-        cfg: float = 7.5,
-        seed: int = 0,
-        control_scale: float = 1.0,
-        gate_scale: float = 1.0,
-        reference_range: tuple[float, float] = (0.0, 1.0),
-        tile_latent: int | None = 128,
-        tile_overlap: int = 32,
-        tile_encoder_overlap: int = 64,
-        expert_weights: str | dict[str, float] = "soft",
+        references: Sequence[Image.Image | ReferenceUsed] = (),
+        sampler: SamplerConfig | None = None,
+        options: RestoreConfig | None = None,
+        *,
+        restoration_prompt: str | None = None,
+        seed: int | None = None,
+        expert_weights: str | dict[str, float] | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
-    ) -> Image.Image:
-        """Restore one image. `reference_range` is the part of the denoising (0 = pure noise, 1 = done) in which
-        ReFIR references are injected; the paper injects in the detail-restoration stage, i.e. late. Latents larger
-        than `tile_latent` (128 = SDXL's 1024 px) are denoised in Gaussian-weighted overlapping tiles (tiled
-        diffusion, as SUPIR does for large images) and decoded by the tiled VAE (image-wide GroupNorm statistics and
-        attention; `tile_overlap` latent pixels of overlap); images larger than 8 * `tile_latent` pixels are encoded
-        by the tiled VAE too, with `tile_encoder_overlap` pixels of overlap. None never tiles. `expert_weights`
-        blends the LoRA experts (if the model has any): "soft" / "one_hot" from the estimator, or a dict (oracle)."""
-        if steps < 1 or cfg < 1:
-            raise InputError(f"steps must be >= 1 and cfg >= 1 (got steps={steps}, cfg={cfg})")
-        if not 0.0 <= reference_range[0] <= reference_range[1] <= 1.0:
-            raise InputError(f"reference_range must satisfy 0 <= start <= end <= 1, got {reference_range}")
-        original_size = image.size
-        device = next(self.model.parameters()).device  # restore runs where the networks are (see `to`)
-        lq = self._prepare(image).to(device)
-        vae = self.networks.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
+    ) -> Restoration:
+        """Restore one image. `prompt` None: caption the stage-1 image. `references`: ReFIR references (images, or
+        `ReferenceUsed` with the index's similarity). `sampler` (the [sampler] section) and `options` (the [restore]
+        section) default to their defaults; `restoration_prompt`, `seed` and `expert_weights` override `options`.
+        `on_step(info)` runs after every step; `info.cancel()` stops with RestorationCancelled."""
+        sampler = sampler or SamplerConfig()
+        options = options or RestoreConfig()
+        restoration_prompt = options.restoration_prompt if restoration_prompt is None else restoration_prompt
+        seed = options.seed if seed is None else seed
+        expert_weights = options.expert_weights if expert_weights is None else expert_weights
+        references = [ref if isinstance(ref, ReferenceUsed) else ReferenceUsed(ref) for ref in references]
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
 
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            if tile_latent is None:
-                return self.encoder(pixels)
-            return tiled_encode(self.encoder, self.encoder.encoder, pixels, tile_latent * factor, tile_encoder_overlap, factor)
-
-        def decode(latent: torch.Tensor) -> torch.Tensor:
-            latent = latent / vae.config.scaling_factor
-            return vae.decode(latent).sample if tile_latent is None else tiled_decode(vae, latent, tile_latent, tile_overlap)
-
+        stage1 = self.stage1(image, options)
         if self.experts:
-            set_expert_weights(self.model.adaptor, self.expert_weights_for(lq, expert_weights))
-        z_lq = encode(lq)
-        stage1 = decode(z_lq)
-        if prompt is None:
-            prompt = self.caption(_to_image(stage1))
-        semantic = encode_prompt(self.networks, [f"{prompt} {POSITIVE_QUALITY_PROMPT}".strip()])
-        negative = encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT])
-        restoration = encode_prompt(self.networks, [restoration_prompt])
-        height, width = lq.shape[2:]
-        time_ids = size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(device)
+            set_expert_weights(self.model.adaptor, self.expert_weights_for(stage1.lq, expert_weights))
+        seconds["stage1"], clock = _lap(clock)
 
-        reference_latents = [encode(self._prepare(ref.resize(image.size, Image.BICUBIC)).to(device)) for ref in references]
-        controller = ReferenceController(InjectionConfig(gate_scale=gate_scale))
-        previous = dict(self.networks.unet.attn_processors)
-        if reference_latents:
-            install(self.networks.unet, controller)
+        caption = prompt if prompt is not None else self.caption(stage1.image)
+        seconds["caption"], clock = _lap(clock)
+
+        conditioning = self._conditioning(caption, restoration_prompt, stage1.lq.shape[2:])
+        # Gate 0 is the plain model: no reference chain at all (bit-exact with no references).
+        used = references if options.gate_scale != 0 else []
+        chain = ReferenceChain.build(self, used, image.size, options) if used else None
+        seconds["references"], clock = _lap(clock)
+
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(z_lq.shape, generator=generator).to(device)  # CPU draw: the same image on every device
-
-        log_sigmas = self.train_sigmas.log()
-        recorded_at = [float("nan")]
-
-        def eps_model(x_in: torch.Tensor, timestep: torch.Tensor, cond, scale: float) -> torch.Tensor:
-            embeds, pooled = cond
-            added = {"text_embeds": pooled, "time_ids": time_ids}
-            progress = 1.0 - float(timestep[0]) / (len(log_sigmas) - 1)
-            use_references = bool(reference_latents) and reference_range[0] <= progress <= reference_range[1]
-            if use_references and float(timestep[0]) != recorded_at[0]:
-                # Reference chain: the same weights, noise and sigma as the target (sigma from the timestep), run
-                # once per step; the CFG negative pass of the same step reuses what the positive pass recorded.
-                t = float(timestep[0])
-                recorded_at[0] = t
-                low = min(int(t), len(log_sigmas) - 2)
-                sigma = float(torch.exp((1 - (t - low)) * log_sigmas[low] + (t - low) * log_sigmas[low + 1]))
-                controller.clear()
-                controller.mode = "record"
-                for reference in reference_latents:
-                    x_ref = (reference + noise * sigma) / float(np.sqrt(sigma**2 + 1))
-                    self.networks.unet(x_ref, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added)
-            if use_references:
-                controller.mode = "inject"
-            restoration_added = {"text_embeds": restoration[1], "time_ids": time_ids}
-
-            def denoise(stacked: torch.Tensor) -> torch.Tensor:
-                # x_in and z_LQ travel together so that every tile sees its own part of the LQ latent.
-                x_tile, lq_tile = stacked.chunk(2, dim=1)
-                return self.model(x_tile, timestep, embeds, added, lq_tile, restoration[0], restoration_added, scale)
-
-            stacked = torch.cat([x_in, z_lq], dim=1)
-            large = tile_latent is not None and max(x_in.shape[2:]) > tile_latent
-            eps = tiled(denoise, stacked, tile_latent, tile_overlap) if large and not use_references else denoise(stacked)
-            controller.mode = "off"
-            return eps
-
-        sampler = SamplerConfig(steps=steps, cfg=cfg, cfg_start=min(4.0, cfg), tau_r=tau_r, control_scale=control_scale)
+        noise = torch.randn(stage1.latent.shape, generator=generator).to(self.device)  # CPU draw: one image on any device
+        denoiser = AdaptedDenoiser(self, stage1.latent, noise, conditioning, chain, options)
+        previous_processors = dict(self.networks.unet.attn_processors)
+        if chain is not None:
+            chain.install()
         try:
             latent = restoration_guided_sample(
-                eps_model, noise, self.train_sigmas, sampler, semantic, negative, z_lq, generator, on_step=on_step
+                denoiser,
+                noise,
+                self.train_sigmas,
+                sampler,
+                conditioning.semantic,
+                conditioning.negative,
+                stage1.latent,
+                generator,
+                on_step=on_step,
             )
         finally:
-            self.networks.unet.set_attn_processor(previous)
-        restored = decode(latent)
-        restored = wavelet_color_fix(restored, stage1)
-        result = _to_image(restored)
-        return result.resize(original_size, Image.BICUBIC) if result.size != original_size else result
+            self.networks.unet.set_attn_processor(previous_processors)
+        seconds["sampling"], clock = _lap(clock)
+
+        restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
+        if restored.size != stage1.original_size:
+            restored = restored.resize(stage1.original_size, Image.BICUBIC)
+        seconds["decode"], clock = _lap(clock)
+        seconds["total"] = sum(seconds.values())
+        return Restoration(
+            image=restored,
+            caption=caption,
+            captioned=prompt is None,
+            restoration_prompt=restoration_prompt,
+            references=used,
+            seed=seed,
+            model=self.identity(),
+            sampler=sampler,
+            seconds=seconds,
+        )
+
+    def _conditioning(self, caption: str, restoration_prompt: str, size_hw: tuple[int, int]) -> Conditioning:
+        height, width = size_hw
+        return Conditioning(
+            semantic=encode_prompt(self.networks, [f"{caption} {POSITIVE_QUALITY_PROMPT}".strip()]),
+            negative=encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT]),
+            restoration=encode_prompt(self.networks, [restoration_prompt]),
+            time_ids=size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(self.device),
+        )
+
+
+def _lap(started: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return round(now - started, 4), now
+
+
+@dataclass
+class Stage1:
+    """SUPIR's stage 1 of one image. Shapes: lq and decoded (1, 3, H, W) in [-1, 1]; latent (1, 4, H/8, W/8)."""
+
+    lq: torch.Tensor  # the LQ image at a size the UNet takes
+    latent: torch.Tensor  # z_LQ from the robust encoder
+    decoded: torch.Tensor  # z_LQ decoded by the VAE
+    original_size: tuple[int, int]  # (width, height) of the input
+
+    @property
+    def image(self) -> Image.Image:
+        return _to_image(self.decoded)
+
+
+@dataclass
+class ReferenceUsed:
+    """A ReFIR reference: the image, and where retrieval found it (similarity to the query, the index's id)."""
+
+    image: Image.Image
+    similarity: float | None = None
+    source: str | None = None
+
+
+@dataclass
+class Restoration:
+    """What `restore` did: the image and everything an index, a server or an evaluation needs to report about it."""
+
+    image: Image.Image
+    caption: str  # the semantic prompt used
+    captioned: bool  # True when the caption came from the VLM (no prompt was given)
+    restoration_prompt: str
+    references: list[ReferenceUsed]  # those that took part (none when the gate scale is 0)
+    seed: int
+    model: dict[str, Any]  # Restorer.identity()
+    sampler: SamplerConfig
+    seconds: dict[str, float]  # per phase: stage1, caption, references, sampling, decode, total
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one restoration: (embeds (1, T, D), pooled (1, D)) pairs and SDXL's size ids (1, 6)."""
+
+    semantic: tuple[torch.Tensor, torch.Tensor]  # caption + positive quality prompt (the UNet)
+    negative: tuple[torch.Tensor, torch.Tensor]  # negative quality prompt (CFG)
+    restoration: tuple[torch.Tensor, torch.Tensor]  # SPIRE restoration prompt (the adaptor)
+    time_ids: torch.Tensor
+
+
+class ReferenceChain:
+    """ReFIR's reference chain: each reference latent through the same frozen UNet at the target's noise level and
+    timestep (noised with the target's noise), recording the decoder self-attention keys, values and features the
+    target then attends to. It runs once per step: the CFG negative pass of a step reuses the positive pass's record."""
+
+    def __init__(self, restorer: Restorer, latents: list[torch.Tensor], options: RestoreConfig):
+        self.restorer = restorer
+        self.latents = latents
+        self.reference_range = options.reference_range
+        self.controller = ReferenceController(InjectionConfig(gate_scale=options.gate_scale))
+        self.recorded_timestep: float | None = None
+
+    @classmethod
+    def build(cls, restorer: Restorer, references: list[ReferenceUsed], size: tuple[int, int], options: RestoreConfig) -> ReferenceChain:
+        latents = [restorer._encode(restorer._prepare(ref.image.resize(size, Image.BICUBIC)), options) for ref in references]
+        return cls(restorer, latents, options)
+
+    def install(self) -> None:
+        install(self.restorer.networks.unet, self.controller)
+
+    def active_at(self, timestep: float) -> bool:
+        progress = 1.0 - timestep / (len(self.restorer.train_sigmas) - 1)
+        return self.reference_range[0] <= progress <= self.reference_range[1]
+
+    def record(self, timestep: torch.Tensor, noise: torch.Tensor, embeds: torch.Tensor, added: dict) -> None:
+        t = float(timestep[0])
+        if t == self.recorded_timestep:
+            return
+        self.recorded_timestep = t
+        sigma = timestep_to_sigma(t, self.restorer.train_sigmas)
+        self.controller.clear()
+        self.controller.mode = "record"
+        for latent in self.latents:
+            x_ref = (latent + noise * sigma) / float(np.sqrt(sigma**2 + 1))
+            self.restorer.networks.unet(x_ref, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added)
+        self.controller.mode = "off"
+
+
+class AdaptedDenoiser:
+    """The eps model the sampler calls: the adapted UNet on (x, z_LQ), with ReFIR references when a chain is given
+    and Gaussian-weighted tiles above `tile_latent` (without references: the chain attends to whole latents)."""
+
+    def __init__(
+        self,
+        restorer: Restorer,
+        z_lq: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: Conditioning,
+        chain: ReferenceChain | None,
+        options: RestoreConfig,
+    ):
+        self.model = restorer.model
+        self.z_lq = z_lq
+        self.noise = noise  # the initial N(0, 1) draw: references are noised with it at every step
+        self.conditioning = conditioning
+        self.chain = chain
+        self.tile_latent, self.tile_overlap = options.tile_latent, options.tile_overlap
+
+    def __call__(self, x_in: torch.Tensor, timestep: torch.Tensor, cond, control_scale: float) -> torch.Tensor:
+        embeds, pooled = cond
+        added = {"text_embeds": pooled, "time_ids": self.conditioning.time_ids}
+        restoration_embeds, restoration_pooled = self.conditioning.restoration
+        restoration_added = {"text_embeds": restoration_pooled, "time_ids": self.conditioning.time_ids}
+        use_references = self.chain is not None and self.chain.active_at(float(timestep[0]))
+        if use_references:
+            self.chain.record(timestep, self.noise, embeds, added)
+            self.chain.controller.mode = "inject"
+
+        def denoise(stacked: torch.Tensor) -> torch.Tensor:
+            # x and z_LQ travel together so that every tile sees its own part of the LQ latent.
+            x_tile, lq_tile = stacked.chunk(2, dim=1)
+            return self.model(x_tile, timestep, embeds, added, lq_tile, restoration_embeds, restoration_added, control_scale)
+
+        stacked = torch.cat([x_in, self.z_lq], dim=1)
+        large = self.tile_latent is not None and max(x_in.shape[2:]) > self.tile_latent
+        try:
+            return tiled(denoise, stacked, self.tile_latent, self.tile_overlap) if large and not use_references else denoise(stacked)
+        finally:
+            if self.chain is not None:
+                self.chain.controller.mode = "off"

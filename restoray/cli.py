@@ -11,13 +11,14 @@ import logging
 import sys
 import time
 
+from restoration.dataset import REASONS
 from restoration.errors import InputError, RestorayError
 from restoray import __version__
-from restoray.config import DEFAULT_CONFIG, describe_keys, load_config
+from restoray.config import describe_keys, load_config
 
 log = logging.getLogger("restoray")
 
-OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training")
+OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
 EPILOG = """\
 examples:
   restoray demo                                   the embedded default end to end
@@ -25,13 +26,13 @@ examples:
   restoray list config                            every config key, its type and meaning
   restoray submit --address http://head:8265 -- demo --set seed=1
 
-configs are TOML files (configs/local.toml is the default); override any key with --set section.key=value.
+configs are TOML files (without --config: the packaged default, `restoray list config`); override any key with --set section.key=value.
 """
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="PATH", default=None, help=f"TOML run config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})"
+        "--config", metavar="PATH", default=None, help="TOML run config (default: the embedded local run, restoray/defaults/local.toml)"
     )
     parser.add_argument(
         "--set",
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--input", required=True, metavar="URI", help="corpus: a folder, .parquet file(s), .tar shards; local or s3://")
     build.add_argument("--output", required=True, metavar="URI", help="dataset directory, local or s3://")
     build.add_argument("--report", metavar="PATH", default=None, help="also write an HTML report (examples, score histograms)")
+    build.add_argument(
+        "--retry-rejected",
+        metavar="REASON[,REASON]",
+        default="",
+        help="read the sources rejected for these reasons again (e.g. read_error after a storage outage); reasons: " + ", ".join(REASONS),
+    )
     _add_config_arguments(build)
     build.set_defaults(handler=_run_data_build)
 
@@ -87,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DeepSpeed ZeRO (on CPU over gloo when train.gpus_per_worker = 0). Checkpoints go to "
         "train.storage_path/<name>; rerunning the same name resumes from the latest checkpoint; the result is "
         "logged to MLflow and registered as restoray-<stage>. Every [train] key: `restoray list config`.",
-        epilog="example: restoray train --config configs/local.toml --set train.steps=20 --set train.stage=encoder",
+        epilog="example: restoray train --set train.steps=20 --set train.stage=encoder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_arguments(train)
@@ -99,20 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Restore an image: robust encoding, captioning (unless --prompt), restoration-guided EDM sampling with the "
         "adaptor, optional ReFIR references, colour fix. Weights: a directory saved by training, s3://, models:/NAME/VERSION, "
         "or none (the preset's untrained adaptor).",
-        epilog="example: restoray restore data/samples/coffee.png --output out.png --preset tiny --steps 10",
+        epilog="example: restoray restore data/samples/coffee.png --output out.png --preset tiny --steps 10\n\n"
+        "Every sampler and restore setting is also a config key: --set sampler.s_churn=0 --set restore.gate_scale=0.5 "
+        "(`restoray list config`); the flags above win over the config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     restore.add_argument("input", metavar="INPUT", help="image file (any format the dataset build reads)")
     restore.add_argument("--output", required=True, metavar="PATH", help="where to write the restored image (PNG/JPEG by extension)")
     restore.add_argument("--prompt", default=None, help="semantic prompt (default: caption the stage-1 image with the preset's VLM)")
-    restore.add_argument("--restoration-prompt", default="Remove all degradation", help="SPIRE restoration prompt")
+    restore.add_argument(
+        "--restoration-prompt",
+        default=None,
+        help="SPIRE restoration prompt (default: restore.restoration_prompt, 'Remove all degradation')",
+    )
     restore.add_argument("--reference", action="append", default=[], metavar="PATH", help="ReFIR reference image (repeatable)")
-    restore.add_argument("--tau-r", type=float, default=4.0, help="restoration-guidance exponent (0 or less: off)")
-    restore.add_argument("--steps", type=int, default=50, help="sampling steps")
-    restore.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (>= 1)")
-    restore.add_argument("--seed", type=int, default=0, help="random seed")
+    restore.add_argument("--tau-r", type=float, default=None, help="restoration-guidance exponent, 0 or less: off (default: sampler.tau_r)")
+    restore.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
+    restore.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale >= 1 (default: sampler.cfg)")
+    restore.add_argument("--seed", type=int, default=None, help="random seed (default: restore.seed)")
     restore.add_argument(
         "--experts",
-        default="soft",
+        default=None,
         metavar="MODE",
         help="blending of ABAIR LoRA experts, if the weights have any: soft, one_hot (from the estimator), or oracle "
         "weights such as noise=1 or noise=0.7,blur=0.3",
@@ -196,7 +210,8 @@ def _run_data_build(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from restoray.data import run_data_build
 
-    return run_data_build(config, args.input, args.output, args.report)
+    retry = tuple(reason.strip() for reason in args.retry_rejected.split(",") if reason.strip())
+    return run_data_build(config, args.input, args.output, args.report, retry)
 
 
 def _run_train(args: argparse.Namespace) -> int:

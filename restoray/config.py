@@ -1,7 +1,7 @@
 """Run configuration: one pydantic model per component, TOML files in `configs/`, `--set a.b=c` overrides.
 
 A config is loaded in three steps, all before any work starts:
-1. the TOML file (`configs/local.toml` when none is given) is parsed;
+1. the TOML file (the packaged `restoray/defaults/local.toml` when none is given) is parsed;
 2. each `--set key=value` is checked against the model's keys and written into that dict;
 3. the whole dict is validated by `RunConfig` in strict mode.
 
@@ -18,20 +18,18 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from pipelines.config import DataBuildConfig
+from restoration.config_model import StrictModel
 from restoration.errors import ConfigError
+from restoration.settings import RestoreConfig, SamplerConfig
+from runtime.config import MlflowConfig, StorageConfig
 from training.config import TrainConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.toml"
-
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors; values are not coerced across types (a TOML string is not an int)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+# The embedded default run ships inside the package (a wheel works in an empty directory); configs/ in the
+# repository holds users' and cluster examples.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "local.toml"
 
 
 class RayConfig(StrictModel):
@@ -42,26 +40,6 @@ class RayConfig(StrictModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded local instance may use; unset = all of this machine's.")
     namespace: str = Field("restoray", description="Ray namespace for named actors and jobs.")
-
-
-class MlflowConfig(StrictModel):
-    tracking_uri: str | None = Field(
-        None,
-        description="MLflow tracking URI. Unset: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db "
-        "in the working directory (MLflow 3 refuses file stores).",
-    )
-    experiment: str = Field("restoray", description="MLflow experiment that runs are logged under.")
-
-
-class StorageConfig(StrictModel):
-    cache_dir: str = Field(
-        "~/.cache/restoray",
-        description="Local cache that s3:// and models:/ URIs are downloaded into before use.",
-    )
-    s3_endpoint_url: str | None = Field(
-        None,
-        description="S3 endpoint (MinIO, moto, other clouds). Unset: AWS_ENDPOINT_URL if set, else AWS.",
-    )
 
 
 class SamplesConfig(StrictModel):
@@ -82,13 +60,15 @@ class RunConfig(StrictModel):
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="The bundled sample corpus.")
     data: DataBuildConfig = Field(default_factory=DataBuildConfig, description="`restoray data build`.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration-guided EDM sampler.")
+    restore: RestoreConfig = Field(default_factory=RestoreConfig, description="Restore defaults.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[StrictModel] = RunConfig) -> StrictModel:
-    """Load a TOML run (default `configs/local.toml`), apply `--set` overrides, validate. Raises `ConfigError`."""
+    """Load a TOML run (default: the packaged local.toml), apply `--set` overrides, validate. Raises `ConfigError`."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (pass --config with a TOML file from configs/)")
+        raise ConfigError(f"config file {str(path)!r} does not exist (pass --config with a TOML run file, e.g. one from configs/)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -17,7 +17,7 @@ from pathlib import Path
 from restoray.config import RunConfig
 from restoray.ray_env import cluster_address, connect, loopback_only
 from restoray.samples import materialise
-from restoray.uris import resolve, s3_endpoint
+from runtime.resolve import resolve
 
 log = logging.getLogger(__name__)
 STEPS = 7
@@ -59,7 +59,7 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
 
     dataset, report = Path(output_dir) / "dataset", Path(output_dir) / "dataset-report.html"
     report.parent.mkdir(parents=True, exist_ok=True)
-    summary = build_dataset(config.samples.dir, str(dataset), config.data, config.preset, s3_endpoint(config.storage))
+    summary = build_dataset(config.samples.dir, str(dataset), config.data, config.preset, config.storage)
     write_report(str(dataset), str(report))
     print(f"[5/{STEPS}] dataset build (report: {report}):")
     print("\n".join("      " + line for line in summary.table().splitlines()))
@@ -84,9 +84,10 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     restorer = Restorer.from_pretrained(weights)
     photo = Image.open(images[0]).convert("RGB")
     photo = photo.resize((photo.width // 4, photo.height // 4))  # a quick restore on CPU
-    restored = restorer.restore(photo, steps=4, seed=config.seed)
+    sampler = config.sampler.model_copy(update={"steps": 4})  # a quick restore on CPU
+    restored = restorer.restore(photo, sampler=sampler, options=config.restore)
     restored_path = Path(output_dir) / f"restored-{images[0].stem}.png"
-    restored.save(restored_path)
+    restored.image.save(restored_path)
     took = time.monotonic() - restore_started
     print(f"[7/{STEPS}] restored {images[0].name} with {trained['model'] or config.preset} -> {restored_path} in {took:.1f}s")
     print(f"demo finished in {time.monotonic() - started:.1f}s")

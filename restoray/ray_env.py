@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from restoray.config import RayConfig
 
@@ -24,6 +25,19 @@ def cluster_address(config: RayConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def quiet_ray(verbose: bool) -> None:
+    """A log a person (or a CI log) can read: Ray's and Ray Data's own INFO chatter only with -v, and progress bars
+    only on a terminal (in a log they are thousands of carriage returns)."""
+    from ray.data import DataContext
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
+    context = DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.print_on_execution_start = verbose
+
+
 def connect(config: RayConfig) -> str:
     """Initialise Ray once per process; returns a description of where it runs."""
     address = cluster_address(config)
@@ -31,13 +45,16 @@ def connect(config: RayConfig) -> str:
         loopback_only()  # before Ray is imported: it reads the variable at import time
     import ray
 
+    verbose = logging.getLogger("restoray").isEnabledFor(logging.DEBUG)
     if ray.is_initialized():
         return "already connected"
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ray.init(address=address, namespace=config.namespace, log_to_driver=True)
+        ray.init(address=address, namespace=config.namespace, log_to_driver=True, logging_level=level)
         where = f"cluster at {address}"
     else:
-        ray.init(num_cpus=config.num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=config.num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True, logging_level=level)
         where = f"embedded local instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, node {ray.util.get_node_ip_address()})"
+    quiet_ray(verbose)
     log.debug("Ray: %s", where)
     return where

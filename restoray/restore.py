@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from restoration.errors import InputError
+from restoration.settings import RestoreConfig, SamplerConfig
 from restoray.config import RunConfig
-from restoray.uris import resolve
+from runtime.resolve import resolve
 
 
 def _read_image(path: str):
@@ -39,34 +43,50 @@ def parse_expert_weights(text: str) -> str | dict[str, float]:
     return weights
 
 
+def restore_settings(config: RunConfig, args: argparse.Namespace) -> tuple[SamplerConfig, RestoreConfig]:
+    """The run's [sampler] and [restore] sections with the command line's shortcuts (--steps, --cfg, --tau-r, --seed,
+    --restoration-prompt, --experts) on top; validated like the config itself."""
+    sampler = config.sampler.model_dump()
+    for key, value in (("steps", args.steps), ("cfg", args.cfg)):
+        if value is not None:
+            sampler[key] = value
+    if args.tau_r is not None:
+        sampler["tau_r"] = args.tau_r if args.tau_r > 0 else None
+    restore = config.restore.model_dump()
+    for key, value in (("seed", args.seed), ("restoration_prompt", args.restoration_prompt)):
+        if value is not None:
+            restore[key] = value
+    if args.experts is not None:
+        restore["expert_weights"] = parse_expert_weights(args.experts)
+    try:
+        return SamplerConfig.model_validate(sampler), RestoreConfig.model_validate(restore)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise InputError(f"restore settings: {problems} (from --steps/--cfg/--tau-r/--seed or [sampler]/[restore])") from None
+
+
 def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from restoration.restorer import Restorer
 
-    if args.steps < 1 or args.cfg < 1:
-        raise InputError(f"--steps must be >= 1 and --cfg >= 1 (got {args.steps}, {args.cfg})")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InputError(f"--output {args.output!r}: use a .png, .jpg or .webp file name")
-    expert_weights = parse_expert_weights(args.experts)
+    sampler, options = restore_settings(config, args)
     image = _read_image(args.input)
     references = tuple(_read_image(path) for path in args.reference)
     source = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
     restorer = Restorer.from_pretrained(source)
-    with tqdm(total=args.steps, desc="restoring", unit="step") as progress:
-        restored = restorer.restore(
-            image,
-            prompt=args.prompt,
-            restoration_prompt=args.restoration_prompt,
-            references=references,
-            tau_r=args.tau_r if args.tau_r > 0 else None,
-            steps=args.steps,
-            cfg=args.cfg,
-            seed=args.seed,
-            expert_weights=expert_weights,
-            on_step=lambda info: progress.update(1),
+    # A bar on a terminal; a CI log gets the one summary line below instead of carriage-return noise.
+    with tqdm(total=sampler.steps, desc="restoring", unit="step", disable=not sys.stderr.isatty()) as progress:
+        restoration = restorer.restore(
+            image, prompt=args.prompt, references=references, sampler=sampler, options=options, on_step=lambda info: progress.update(1)
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    restored.save(args.output)
-    print(f"restored {args.input} -> {args.output} ({restored.size[0]}x{restored.size[1]})")
+    restoration.image.save(args.output)
+    width, height = restoration.image.size
+    print(
+        f"restored {args.input} -> {args.output} ({width}x{height}, {sampler.steps} steps, seed {restoration.seed}, "
+        f"{restoration.seconds['total']:.1f}s); caption{' (VLM)' if restoration.captioned else ''}: {restoration.caption!r}"
+    )
     return 0

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from restoration.errors import InputError, RestorayError
-from restoray.config import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 FORWARDED_PREFIXES = ("RESTORAY_",)
 # Never uploaded: environments, local data and run outputs. Ray refuses working_dirs over 500 MiB.
@@ -91,6 +91,17 @@ _TOKEN_FIX = (
 )
 
 
+def code_runtime_env() -> dict:
+    """What carries our code to the job: the checkout as working_dir (configs/ and the tree with it), or, from an
+    installed wheel, our packages as py_modules (never site-packages as a working_dir)."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return {"working_dir": str(checkout), "excludes": WORKING_DIR_EXCLUDES}
+    return {"py_modules": [str(Path(importlib.import_module(name).__file__).parent) for name in OUR_PACKAGES]}
+
+
 def submit(command: list[str], address: str | None = None, env: dict[str, str] | None = None, wait: bool = True) -> int:
     from ray.job_submission import JobStatus
 
@@ -100,7 +111,7 @@ def submit(command: list[str], address: str | None = None, env: dict[str, str] |
     _enable_token_auth_if_available()
     client = _client(address)
     entrypoint = "python -m restoray " + shlex.join(command)
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": job_environment(env or {})}
+    runtime_env = {**code_runtime_env(), "env_vars": job_environment(env or {})}
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"submitted job {job_id} to {address}: {entrypoint}", file=sys.stderr)
     if not wait:

@@ -11,7 +11,8 @@ from restoration.errors import InputError
 from restoray import __version__
 from restoray.config import RunConfig
 from restoray.ray_env import cluster_address, connect, loopback_only
-from restoray.uris import resolve, s3_endpoint, tracking_uri
+from runtime.config import tracking_uri
+from runtime.resolve import resolve
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def train_from_config(config: RunConfig) -> dict:
     """Connect to Ray (the embedded instance unless a cluster is named) and train `config.train`; the summary."""
     if not cluster_address(config.ray):
         loopback_only()
-    from pipelines.build_dataset import storage_options
     from restoration.models.presets import load_preset
     from training.tracking import absolute_tracking_uri
 
@@ -66,8 +66,6 @@ def train_from_config(config: RunConfig) -> dict:
     if not train.data:
         raise InputError("train.data is not set: point it at the output of `restoray data build` (--set train.data=PATH)")
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
-    endpoint = s3_endpoint(config.storage)
-    options = storage_options(endpoint)
     init = resolve(train.init_from, config.storage, config.mlflow) if train.init_from else config.preset
     tracking = absolute_tracking_uri(tracking_uri(config.mlflow))
     print(f"Ray: {connect(config.ray)}")
@@ -75,11 +73,6 @@ def train_from_config(config: RunConfig) -> dict:
 
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_shared_storage(config, nodes, tracking)
-    storage_filesystem = None
-    if train.storage_path.startswith("s3://") and endpoint:
-        from pyarrow.fs import S3FileSystem
-
-        storage_filesystem = S3FileSystem(endpoint_override=endpoint)
 
     from training.trainer import run_training
 
@@ -89,10 +82,9 @@ def train_from_config(config: RunConfig) -> dict:
         init=init,
         tracking_uri=tracking,
         experiment=config.mlflow.experiment,
-        storage_options=options,
+        storage=config.storage,
         params={"config": config.model_dump(mode="json"), "init": init},
         tags={"restoray.code_version": code_version(), "restoray.preset": config.preset},
-        storage_filesystem=storage_filesystem,
     )
 
 

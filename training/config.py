@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from restoration.config_model import StrictModel
 
 STAGES = ("adaptor", "encoder", "experts", "estimator")
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
-
+class TrainConfig(StrictModel):
     stage: Literal["adaptor", "encoder", "experts", "estimator"] = Field(
         "adaptor",
         description="What is trained: adaptor (SUPIR/SPIRE adaptor + connectors, diffusion loss through the frozen "
@@ -77,9 +77,18 @@ class TrainConfig(BaseModel):
     )
     name: str | None = Field(None, description="Run name (and Ray Train experiment); unset: restoray-<stage>. Same name = resume.")
     register_model: bool = Field(True, description="Register the exported model in MLflow as restoray-<stage>.")
-    fail_at_step: int | None = Field(
-        None, ge=1, description="Test hook: the last rank raises once when it reaches this step (checks failure recovery)."
+    preserve_order: bool = Field(
+        False,
+        description="Feed rows in the shards' order (Ray Data preserve_order): with a fixed seed the run is reproducible "
+        "step for step (the golden loss curve), at some cost in throughput.",
     )
+    max_decode_failure_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Fail the run when more than this share of the rows read so far do not decode (counted, logged to MLflow).",
+    )
+    decode_failure_min_rows: int = Field(100, ge=1, description="Rows read before the decode-failure share is checked.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -14,7 +14,6 @@ Which rows a stage reads: adaptor all kinds (`negative` with the negative-qualit
 from __future__ import annotations
 
 import hashlib
-import itertools
 from typing import Any
 
 import cv2
@@ -23,28 +22,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from restoration.dataset import TRAINING_COLUMNS
 from restoration.degradations import parameterized_degrade, realesrgan_degrade
 from restoration.errors import InputError
 from restoration.images import ImageDecodeError, decode_image
+from restoration.seeding import numpy_generator
+from runtime.config import StorageConfig
+from runtime.storage import arrow_filesystem, read_bytes
 from training.config import TrainConfig
-
-_CALLS = itertools.count()
-REQUIRED_COLUMNS = ("id", "caption", "hq", "lq", "kind", "degradation", "restoration_prompt", "mask")
 
 
 def shards_path(uri: str) -> str:
     """A dataset directory (with shards/ inside) or the shards directory itself."""
     uri = uri.rstrip("/")
     return uri if uri.endswith("/shards") or uri.endswith(".parquet") else f"{uri}/shards"
-
-
-def _filesystem(uri: str, storage_options: dict[str, Any]):
-    import fsspec
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    if uri.startswith("s3://"):
-        return PyFileSystem(FSSpecHandler(fsspec.filesystem("s3", **storage_options))), uri.removeprefix("s3://")
-    return None, uri
 
 
 def stage_filter(config: TrainConfig) -> pc.Expression | None:
@@ -59,15 +50,15 @@ def stage_filter(config: TrainConfig) -> pc.Expression | None:
     return None
 
 
-def check_shards(config: TrainConfig, storage_options: dict[str, Any], min_rows: int) -> dict[str, Any]:
+def check_shards(config: TrainConfig, storage: StorageConfig, min_rows: int) -> dict[str, Any]:
     """Driver-side check of the dataset: the columns exist and the stage's selection has enough rows."""
     if not config.data:
         raise InputError("train.data is not set: point it at the output of `restoray data build` (--set train.data=PATH)")
     path = shards_path(config.data)
-    filesystem, local_path = _filesystem(path, storage_options)
+    filesystem, local_path = arrow_filesystem(path, storage)
     try:
         dataset = pads.dataset(local_path, format="parquet", filesystem=filesystem)
-        missing = [column for column in REQUIRED_COLUMNS if column not in dataset.schema.names]
+        missing = [column for column in TRAINING_COLUMNS if column not in dataset.schema.names]
     except (OSError, ValueError) as err:
         raise InputError(f"train.data {config.data!r}: no readable parquet shards at {path} ({err})") from err
     if not dataset.files:
@@ -86,15 +77,12 @@ def check_shards(config: TrainConfig, storage_options: dict[str, Any], min_rows:
     return {"path": path, "rows": selected, "files": len(dataset.files)}
 
 
-def manifest_id(config: TrainConfig, storage_options: dict[str, Any]) -> str | None:
+def manifest_id(config: TrainConfig, storage: StorageConfig) -> str | None:
     """A short content hash of the dataset's manifest.json (None when the dataset has none)."""
-    import fsspec
-
     root = shards_path(config.data).removesuffix("/shards")
     try:
-        with fsspec.open(f"{root}/manifest.json", "rb", **(storage_options if root.startswith("s3://") else {})) as handle:
-            return hashlib.sha256(handle.read()).hexdigest()[:16]
-    except (OSError, ValueError):
+        return hashlib.sha256(read_bytes(f"{root}/manifest.json", storage)).hexdigest()[:16]
+    except FileNotFoundError:
         return None
 
 
@@ -107,27 +95,55 @@ def _decode_mask(data: bytes | None, shape: tuple[int, int]) -> np.ndarray:
     return mask if mask.shape == shape else cv2.resize(mask, shape[::-1], interpolation=cv2.INTER_NEAREST)
 
 
+class DecodeCounter:
+    """Rows read and rows that did not decode, over every task of the training feed (a Ray actor: `new_decode_counter`)."""
+
+    def __init__(self):
+        self.rows, self.failed = 0, 0
+
+    def add(self, rows: int, failed: int) -> tuple[int, int]:
+        self.rows += rows
+        self.failed += failed
+        return self.rows, self.failed
+
+    def totals(self) -> tuple[int, int]:
+        return self.rows, self.failed
+
+
+def new_decode_counter():
+    import ray
+
+    return ray.remote(num_cpus=0)(DecodeCounter).remote()
+
+
+class TooManyDecodeFailures(RuntimeError):
+    pass
+
+
 class PrepareRows:
     """Ray Data batch UDF: decode HQ/LQ/mask, one random square crop at the training size (the same window in all
-    three), optionally a fresh degradation. Rows whose bytes do not decode are dropped with a warning (the
-    dataset build already validated them; this guards against shards edited since)."""
+    three), optionally a fresh degradation. Rows whose bytes do not decode are dropped with a warning and counted
+    (`DecodeCounter`; the run logs the totals to MLflow); over `train.max_decode_failure_share` the run fails (the
+    dataset build validated them: many failures mean the shards were damaged since)."""
 
-    def __init__(self, config: TrainConfig, seed: int):
+    def __init__(self, config: TrainConfig, seed: int, counter=None):
         self.resolution = config.resolution
         self.degrade_on_the_fly = config.degrade_on_the_fly
         self.seed = seed
         self.expression = stage_filter(config)
+        self.counter = counter
+        self.max_share, self.min_rows = config.max_decode_failure_share, config.decode_failure_min_rows
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         if self.expression is not None:
             table = table.filter(self.expression)
-        batch = {name: table.column(name).to_pylist() for name in REQUIRED_COLUMNS}
-        calls = next(_CALLS)
+        batch = {name: table.column(name).to_pylist() for name in TRAINING_COLUMNS}
         out: dict[str, list] = {key: [] for key in ("hq", "lq", "mask", "caption", "restoration_prompt", "kind")}
+        failed = 0
         for index, row_id in enumerate(batch["id"]):
-            # Crops differ between epochs (a per-process call counter) and repeat for the same process history.
-            digest = int.from_bytes(hashlib.sha256(str(row_id).encode()).digest()[:8], "little")
-            rng = np.random.default_rng([self.seed, digest, calls])
+            # Seeded by the row: the same row gets the same crop in any task, process or run (a golden loss curve
+            # must not depend on how Ray Data split the blocks).
+            rng = numpy_generator(self.seed, "train-crop", row_id)
             try:
                 hq = decode_image(batch["hq"][index])
                 lq = decode_image(batch["lq"][index])
@@ -136,6 +152,7 @@ class PrepareRows:
                 import logging
 
                 logging.getLogger(__name__).warning("skipping row %s: %s", row_id, err)
+                failed += 1
                 continue
             if lq.shape != hq.shape:  # LQ stored at its own size: bring it onto the HQ grid, as SUPIR does
                 lq = cv2.resize(lq, hq.shape[1::-1], interpolation=cv2.INTER_CUBIC)
@@ -152,6 +169,7 @@ class PrepareRows:
             out["caption"].append(batch["caption"][index] or "")
             out["restoration_prompt"].append(prompt)
             out["kind"].append(kind)
+        self._count(len(batch["id"]), failed)
         size = self.resolution
         return {
             "hq": np.stack(out["hq"]) if out["hq"] else np.zeros((0, size, size, 3), np.uint8),
@@ -161,6 +179,18 @@ class PrepareRows:
             "restoration_prompt": np.array(out["restoration_prompt"], dtype=object),
             "kind": np.array(out["kind"], dtype=object),
         }
+
+    def _count(self, rows: int, failed: int) -> None:
+        if self.counter is None:
+            return
+        import ray
+
+        total, total_failed = ray.get(self.counter.add.remote(rows, failed))
+        if total >= self.min_rows and total_failed > self.max_share * total:
+            raise TooManyDecodeFailures(
+                f"{total_failed} of {total} training rows did not decode, more than train.max_decode_failure_share = "
+                f"{self.max_share:g}: the shards are damaged; rebuild them with `restoray data build`"
+            )
 
     def _crop(self, hq: np.ndarray, lq: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         size = self.resolution
@@ -177,13 +207,13 @@ class PrepareRows:
         return hq[window], lq[window], mask[window]
 
 
-def training_dataset(config: TrainConfig, seed: int, storage_options: dict[str, Any]):
+def training_dataset(config: TrainConfig, seed: int, storage: StorageConfig, counter=None):
     """The Ray Dataset of prepared crops for this stage (lazy: it streams when the workers iterate)."""
     import ray
 
     path = shards_path(config.data)
-    filesystem, local_path = _filesystem(path, storage_options)
+    filesystem, local_path = arrow_filesystem(path, storage)
     cpus = config.data_cpus
-    dataset = ray.data.read_parquet(local_path, filesystem=filesystem, columns=list(REQUIRED_COLUMNS), num_cpus=cpus)
+    dataset = ray.data.read_parquet(local_path, filesystem=filesystem, columns=list(TRAINING_COLUMNS), num_cpus=cpus)
     # A bound method, so that Ray Data runs it as tasks (a callable class would hold an actor pool's CPUs).
-    return dataset.map_batches(PrepareRows(config, seed).__call__, batch_size=16, batch_format="pyarrow", num_cpus=cpus)
+    return dataset.map_batches(PrepareRows(config, seed, counter).__call__, batch_size=16, batch_format="pyarrow", num_cpus=cpus)

@@ -129,7 +129,7 @@ class Stage:
         restorer.networks.unet.requires_grad_(False)
         restorer.networks.vae.requires_grad_(False)
         if config.stage in ("adaptor", "experts"):
-            self.module: nn.Module = DiffusionLoss(restorer.model, restorer.train_alphas_cumprod())
+            self.module: nn.Module = DiffusionLoss(restorer.model, restorer.alphas_cumprod)
             restorer.encoder.requires_grad_(False)
             if config.stage == "adaptor":
                 restorer.model.requires_grad_(False)
@@ -181,7 +181,7 @@ class Stage:
         restoration_embeds, restoration_pooled = encode_prompt(self.restorer.networks, restoration_prompts)
         height, width = batch.hq.shape[2:]
         noise = torch.randn(target_latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, len(self.restorer.train_alphas_cumprod()), (size,), generator=generator).to(device)
+        timesteps = torch.randint(0, len(self.restorer.alphas_cumprod), (size,), generator=generator).to(device)
         return {
             "latents": target_latents,
             "lq_latents": self.restorer.encoder(batch.lq),

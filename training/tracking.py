@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.config import StorageConfig
+from runtime.storage import filesystem
+
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -41,18 +44,16 @@ def open_run(
     experiment: str,
     run_name: str,
     run_id_path: str,
-    storage_options: dict[str, Any],
+    storage: StorageConfig,
     params: dict[str, Any],
     tags: dict[str, str],
 ) -> tuple[str, bool]:
     """(run id, resumed): the run recorded at `run_id_path` if it still exists, else a new one (recorded there)."""
-    import fsspec
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri)
-    options = storage_options if run_id_path.startswith("s3://") else {}
-    fs, path = fsspec.core.url_to_fs(run_id_path, **options)
+    fs, path = filesystem(run_id_path, storage)
     if fs.exists(path):
         run_id = fs.cat_file(path).decode().strip()
         try:
@@ -96,9 +97,42 @@ class RankZeroLogger:
             self.client.log_image(self.run_id, image, artifact_file=f"{name}/step_{step:06d}.png")
 
 
+# Distributions the `restoration` package imports at load and predict time (restoration/pyfunc.py), pinned to the
+# versions this run used: the logged model rebuilds anywhere from its own requirements.txt.
+MODEL_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "peft",
+    "open-clip-torch",
+    "safetensors",
+    "pydantic",
+    "pillow",
+    "numpy",
+    "opencv-python-headless",
+    "scipy",
+    "pandas",
+    "pyarrow",
+)
+
+
+def model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+
+
+def model_code_paths() -> list[str]:
+    """Our method package, copied into the model (with its preset files): loading needs no restoray install."""
+    import restoration
+
+    return [str(Path(restoration.__file__).parent)]
+
+
 def log_model(tracking_uri: str, run_id: str, export_dir: str, stage: str, register: bool, tags: dict[str, str]) -> str | None:
-    """Log the exported weights as a pyfunc model in the run; register it as restoray-<stage>. Returns the
-    registered version (None when not registered)."""
+    """Log the exported weights as a pyfunc model in the run (our code inside, requirements pinned); register it
+    as restoray-<stage>. Returns the registered version (None when not registered)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -108,7 +142,8 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str, stage: str, regis
             name="model",
             loader_module="restoration.pyfunc",
             data_path=export_dir,
-            pip_requirements=["restoray"],  # this package; its own pins bring torch, diffusers, peft
+            code_paths=model_code_paths(),
+            pip_requirements=model_requirements(),
             registered_model_name=name if register else None,
         )
     if not register:
@@ -118,6 +153,21 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str, stage: str, regis
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     return str(version)
+
+
+def log_decode_failures(tracking_uri: str, run_id: str, counter) -> None:
+    """The training feed's totals (rows read, rows that did not decode) as run metrics."""
+    import mlflow
+    import ray
+
+    rows, failed = ray.get(counter.totals.remote())
+    mlflow.MlflowClient(tracking_uri).log_batch(
+        run_id,
+        metrics=[
+            mlflow.entities.Metric(key, float(value), int(time.time() * 1000), 0)
+            for key, value in (("data.rows_read", rows), ("data.decode_failures", failed))
+        ],
+    )
 
 
 def finish(tracking_uri: str, run_id: str, status: str) -> None:

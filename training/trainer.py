@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from restoration.seeding import torch_generator
+from runtime.config import StorageConfig
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -92,10 +94,6 @@ def _batches(shard, batch_size: int):
         epoch += 1
 
 
-def _step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 131 + micro)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Before DeepSpeed is imported: on CPU it must pick its CPU accelerator (gloo collectives).
     if loop_config["train"]["gpus_per_worker"] == 0:
@@ -148,17 +146,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 from PIL import Image
 
                 validation_image = Image.fromarray(raw["lq"][0])
-            inputs = stage.prepare(batch, _step_generator(seed, rank, step, micro))
+            inputs = stage.prepare(batch, torch_generator(seed, "step", rank, step, micro))
             inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             loss = engine(**inputs)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
         step += 1
-        if fail_marker is not None and step == config.fail_at_step and rank == world - 1 and not fail_marker.exists():
+        if fail_marker is not None and step == loop_config["fail_at_step"] and rank == world - 1 and not fail_marker.exists():
             fail_marker.parent.mkdir(parents=True, exist_ok=True)
             fail_marker.write_text(f"failed once at step {step}\n")
-            raise RuntimeError(f"train.fail_at_step: rank {rank} fails once at step {step} (test hook)")
+            raise RuntimeError(f"fault train.fail_at_step: rank {rank} fails once at step {step}")
         mean_loss = torch.stack(losses).mean()
         dist.all_reduce(mean_loss)  # the loss over all ranks, as logged
         elapsed = time.perf_counter() - started
@@ -207,6 +205,8 @@ def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, 
         return
     import contextlib
 
+    from restoration.sampling.edm import SamplerConfig
+
     was_training = engine.module.training
     engine.module.eval()
     kwargs = {"expert_weights": {config.expert: 1.0}} if config.stage == "experts" else {}
@@ -214,7 +214,7 @@ def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, 
     # DeepSpeed keeps the trained modules in bf16/fp16; the networks outside the engine stay fp32.
     mixed = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
     with mixed if config.precision != "fp32" else contextlib.nullcontext():
-        restored = restorer.restore(image, prompt="", steps=config.validation_steps, seed=0, **kwargs)
+        restored = restorer.restore(image, prompt="", sampler=SamplerConfig(steps=config.validation_steps), seed=0, **kwargs).image
     engine.module.train(was_training)
     if rank == 0:
         tracker.image(step, restored)
@@ -238,20 +238,24 @@ def _check_resources(config: TrainConfig) -> None:
     """On a fixed single-node instance, workers that take every CPU leave none for the Ray Data tasks preparing
     their batches (listing the shards takes a whole CPU), and training would wait forever: say so instead.
     (Multi-node clusters may autoscale, so they are not checked.)"""
-    import ray
+    from runtime.resources import check_cpus_left
 
-    from restoration.errors import InputError
+    check_cpus_left(
+        config.num_workers * config.cpus_per_worker,
+        max(1.0, config.data_cpus),
+        f"train.num_workers x train.cpus_per_worker ({config.num_workers} x {config.cpus_per_worker:g})",
+        f"the Ray Data tasks that feed them need at least 1 (and train.data_cpus = {config.data_cpus:g} each); "
+        "lower train.cpus_per_worker or train.num_workers",
+        single_node_only=True,
+    )
 
-    if len([node for node in ray.nodes() if node.get("Alive")]) != 1:
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    wanted = config.num_workers * config.cpus_per_worker
-    if wanted + max(1.0, config.data_cpus) > cpus:
-        raise InputError(
-            f"train.num_workers x train.cpus_per_worker = {wanted:g} CPUs leave {cpus - wanted:g} of this Ray instance's "
-            f"{cpus:g} CPUs to the Ray Data tasks that feed them, which need at least 1 (and train.data_cpus = "
-            f"{config.data_cpus:g} each); lower train.cpus_per_worker or train.num_workers"
-        )
+
+def _ingest_options(preserve_order: bool):
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = preserve_order
+    return options
 
 
 def run_training(
@@ -261,25 +265,26 @@ def run_training(
     init: str,
     tracking_uri: str,
     experiment: str,
-    storage_options: dict[str, Any],
+    storage: StorageConfig,
     params: dict[str, Any],
     tags: dict[str, str],
-    storage_filesystem=None,
 ) -> dict[str, Any]:
     """Train on the connected Ray cluster; returns a summary (run id, steps, metrics, registered version)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from training.data import check_shards, manifest_id, training_dataset
-    from training.tracking import RUN_ID_FILE, finish, log_model, open_run
+    from runtime import faults
+    from runtime.storage import arrow_filesystem
+    from training.data import check_shards, manifest_id, new_decode_counter, training_dataset
+    from training.tracking import RUN_ID_FILE, finish, log_decode_failures, log_model, open_run
 
     _check_resources(config)
-    shards = check_shards(config, storage_options, min_rows=config.batch_size * config.num_workers)
+    shards = check_shards(config, storage, min_rows=config.batch_size * config.num_workers)
     if config.stage == "experts":
         from training.stages import require_trained_adaptor
 
         require_trained_adaptor(init)
-    manifest = manifest_id(config, storage_options)
+    manifest = manifest_id(config, storage)
     remote = config.storage_path.startswith("s3://")
     storage_path = config.storage_path if remote else str(Path(config.storage_path).resolve())
     run_dir = f"{storage_path.rstrip('/')}/{config.run_name}"
@@ -289,20 +294,25 @@ def run_training(
         experiment,
         config.run_name,
         f"{run_dir}/{RUN_ID_FILE}",
-        storage_options,
+        storage,
         params={**params, "dataset.manifest_id": manifest, "dataset.rows": shards["rows"]},
         tags={**tags, **dataset_tags},
     )
     log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", tracking_uri)
+    fail_at_step = faults.fault("train.fail_at_step")
+    decode_counter = new_decode_counter()
     loop_config = {
         "train": config.model_dump(),
         "seed": seed,
         "init": init,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
-        # The failure test hook needs a place every worker sees; with s3:// storage it is not offered.
-        "fail_marker": f"{run_dir}/fail_once.marker" if config.fail_at_step and not remote else None,
+        # runtime.faults' train.fail_at_step (tests) needs a place every worker sees; with s3:// storage it is not offered.
+        "fail_at_step": fail_at_step,
+        "fail_marker": f"{run_dir}/fail_once.marker" if fail_at_step and not remote else None,
+        "decode_counter": decode_counter,
     }
+    storage_filesystem, arrow_storage_path = arrow_filesystem(storage_path, storage)  # the same S3 options as every read
     resources = {"CPU": config.cpus_per_worker} | ({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -310,18 +320,21 @@ def run_training(
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(
             name=config.run_name,
-            storage_path=storage_path.removeprefix("s3://") if storage_filesystem is not None else storage_path,
+            storage_path=arrow_storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
-        datasets={"train": training_dataset(config, seed, storage_options)},
+        datasets={"train": training_dataset(config, seed, storage, decode_counter)},
+        dataset_config=DataConfig(execution_options=_ingest_options(config.preserve_order)),
     )
     try:
         result = trainer.fit()
     except BaseException:
+        log_decode_failures(tracking_uri, run_id, decode_counter)
         finish(tracking_uri, run_id, "FAILED")
         raise
+    log_decode_failures(tracking_uri, run_id, decode_counter)
     if result.checkpoint is None:
         finish(tracking_uri, run_id, "FAILED")
         raise RuntimeError("training ended without a checkpoint")

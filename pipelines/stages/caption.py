@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipelines.config import CaptionConfig
 from pipelines.rows import image_of, run_on_live
-from restoration.models.base import IMAGE_TOKEN, load_captioner
+from restoration.captioning import caption_images
+from restoration.models.base import load_captioner
 from restoration.models.presets import load_preset
 
 
@@ -25,24 +26,12 @@ class CaptionStage:
         self.config = config
         self.timer = timer
 
-    def _prompt(self) -> str:
-        processor = self.captioner.processor
-        if getattr(processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.captioner.prompt}]}]
-            return processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return f"{IMAGE_TOKEN} {self.captioner.prompt}"
-
     def __call__(self, batch: dict) -> dict:
         return run_on_live("caption", batch, self._caption, self.timer)
 
-    @torch.no_grad()
     def _caption(self, live: list[dict]) -> None:
-        images = [Image.fromarray(image_of(row)) for row in live]
-        inputs = self.captioner.processor(images=images, text=[self._prompt()] * len(live), return_tensors="pt", padding=True)
-        inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        generated = self.captioner.model.generate(**inputs, max_new_tokens=self.captioner.max_new_tokens, do_sample=False)
-        texts = self.captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts = caption_images(self.captioner, [Image.fromarray(image_of(row)) for row in live])
         for row, text in zip(live, texts, strict=True):
             source_caption = row.get("alt_text")
-            row["caption"] = text.strip()
+            row["caption"] = text
             row["alt_text"] = source_caption if self.config.mode == "generate-and-keep-alt" else None

@@ -10,32 +10,15 @@ may miss pairs that share no band, which is the usual trade of banding.
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
-
 from pipelines.config import DedupConfig
 from pipelines.rows import image_of, quality_of, reject, set_quality
-
-
-def perceptual_hash(image: np.ndarray) -> int:
-    """pHash: DCT of the 32x32 grey image, the 8x8 lowest frequencies against their median (DC left out)."""
-    grey = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(grey)[:8, :8].ravel()
-    bits = low > np.median(low[1:])
-    value = 0
-    for bit in bits:
-        value = (value << 1) | int(bit)
-    return value - (1 << 64) if value >= 1 << 63 else value  # stored as a signed int64
+from restoration.measures import hamming, perceptual_hash
 
 
 def hashes_row(row: dict) -> dict:
     row["sha256"] = quality_of(row)["sha256"]
     row["phash"] = perceptual_hash(image_of(row))
     return row
-
-
-def hamming(a: int, b: int) -> int:
-    return bin((a ^ b) & ((1 << 64) - 1)).count("1")
 
 
 def find_duplicates(sources: list[str], sha256: list[str], phash: list[int], config: DedupConfig) -> dict[str, tuple[str, str]]:

@@ -15,6 +15,7 @@ import ray
 
 from pipelines.config import DegradeConfig
 from pipelines.rows import image_of, is_rejected, quality_of, rows_of
+from restoration.dataset import SAMPLE_COLUMNS
 from restoration.degradations import (
     REGISTRY,
     composite_degrade,
@@ -24,29 +25,9 @@ from restoration.degradations import (
     single_degrade,
 )
 from restoration.images import encode_jpeg, encode_mask_png, encode_png
+from restoration.seeding import numpy_generator
 
-OUTPUT_COLUMNS = (
-    "id",
-    "source",
-    "caption",
-    "alt_text",
-    "hq",
-    "lq",
-    "height",
-    "width",
-    "kind",
-    "degradation",
-    "restoration_prompt",
-    "mask",
-    "quality",
-    "reject_stage",
-    "reject_reason",
-    "reject_detail",
-)
-
-
-def source_seed(source: str) -> int:
-    return int.from_bytes(hashlib.sha256(source.encode("utf-8")).digest()[:8], "little")
+OUTPUT_COLUMNS = (*SAMPLE_COLUMNS, "reject_stage", "reject_reason", "reject_detail")
 
 
 def sample_id(content_sha256: str, source: str, variant: int) -> str:
@@ -96,7 +77,7 @@ class DegradeStage:
             quality = quality_of(row)
             hq_bytes = _encode(hq, self.config.image_format)
             for variant in range(self.config.variants):
-                rng = np.random.default_rng([self.seed, source_seed(row["source"]), variant])
+                rng = numpy_generator(self.seed, "degrade", row["source"], variant)
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))]
                 sample = degrade_variant(hq, kind, rng, self.config)
                 out.append(

@@ -8,31 +8,9 @@ variance grows with downscaling.
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
-
 from pipelines.config import QualityConfig
 from pipelines.rows import image_of, quality_of, reject, set_quality
-
-SHARPNESS_SHORT_SIDE = 256
-
-
-def grey_at(image: np.ndarray, short_side: int) -> np.ndarray:
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    height, width = grey.shape
-    scale = short_side / min(height, width)
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(grey, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=interpolation)
-
-
-def sharpness(image: np.ndarray) -> float:
-    return float(cv2.Laplacian(grey_at(image, min(SHARPNESS_SHORT_SIDE, min(image.shape[:2]))), cv2.CV_64F).var())
-
-
-def entropy(image: np.ndarray) -> float:
-    histogram = np.bincount(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).ravel(), minlength=256).astype(np.float64)
-    p = histogram[histogram > 0] / histogram.sum()
-    return float(-(p * np.log2(p)).sum())
+from restoration.measures import entropy, sharpness
 
 
 def quality_row(row: dict, config: QualityConfig) -> dict:

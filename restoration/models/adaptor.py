@@ -23,15 +23,14 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from restoration.config_model import StrictModel
 from restoration.models.connectors import ModulationFusion, ZeroCrossAttn, ZeroSFT, zero_module
 
 
-class AdaptorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AdaptorConfig(StrictModel):
     transformer_depth: list[int] | Literal["half", "full"] = Field(
         "half",
         description="Transformer blocks kept per encoder level and in the middle block: a list, 'half' of the UNet's "

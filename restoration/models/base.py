@@ -11,36 +11,27 @@ Shapes: B batch, T tokens (77), D text width, H/W latent height/width.
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from restoration.errors import PresetError
 from restoration.models.presets import CaptionerSpec, ClipScorerSpec, NetworkSpec, Preset, TokenizerSpec
+from restoration.seeding import torch_seeded
 
 # SDXL's second tokenizer pads with "!" and CLIP reserves the last two ids for these.
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 IMAGE_TOKEN = "<image>"
 
 
-def _seeded(seed: int, name: str):
-    """A fork of torch's global RNG seeded for one network, so building never disturbs the caller's RNG."""
-    fork = torch.random.fork_rng(devices=[])
-    fork.__enter__()
-    torch.manual_seed(seed + zlib.crc32(name.encode()))
-    return fork
-
-
 def _build_random(factory, seed: int, name: str):
-    fork = _seeded(seed, name)
-    try:
+    with torch_seeded(seed, name):
         return factory()
-    finally:
-        fork.__exit__(None, None, None)
 
 
 def _pretrained_kwargs(spec: NetworkSpec | TokenizerSpec) -> dict[str, Any]:
@@ -104,6 +95,34 @@ def load_tokenizer(spec: TokenizerSpec, extra_special_tokens: list[str] | None =
     if extra_special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": extra_special_tokens})
     return tokenizer
+
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon",)
+
+
+def load_noise_schedule(preset: Preset) -> torch.Tensor:
+    """The base's training alphas_cumprod (float64, ascending in t) from the preset's `[scheduler]` table.
+
+    The UNet's training schedule is data, not code: a base trained with another schedule samples and trains with its
+    own. Only epsilon prediction is implemented (the loss and the sampler's x0); any other is refused by name."""
+    from diffusers import DDPMScheduler
+
+    spec = preset.scheduler
+    if spec.pretrained:
+        config = DDPMScheduler.load_config(spec.source, **_pretrained_kwargs(spec))
+    else:
+        config = dict(spec.config)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in SUPPORTED_PREDICTION_TYPES:
+        raise PresetError(
+            f"preset {preset.name!r}: scheduler prediction_type {prediction!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_PREDICTION_TYPES)}); training and sampling predict epsilon"
+        )
+    known = set(inspect.signature(DDPMScheduler.__init__).parameters)
+    # DDPMScheduler computes the betas from the same keys every diffusers scheduler uses; sampler-only keys
+    # (timestep_spacing, steps_offset, interpolation_type, ...) do not change the training schedule.
+    scheduler = DDPMScheduler.from_config({key: value for key, value in config.items() if key in known})
+    return scheduler.alphas_cumprod.double()
 
 
 @dataclass

@@ -34,10 +34,6 @@ def add_expert(
         # peft warns on every adapter after the first; several adapters in one model is exactly ABAIR's design.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model, adapter_name=name)
-    for layer in _lora_layers(model):
-        layer.base_scaling = getattr(layer, "base_scaling", {})
-        if name in layer.scaling:
-            layer.base_scaling[name] = layer.scaling[name]
     return model
 
 
@@ -58,7 +54,8 @@ def set_expert_weights(model: nn.Module, weights: dict[str, float]) -> None:
         present = [name for name in active if name in layer.lora_A]
         layer.set_adapter(present or list(layer.lora_A)[:1])
         for name in layer.lora_A:
-            layer.scaling[name] = layer.base_scaling[name] * weights.get(name, 0.0)
+            # set_scale sets alpha / r times the weight (scale_layer would multiply the current scale: it compounds).
+            layer.set_scale(name, weights.get(name, 0.0))
 
 
 def train_only(model: nn.Module, name: str) -> list[nn.Parameter]:

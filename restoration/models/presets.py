@@ -17,18 +17,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from restoration.config_model import StrictModel
 from restoration.errors import PresetError
 
 PRESET_DIR = Path(__file__).with_name("preset_files")
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class NetworkSpec(_Spec):
+class NetworkSpec(StrictModel):
     """One network: pretrained weights by id/path, or a small config with seeded random weights."""
 
     source: str | None = Field(None, description="Hugging Face id or local directory of pretrained weights.")
@@ -47,7 +44,7 @@ class NetworkSpec(_Spec):
         return self.source is not None
 
 
-class TokenizerSpec(_Spec):
+class TokenizerSpec(StrictModel):
     """A CLIP BPE tokenizer: from `source`, or built from the BPE vocabulary open_clip ships."""
 
     source: str | None = Field(None, description="Hugging Face id or local directory holding the tokenizer.")
@@ -76,7 +73,7 @@ class CaptionerSpec(NetworkSpec):
     max_new_tokens: int = Field(77, ge=1, description="Longest caption, in tokens.")
 
 
-class ClipScorerSpec(_Spec):
+class ClipScorerSpec(StrictModel):
     """An open-clip model for embeddings, aesthetic and image-text scores."""
 
     architecture: str = Field(description="open-clip architecture name, e.g. 'ViT-L-14'.")
@@ -97,10 +94,14 @@ class ClipScorerSpec(_Spec):
         return self
 
 
-class Preset(_Spec):
+class Preset(StrictModel):
     name: str = Field(description="Name used in configs and on the command line.")
     description: str = Field(description="One line for `restoray list presets`.")
     seed: int = Field(0, description="Seed of every randomly initialised network.")
+    scheduler: NetworkSpec = Field(
+        description="The base's training noise schedule: a diffusers scheduler config (`source` + subfolder 'scheduler', "
+        "or an inline `config`); only prediction_type 'epsilon' is supported."
+    )
     unet: NetworkSpec = Field(description="SDXL UNet2DConditionModel (frozen).")
     vae: NetworkSpec = Field(description="AutoencoderKL.")
     text_encoder: NetworkSpec = Field(description="CLIP ViT-L text encoder (CLIPTextModel).")
@@ -114,7 +115,9 @@ class Preset(_Spec):
     )
 
     def networks(self) -> dict[str, NetworkSpec | TokenizerSpec | ClipScorerSpec]:
-        return {name: getattr(self, name) for name in Preset.model_fields if name not in ("name", "description", "seed", "adaptor")}
+        return {
+            name: getattr(self, name) for name in Preset.model_fields if name not in ("name", "description", "seed", "adaptor", "scheduler")
+        }
 
 
 _registry: dict[str, Path] = {}

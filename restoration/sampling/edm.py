@@ -27,26 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from restoration.errors import RestorationCancelled
+from restoration.settings import SamplerConfig
 
 # eps_model(x_in, timestep, cond, control_scale) -> eps, all tensors (B, C, H, W) but the timestep (B,).
 EpsModel = Callable[[torch.Tensor, torch.Tensor, Any, float], torch.Tensor]
-
-
-class SamplerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(50, ge=1, description="Number of Euler steps.")
-    s_churn: float = Field(5.0, ge=0, description="EDM churn: stochasticity added per step (SUPIR's default 5).")
-    s_noise: float = Field(1.003, gt=0, description="EDM noise scale of the churn.")
-    s_tmin: float = Field(0.0, ge=0, description="Churn only at sigma >= s_tmin.")
-    s_tmax: float = Field(math.inf, description="Churn only at sigma <= s_tmax.")
-    cfg: float = Field(7.5, ge=1, description="Classifier-free guidance scale at the last step.")
-    cfg_start: float | None = Field(4.0, ge=1, description="Guidance at the first step (linear CFG); unset = cfg throughout.")
-    tau_r: float | None = Field(4.0, gt=0, description="Restoration-guidance exponent tau_r; unset = no restoration guidance.")
-    guidance_floor: float = Field(0.05, ge=0, description="Restoration guidance applies while sigma is above this.")
-    control_scale: float = Field(1.0, ge=0, description="Adaptor control scale at the last step.")
-    control_scale_start: float | None = Field(None, ge=0, description="Control scale at the first step; unset = constant.")
 
 
 def schedule_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -71,6 +57,14 @@ def sigma_to_timestep(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.
     return (1 - weight) * low + weight * (low + 1)
 
 
+def timestep_to_sigma(timestep: float, train_sigmas: torch.Tensor) -> float:
+    """The sigma of a (fractional) training timestep, interpolated in log sigma: the inverse of `sigma_to_timestep`."""
+    log_sigmas = train_sigmas.double().log()
+    low = min(int(timestep), len(log_sigmas) - 2)
+    weight = timestep - low
+    return float(torch.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[low + 1]))
+
+
 def _linear(start: float | None, end: float, index: int, steps: int) -> float:
     if start is None or steps == 1:
         return end
@@ -79,11 +73,18 @@ def _linear(start: float | None, end: float, index: int, steps: int) -> float:
 
 @dataclass
 class StepInfo:
+    """What `on_step` sees after each step; `cancel()` stops sampling (`restore` then raises RestorationCancelled)."""
+
     index: int
+    steps: int
     sigma: float
     x0_model: torch.Tensor  # x0 after CFG, before restoration guidance
     x0: torch.Tensor  # x0 used for the step
     k: float  # restoration-guidance weight (0 when off)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @torch.no_grad()
@@ -129,6 +130,9 @@ def restoration_guided_sample(
             k = (sigma_hat / sigma_max) ** config.tau_r
             x0 = (1 - k) * x0 + k * z_lq
         if on_step is not None:
-            on_step(StepInfo(index, sigma_hat, x0_model, x0, k))
+            info = StepInfo(index, steps, sigma_hat, x0_model, x0, k)
+            on_step(info)
+            if info.cancelled:
+                raise RestorationCancelled(f"sampling cancelled by the step callback after step {index + 1} of {steps}")
         x = x + (sigma_next - sigma_hat) * (x - x0) / sigma_hat
     return x

@@ -16,6 +16,7 @@ from pipelines.build_dataset import build_dataset
 from pipelines.config import DataBuildConfig
 from restoration.errors import InputError
 from restoration.images import decode_image
+from runtime.config import StorageConfig
 from tests.integration.corpus import UNICODE_CAPTION, photos, png_bytes, write_awkward_corpus
 
 
@@ -130,8 +131,9 @@ def test_resume_after_interruption_gives_the_uninterrupted_row_set(tmp_path, loc
     reference = build_dataset(str(corpus), str(tmp_path / "reference"), config, "tiny")
 
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(Exception, match="fail_after_rows"):
-        build_dataset(str(corpus), str(interrupted), config, "tiny", fail_after_rows=3)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Exception, match="fail_after_rows"):
+        patch.setenv("RESTORAY_FAULTS", "build.fail_after_rows=3")
+        build_dataset(str(corpus), str(interrupted), config, "tiny")
     partial = read(interrupted, "shards")
     assert 0 < len(partial) < reference.samples_written
     resumed = build_dataset(str(corpus), str(interrupted), config, "tiny")
@@ -205,7 +207,7 @@ def test_s3_input_and_output_through_moto(tmp_path, local_ray, moto_endpoint, aw
         s3.put_object(Bucket="corpus", Key=f"photos/{index}.jpg", Body=png_bytes(image, "JPEG", quality=92))
         s3.put_object(Bucket="corpus", Key=f"photos/{index}.txt", Body=f"s3 caption {index}".encode())
     s3.put_object(Bucket="corpus", Key="photos/broken.jpg", Body=b"\x00" * 10)
-    summary = build_dataset("s3://corpus/photos", "s3://datasets/v1", small_config(), "tiny", moto_endpoint)
+    summary = build_dataset("s3://corpus/photos", "s3://datasets/v1", small_config(), "tiny", StorageConfig(s3_endpoint_url=moto_endpoint))
     assert (summary.sources_in, summary.sources_accepted, summary.sources_rejected) == (4, 3, 1)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})
     manifest = json.loads(fs.cat("datasets/v1/manifest.json"))
@@ -215,23 +217,131 @@ def test_s3_input_and_output_through_moto(tmp_path, local_ray, moto_endpoint, aw
     assert {row["caption"] for row in rows} == {"s3 caption 0", "s3 caption 1", "s3 caption 2"}
     assert all(row["source"].startswith("s3://corpus/photos/") for row in rows)
     # The training feed reads the same shards from S3 (decoded and cropped in Ray Data tasks).
-    from pipelines.build_dataset import storage_options
     from training.config import TrainConfig
     from training.data import check_shards, training_dataset
 
     train = TrainConfig(data="s3://datasets/v1", resolution=64)
-    options = storage_options(moto_endpoint)
-    assert check_shards(train, options, min_rows=1)["rows"] == 6
-    batch = training_dataset(train, 0, options).take_batch(4, batch_format="numpy")
+    storage = StorageConfig(s3_endpoint_url=moto_endpoint)
+    assert check_shards(train, storage, min_rows=1)["rows"] == 6
+    batch = training_dataset(train, 0, storage).take_batch(4, batch_format="numpy")
     assert batch["hq"].shape == batch["lq"].shape == (4, 64, 64, 3) and batch["mask"].shape == (4, 64, 64)
     assert {str(caption) for caption in batch["caption"]} <= {"s3 caption 0", "s3 caption 1", "s3 caption 2"}
 
 
 def test_s3_errors_fail_fast_naming_the_uri(tmp_path, local_ray, moto_endpoint, aws_test_credentials):
     with pytest.raises(InputError, match="s3://no-such-bucket/photos"):
-        build_dataset("s3://no-such-bucket/photos", str(tmp_path / "out"), small_config(), "tiny", moto_endpoint)
+        storage = StorageConfig(s3_endpoint_url=moto_endpoint)
+        build_dataset("s3://no-such-bucket/photos", str(tmp_path / "out"), small_config(), "tiny", storage)
     from tests.conftest import free_port
 
     unreachable = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(InputError, match="s3://corpus/photos"):
-        build_dataset("s3://corpus/photos", str(tmp_path / "out2"), small_config(), "tiny", unreachable)
+        build_dataset("s3://corpus/photos", str(tmp_path / "out2"), small_config(), "tiny", StorageConfig(s3_endpoint_url=unreachable))
+
+
+def _s3_corpus(moto_endpoint: str, bucket: str, count: int) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    keys = []
+    for index, image in enumerate(photos(count)):
+        key = f"photos/{index}.png"
+        s3.put_object(Bucket=bucket, Key=key, Body=png_bytes(image))
+        keys.append(key)
+    return keys
+
+
+# Faults are answered for more consecutive attempts than botocore (client_attempts = 2) and s3fs (5 tries of
+# throttling and connection errors) absorb: 2 x 5 = 10, so 11 failures reach our own retry, which then succeeds.
+FAULT_STORAGE = {"client_attempts": 2, "attempts": 4, "backoff_s": 0.2}
+
+
+def test_transient_storage_faults_are_retried_and_every_source_lands_once(tmp_path, local_ray, moto_endpoint, aws_test_credentials):
+    from tests.integration.fault_proxy import FaultProxy
+
+    keys = _s3_corpus(moto_endpoint, "flaky", 4)
+    faults = {keys[0]: "slowdown", keys[1]: "reset", keys[2]: "unavailable"}
+    with FaultProxy(moto_endpoint, "transient", faults, count=11) as proxy:
+        storage = StorageConfig(s3_endpoint_url=proxy.endpoint, **FAULT_STORAGE)
+        summary = build_dataset("s3://flaky/photos", str(tmp_path / "out"), small_config(dedup={"perceptual": False}), "tiny", storage)
+    assert all(proxy.hits[key] == 11 for key in faults), proxy.hits  # every fault was answered in full, then passed
+    assert (summary.sources_in, summary.sources_accepted, summary.sources_rejected) == (4, 4, 0)
+    sources = [row["source"] for row in read(tmp_path / "out", "shards")]
+    assert sorted(set(sources)) == [f"s3://flaky/{key}" for key in keys] and len(sources) == 4 * 2  # each once, 2 variants
+    assert read(tmp_path / "out", "rejects") == []
+
+
+def test_persistent_403_stops_the_build_with_exit_1_and_no_rejects(tmp_path, local_ray, moto_endpoint, aws_test_credentials, capsys):
+    from restoray.cli import main
+    from tests.integration.fault_proxy import FaultProxy
+
+    _s3_corpus(moto_endpoint, "locked", 3)
+    with FaultProxy(moto_endpoint, "forbidden") as proxy:
+        sets = [f"storage.s3_endpoint_url={proxy.endpoint}", "storage.attempts=2", "storage.backoff_s=0.1", "data.embed.enabled=false"]
+        sets += ["data.quality.min_short_side=128", "data.crop.size=128", "data.caption.mode=keep-source"]
+        arguments = ["data", "build", "--input", "s3://locked/photos", "--output", str(tmp_path / "out")]
+        code = main([*arguments, *(item for value in sets for item in ("--set", value))])
+    error = capsys.readouterr().err
+    assert code == 1, error
+    assert "storage failure on s3://locked/photos/" in error and any(word in error for word in ("403", "AccessDenied", "Forbidden"))
+    assert proxy.hits  # the listing passed; object reads were refused
+    assert read(tmp_path / "out", "rejects") == [] and read(tmp_path / "out", "shards") == []
+    # Once the storage answers again, the same command resumes and finishes the build.
+    resumed = [*sets[:1], *sets[3:]]
+    resumed[0] = f"storage.s3_endpoint_url={moto_endpoint}"
+    assert main([*arguments, *(item for value in resumed for item in ("--set", value))]) == 0
+    assert len({row["source"] for row in read(tmp_path / "out", "shards")}) == 3
+
+
+def test_corrupt_parquet_rows_are_rejects_and_read_error_share_stops_the_build(tmp_path, local_ray):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    table = pa.table({"jpg": [png_bytes(image) for image in photos(3)], "caption": ["a", "b", "c"]})
+    pq.write_table(table, corpus / "good.parquet")
+    (corpus / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    summary = build_dataset(str(corpus), str(tmp_path / "out"), small_config(), "tiny")
+    rejects = read(tmp_path / "out", "rejects")
+    assert [(row["source"].rsplit("/", 1)[-1], row["reason"]) for row in rejects] == [("broken.parquet", "read_error")]
+    assert summary.sources_accepted == 3
+
+    folder = tmp_path / "mostly-missing"
+    folder.mkdir()
+    for index, image in enumerate(photos(4)):
+        (folder / f"{index}.png").write_bytes(png_bytes(image))
+    from pipelines.sources import list_units
+
+    listed = list_units(str(folder), DataBuildConfig().source, StorageConfig())
+    for path in sorted(folder.glob("*.png"))[:3]:
+        path.unlink()  # listed, then gone: three read errors among four sources
+    config = small_config(source={"max_read_error_share": 0.5, "read_error_min_sources": 4})
+    from pipelines.build_dataset import BuildStopped
+
+    with pytest.raises(BuildStopped, match="3 of the first 4 sources could not be read"):
+        build_dataset(str(folder), str(tmp_path / "out2"), config, "tiny", listed=listed)
+
+
+def test_retry_rejected_reads_rejected_sources_again_and_corrupt_manifest_is_named(tmp_path, local_ray):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    images = photos(3)
+    for index, image in enumerate(images):
+        (corpus / f"{index}.png").write_bytes(png_bytes(image))
+    from pipelines.sources import list_units
+
+    listed = list_units(str(corpus), DataBuildConfig().source, StorageConfig())
+    (corpus / "2.png").unlink()
+    output = tmp_path / "out"
+    first = build_dataset(str(corpus), str(output), small_config(), "tiny", listed=listed)
+    assert first.rejected_by_reason == {"read_error": 1}
+    (corpus / "2.png").write_bytes(png_bytes(images[2]))  # the file is back
+    again = build_dataset(str(corpus), str(output), small_config(), "tiny", listed=listed)
+    assert again.already_complete  # without --retry-rejected a completed build is a no-op
+    retried = build_dataset(str(corpus), str(output), small_config(), "tiny", listed=listed, retry_rejected=("read_error",))
+    assert (retried.sources_accepted, retried.sources_rejected) == (3, 0)
+    assert read(output, "rejects") == []
+    with pytest.raises(InputError, match="unknown reasons smudged"):
+        build_dataset(str(corpus), str(output), small_config(), "tiny", retry_rejected=("smudged",))
+    (output / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"manifest\.json is corrupt"):
+        build_dataset(str(corpus), str(output), small_config(), "tiny")

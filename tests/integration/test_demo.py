@@ -1,13 +1,34 @@
 """`restoray demo` end to end on the embedded default, as `make demo` runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO_ROOT, subprocess_env
+
+# The demo's tiny adaptor run (seed 0, rows in order, crops seeded by row id): its loss at steps 1-4.
+# Regenerate after a change that is meant to move it:
+#   RESTORAY_REGENERATE_GOLDEN=1 .venv/bin/pytest tests/integration/test_demo.py
+GOLDEN_LOSS = REPO_ROOT / "tests" / "data" / "golden_tiny_adaptor_loss.json"
+
+
+def check_golden_loss(tracking_db) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tracking_db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
+    losses = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "loss")}
+    curve = [losses[step] for step in sorted(losses)]
+    if os.environ.get("RESTORAY_REGENERATE_GOLDEN"):
+        GOLDEN_LOSS.write_text(json.dumps({"steps": sorted(losses), "loss": curve}, indent=2) + "\n")
+    golden = json.loads(GOLDEN_LOSS.read_text())
+    assert sorted(losses) == golden["steps"] == [1, 2, 3, 4]
+    for step, (got, expected) in enumerate(zip(curve, golden["loss"], strict=True), start=1):
+        assert abs(got - expected) <= 1e-3 * abs(expected) + 1e-5, f"step {step}: loss {got} != golden {expected} ({curve})"
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path):
@@ -25,7 +46,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     out = result.stdout
     # The embedded local Ray instance, bound to loopback.
     assert "Ray: embedded local instance (2 CPUs, node 127.0.0.1)" in out
-    # The sample corpus, materialised relative to the working directory as configs/local.toml says.
+    # The sample corpus, materialised relative to the working directory as the packaged default config says.
     samples = tmp_path / "data" / "samples"
     assert len(list(samples.glob("*.png"))) == len(list(samples.glob("*.txt"))) >= 10
     assert "sdxl" in out and "tiny" in out
@@ -52,6 +73,8 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert "[6/7] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
     export = next((tmp_path / "data" / "demo" / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
     assert export.stat().st_size > 0 and (tmp_path / "mlflow.db").is_file()
+    # The run reproduces the checked-in loss curve.
+    check_golden_loss(tmp_path / "mlflow.db")
     # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
     assert len(restored) == 1 and "[7/7] restored" in out and "with models:/restoray-adaptor/1" in out

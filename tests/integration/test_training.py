@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from restoration.restorer import Restorer
+from restoration.sampling.edm import SamplerConfig
+from restoray.config import DEFAULT_CONFIG
 from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env, wait_for_http
 
-CONFIG = str(REPO_ROOT / "configs" / "local.toml")
+CONFIG = str(DEFAULT_CONFIG)  # the packaged embedded default
 
 
 def restoray(*args: str, cwd, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
@@ -81,9 +83,9 @@ def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlf
     storage = tmp_path / "train"
     args = sets(
         train__data=dataset, train__storage_path=storage, train__num_workers=2, train__cpus_per_worker=0.5, train__zero_stage=3,
-        train__steps=4, train__checkpoint_every=2, train__fail_at_step=3, train__max_failures=1, mlflow__tracking_uri=mlflow_server,
+        train__steps=4, train__checkpoint_every=2, train__max_failures=1, mlflow__tracking_uri=mlflow_server,
     )  # fmt: skip
-    result = restoray("train", "--config", CONFIG, *args, cwd=tmp_path)
+    result = restoray("train", "--config", CONFIG, *args, cwd=tmp_path, RESTORAY_FAULTS="train.fail_at_step=3")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "model: models:/restoray-adaptor/1" in result.stdout
     # The last rank raised at step 3; FailureConfig restarted both workers from the step-2 checkpoint.
@@ -218,4 +220,4 @@ def test_adaptor_then_expert_then_estimator_chain_into_one_model(tmp_path):
     from PIL import Image
 
     photo = Image.fromarray(skimage.data.chelsea()).resize((64, 64))
-    assert final.restore(photo, prompt="a cat", steps=1, expert_weights="one_hot").size == (64, 64)
+    assert final.restore(photo, prompt="a cat", sampler=SamplerConfig(steps=1), expert_weights="one_hot").image.size == (64, 64)

@@ -14,7 +14,7 @@ def test_local_toml_is_the_embedded_default():
     assert config.preset == "tiny"
     assert config.ray.address is None
     assert config.train.resolution == 256
-    assert config.mlflow.tracking_uri == "sqlite:///mlflow.db"
+    assert config.mlflow.tracking_uri is None  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (runtime.config.tracking_uri)
 
 
 def test_every_shipped_config_validates():

@@ -6,9 +6,8 @@ import pytest
 from PIL import Image
 
 from pipelines.config import DedupConfig
-from pipelines.stages.decode import estimate_jpeg_quality
-from pipelines.stages.dedup import find_duplicates, hamming, perceptual_hash
-from pipelines.stages.quality import entropy, sharpness
+from pipelines.stages.dedup import find_duplicates
+from restoration.measures import entropy, estimate_jpeg_quality, hamming, perceptual_hash, sharpness
 from restoray.samples import list_samples
 
 

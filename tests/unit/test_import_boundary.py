@@ -13,7 +13,8 @@ for name in modules:
 from restoration.models.base import load_sdxl, encode_prompt
 from restoration.models.presets import load_preset
 encode_prompt(load_sdxl(load_preset("tiny")), ["a cat"])
-leaked = sorted({m.split(".")[0] for m in sys.modules} & {"ray", "deepspeed", "mlflow", "s3fs", "restoray", "pipelines", "training"})
+layers = {"restoray", "pipelines", "training", "runtime", "serving"}
+leaked = sorted({m.split(".")[0] for m in sys.modules} & ({"ray", "deepspeed", "mlflow", "s3fs"} | layers))
 print("MODULES", len(modules))
 print("LEAKED", leaked)
 """
@@ -25,3 +26,27 @@ def test_restoration_never_imports_orchestration_layers():
     assert "LEAKED []" in result.stdout, result.stdout
     count = int(result.stdout.split("MODULES ")[1].split()[0])
     assert count >= 4
+
+
+RUNTIME_CHECK = r"""
+import importlib, pkgutil, sys
+import runtime
+for module in pkgutil.walk_packages(runtime.__path__, "runtime."):
+    importlib.import_module(module.name)
+print("LEAKED", sorted({m.split(".")[0] for m in sys.modules} & {"restoray", "pipelines", "training", "serving"}))
+"""
+
+
+def test_runtime_sits_below_the_job_layers():
+    result = subprocess.run([sys.executable, "-c", RUNTIME_CHECK], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout, result.stdout
+
+
+def test_training_does_not_import_pipelines():
+    check = "import importlib, pkgutil, sys, training\n"
+    check += "[importlib.import_module(m.name) for m in pkgutil.walk_packages(training.__path__, 'training.')]\n"
+    check += "print('LEAKED', sorted({m.split('.')[0] for m in sys.modules} & {'pipelines', 'restoray', 'serving'}))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout, result.stdout

@@ -3,8 +3,8 @@ import time
 import pytest
 
 from restoration.errors import InputError
-from restoray.config import MlflowConfig, StorageConfig
-from restoray.uris import resolve
+from runtime.config import MlflowConfig, StorageConfig
+from runtime.resolve import resolve
 from tests.conftest import free_port
 
 

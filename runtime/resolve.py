@@ -2,7 +2,8 @@
 `restoration/` accepts: a local path, or a Hugging Face id it loads itself.
 
 Remote objects are copied into the local cache (`storage.cache_dir`) first; an S3 object already cached with the
-same ETag is not downloaded again. Every failure names the URI and the likely fix.
+same ETag is not downloaded again; a registered model version (immutable) is downloaded once, an alias every time.
+Every failure names the URI and the likely fix; resolving happens before work starts, so failures are bad input.
 """
 
 from __future__ import annotations
@@ -12,25 +13,13 @@ import os
 from pathlib import Path
 
 from restoration.errors import InputError
-from restoray.config import MlflowConfig, StorageConfig
+from runtime.config import MlflowConfig, StorageConfig, tracking_uri
+from runtime.storage import filesystem, s3_endpoint
 
 log = logging.getLogger(__name__)
 
 
-def s3_endpoint(storage: StorageConfig) -> str | None:
-    return storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def s3_filesystem(storage: StorageConfig):
-    import s3fs
-
-    endpoint = s3_endpoint(storage)
-    # Fail fast on an unreachable endpoint instead of botocore's long default retries.
-    config_kwargs = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {}, config_kwargs=config_kwargs)
-
-
-def is_remote(uri: str) -> bool:
+def is_resolvable_remote(uri: str) -> bool:
     return uri.startswith(("s3://", "models:/"))
 
 
@@ -60,9 +49,9 @@ def cache_root(storage: StorageConfig) -> Path:
 
 
 def _download_s3(uri: str, storage: StorageConfig) -> Path:
-    fs = s3_filesystem(storage)
+    fs, key = filesystem(uri, storage)
     fs.invalidate_cache()  # fsspec shares instances and their listings; a resolve must see the bucket as it is now
-    key = uri.removeprefix("s3://").rstrip("/")
+    key = key.rstrip("/")
     try:
         if not fs.exists(key):
             raise InputError(f"{uri} does not exist (check the bucket and key, and the endpoint {s3_endpoint(storage) or 'AWS'})")
@@ -91,10 +80,6 @@ def _download_s3(uri: str, storage: StorageConfig) -> Path:
         raise InputError(f"{uri}: not found ({err})") from err
     except Exception as err:  # botocore raises many unrelated classes for network and credential failures
         raise InputError(f"{uri}: cannot read from S3 ({type(err).__name__}: {err}); check the endpoint and credentials") from err
-
-
-def tracking_uri(mlflow: MlflowConfig) -> str:
-    return mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def _download_model(uri: str, storage: StorageConfig, mlflow_config: MlflowConfig) -> Path:

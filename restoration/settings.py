@@ -1,0 +1,57 @@
+"""Restoration settings as validated config models, light to import (no torch): the `[sampler]` and `[restore]`
+sections of a run, what `Restorer.restore(sampler=..., options=...)` takes, what serving validates requests with."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from restoration.config_model import StrictModel
+from restoration.prompts import BLIND_PROMPT
+
+
+class SamplerConfig(StrictModel):
+    """Sampler settings: the `[sampler]` section of a run, `--set sampler.KEY=VALUE`, `Restorer.restore(sampler=...)`."""
+
+    steps: int = Field(50, ge=1, description="Number of Euler steps.")
+    s_churn: float = Field(5.0, ge=0, description="EDM churn: stochasticity added per step (SUPIR's default 5).")
+    s_noise: float = Field(1.003, gt=0, description="EDM noise scale of the churn.")
+    s_tmin: float = Field(0.0, ge=0, description="Churn only at sigma >= s_tmin.")
+    s_tmax: float = Field(math.inf, description="Churn only at sigma <= s_tmax.")
+    cfg: float = Field(7.5, ge=1, description="Classifier-free guidance scale at the last step.")
+    cfg_start: float | None = Field(4.0, ge=1, description="Guidance at the first step (linear CFG); unset = cfg throughout.")
+    tau_r: float | None = Field(4.0, gt=0, description="Restoration-guidance exponent tau_r; unset = no restoration guidance.")
+    guidance_floor: float = Field(0.05, ge=0, description="Restoration guidance applies while sigma is above this.")
+    control_scale: float = Field(1.0, ge=0, description="Adaptor control scale at the last step.")
+    control_scale_start: float | None = Field(None, ge=0, description="Control scale at the first step; unset = constant.")
+
+
+class RestoreConfig(StrictModel):
+    """Restore defaults: the `[restore]` section of a run (`--set restore.KEY=VALUE`)."""
+
+    restoration_prompt: str = Field(BLIND_PROMPT, description="SPIRE restoration prompt given to the adaptor.")
+    seed: int = Field(0, description="Seed of the initial noise and the sampler's churn.")
+    expert_weights: Literal["soft", "one_hot"] | dict[str, float] = Field(
+        "soft", description="ABAIR expert blending: the estimator's 'soft' weights, its arg-max 'one_hot', or oracle weights by name."
+    )
+    gate_scale: float = Field(1.0, ge=0, description="ReFIR spatial-gate scale s (0: references are not used at all).")
+    reference_range: list[float] = Field(
+        [0.0, 1.0],
+        description="Part of the denoising [start, end] (0 = pure noise, 1 = done) in which ReFIR references are injected.",
+    )
+    tile_latent: int | None = Field(
+        128,
+        ge=8,
+        description="Latents larger than this (128 = SDXL's 1024 px) are denoised in Gaussian-weighted tiles and decoded by the "
+        "tiled VAE; images over 8x this are encoded tiled too. Unset: never tile.",
+    )
+    tile_overlap: int = Field(32, ge=0, description="Latent pixels of overlap between diffusion and VAE-decoder tiles.")
+    tile_encoder_overlap: int = Field(64, ge=0, description="Pixels of overlap between VAE-encoder tiles.")
+
+    @model_validator(mode="after")
+    def _range(self) -> RestoreConfig:
+        if len(self.reference_range) != 2 or not 0.0 <= self.reference_range[0] <= self.reference_range[1] <= 1.0:
+            raise ValueError(f"reference_range must be [start, end] with 0 <= start <= end <= 1, got {self.reference_range}")
+        return self

@@ -1,0 +1,38 @@
+"""Test-only fault injection: the one place it is read.
+
+`RESTORAY_FAULTS` holds comma-separated `name=value` pairs, read on the driver when a job starts (Ray workers get
+what they need through the job's own arguments, so the variable does not have to reach them):
+
+- `build.fail_after_rows=N`: each dataset-build write task raises once it has committed N rows (an interruption);
+- `train.fail_at_step=N`: the last training rank raises once at step N (a worker failure, recovered from the last
+  checkpoint; a marker file in the run's storage makes it fire only once).
+
+Unset in every real run; an unknown name is an error, so a misspelt fault never silently tests nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from restoration.errors import InputError
+
+VARIABLE = "RESTORAY_FAULTS"
+KNOWN = {"build.fail_after_rows", "train.fail_at_step"}
+
+
+def active() -> dict[str, int]:
+    text = os.environ.get(VARIABLE, "").strip()
+    faults: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in KNOWN or not value.strip().lstrip("-").isdigit():
+            raise InputError(f"{VARIABLE}: {item!r} is not one of {', '.join(sorted(KNOWN))} with an integer value")
+        faults[name] = int(value)
+    return faults
+
+
+def fault(name: str) -> int:
+    """The fault's value, 0 when it is not set."""
+    if name not in KNOWN:
+        raise ValueError(f"unknown fault {name!r}")
+    return active().get(name, 0)

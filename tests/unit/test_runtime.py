@@ -1,0 +1,90 @@
+"""The storage module's rules (which errors are the storage's, retries with backoff), fault injection, tracking URI."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from restoration.errors import InputError
+from runtime import faults
+from runtime.config import MlflowConfig, StorageConfig, tracking_uri
+from runtime.storage import StorageError, is_storage_error, retrying, storage_cause
+
+FAST = StorageConfig(attempts=3, backoff_s=0.0)
+
+
+class Flaky:
+    def __init__(self, failures: int, error: Exception):
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "bytes"
+
+
+def test_errors_of_the_source_and_of_the_storage_are_told_apart():
+    assert not is_storage_error(FileNotFoundError("gone"), "s3://bucket/key")
+    assert is_storage_error(PermissionError("403 Forbidden"), "s3://bucket/key")
+    assert is_storage_error(ConnectionResetError("reset"), "s3://bucket/key")
+    assert is_storage_error(RuntimeError("botocore EndpointConnectionError"), "s3://bucket/key")
+    assert not is_storage_error(PermissionError(errno.EACCES, "denied"), "/data/photo.png")  # one local file
+    assert is_storage_error(OSError(errno.EIO, "I/O error"), "/mnt/nfs/photo.png")  # the device
+    assert is_storage_error(OSError(errno.ESTALE, "stale handle"), "/mnt/nfs/photo.png")
+
+
+def test_storage_errors_are_retried_then_stop_and_source_errors_pass_at_once():
+    flaky = Flaky(2, PermissionError("403"))
+    assert retrying(flaky, "s3://bucket/key", FAST) == "bytes" and flaky.calls == 3
+    persistent = Flaky(10, TimeoutError("read timeout"))
+    with pytest.raises(StorageError, match=r"s3://bucket/key after 3 attempt\(s\): TimeoutError") as caught:
+        retrying(persistent, "s3://bucket/key", FAST)
+    assert persistent.calls == 3 and caught.value.exit_code == 1
+    missing = Flaky(10, FileNotFoundError("no such key"))
+    with pytest.raises(FileNotFoundError):
+        retrying(missing, "s3://bucket/key", FAST)
+    assert missing.calls == 1
+
+
+def test_storage_error_survives_pickling_and_is_found_inside_wrappers():
+    import pickle
+
+    error = StorageError("s3://bucket/key", PermissionError("403"), 5)
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.uri == "s3://bucket/key"
+    try:
+        try:
+            raise error
+        except StorageError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as outer:
+        assert storage_cause(outer) is error
+    assert storage_cause(RuntimeError("unrelated")) is None
+
+
+def test_faults_come_from_one_variable_and_unknown_names_are_refused(monkeypatch):
+    monkeypatch.delenv(faults.VARIABLE, raising=False)
+    assert faults.active() == {} and faults.fault("train.fail_at_step") == 0
+    monkeypatch.setenv(faults.VARIABLE, "train.fail_at_step=3, build.fail_after_rows=2")
+    assert faults.active() == {"train.fail_at_step": 3, "build.fail_after_rows": 2}
+    monkeypatch.setenv(faults.VARIABLE, "train.fail_at_stpe=3")
+    with pytest.raises(InputError, match="fail_at_stpe"):
+        faults.active()
+
+
+def test_tracking_uri_config_wins_then_environment_then_sqlite(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(MlflowConfig()) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(MlflowConfig()) == "http://127.0.0.1:5000"
+    assert tracking_uri(MlflowConfig(tracking_uri="sqlite:///other.db")) == "sqlite:///other.db"
+
+
+def test_shipped_default_config_honours_mlflow_tracking_uri(monkeypatch):
+    from restoray.config import load_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(load_config().mlflow) == "http://127.0.0.1:5999"
+    assert tracking_uri(load_config(overrides=["mlflow.tracking_uri=sqlite:///set.db"]).mlflow) == "sqlite:///set.db"

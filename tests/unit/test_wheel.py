@@ -1,0 +1,77 @@
+"""The wheel is a complete restoray: built from a copy of the tree, installed alone into a target directory, run from
+outside the repository with that target first on the path (the venv behind it still provides torch and the rest)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from PIL import Image
+
+from tests.conftest import REPO_ROOT, subprocess_env
+
+RUNTIME_FILES = (
+    "restoray/defaults/local.toml",
+    "restoray/samples.toml",
+    "restoration/models/preset_files/tiny.toml",
+    "restoration/models/preset_files/sdxl.toml",
+    "restoration/models/preset_files/supir-v0.toml",
+)
+PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
+
+
+def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
+    source = tmp_path / "source"
+    # A copy: `pip wheel` writes build/ and *.egg-info into the tree it builds.
+    ignored = shutil.ignore_patterns(
+        ".git", ".venv", "data", "build", "dist", "*.egg-info", "__pycache__", "mlflow.db", "mlruns", ".ruff_cache"
+    )
+    shutil.copytree(REPO_ROOT, source, ignore=ignored)
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = next(wheels.glob("restoray-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert all(name in names for name in RUNTIME_FILES), sorted(n for n in names if not n.endswith(".py"))
+    assert all(f"{package}/__init__.py" in names for package in PACKAGES)
+
+    target = tmp_path / "target"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = subprocess_env(PYTHONPATH=str(target))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=empty, env=env, timeout=600)
+
+    where = run(
+        "-c", "import json, restoray, restoration, runtime; print(json.dumps([restoray.__file__, restoration.__file__, runtime.__file__]))"
+    )
+    assert where.returncode == 0, where.stderr
+    assert all(path.startswith(str(target)) for path in json.loads(where.stdout)), where.stdout  # not the repository's
+    presets = run("-m", "restoray", "list", "presets")
+    assert presets.returncode == 0 and "tiny" in presets.stdout and "sdxl" in presets.stdout, presets.stderr
+    config = run("-m", "restoray", "list", "config")
+    assert config.returncode == 0 and "sampler.steps" in config.stdout and "restore.gate_scale" in config.stdout, config.stderr
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(empty / "photo.png")
+    restored = run(
+        "-m", "restoray", "restore", "photo.png", "--output", "out.png", "--preset", "tiny", "--steps", "1", "--prompt", "a wall"
+    )
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert Image.open(empty / "out.png").size == (64, 48)
