@@ -49,7 +49,7 @@ from restoration.errors import InputError, RestorayError
 from runtime import faults
 from runtime.config import StorageConfig
 from runtime.resources import check_cpus_left
-from runtime.storage import filesystem, retrying, storage_cause
+from runtime.storage import filesystem, find_cause, retrying, storage_cause
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -329,6 +329,8 @@ def build_dataset(
     _write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
     _check_resources(config)
+    # A UDF's own exception (StorageError, BuildStopped) reaches the driver as itself, not as a UserCodeException.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     try:
         summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
     except RestorayError:
@@ -337,24 +339,11 @@ def build_dataset(
         cause = storage_cause(err)
         if cause is not None:
             raise cause from None
-        stopped = _find(err, BuildStopped)
+        stopped = find_cause(err, BuildStopped)
         if stopped is not None:
             raise stopped from None
         raise
     return summary
-
-
-def _find(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    seen, stack = set(), [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if type(current) is kind:
-            return current
-        stack.extend([current.__context__, current.__cause__, getattr(current, "cause", None)])
-    return None
 
 
 def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, preset, storage, out_fs, root, fp, started) -> BuildSummary:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # MLflow's artifact progress bars: on a terminal only (in a log they are one line per file).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if sys.stderr.isatty() else "false")
     started = time.monotonic()
     try:
         code = args.handler(args)

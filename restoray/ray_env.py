@@ -9,6 +9,7 @@ import sys
 from restoray.config import RayConfig
 
 log = logging.getLogger(__name__)
+ALREADY_CONNECTED = "already connected"
 
 
 def loopback_only() -> None:
@@ -47,7 +48,7 @@ def connect(config: RayConfig) -> str:
 
     verbose = logging.getLogger("restoray").isEnabledFor(logging.DEBUG)
     if ray.is_initialized():
-        return "already connected"
+        return ALREADY_CONNECTED
     level = logging.INFO if verbose else logging.WARNING
     if address:
         ray.init(address=address, namespace=config.namespace, log_to_driver=True, logging_level=level)

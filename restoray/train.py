@@ -10,7 +10,7 @@ from pathlib import Path
 from restoration.errors import InputError
 from restoray import __version__
 from restoray.config import RunConfig
-from restoray.ray_env import cluster_address, connect, loopback_only
+from restoray.ray_env import ALREADY_CONNECTED, cluster_address, connect, loopback_only
 from runtime.config import tracking_uri
 from runtime.resolve import resolve
 
@@ -68,7 +68,9 @@ def train_from_config(config: RunConfig) -> dict:
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
     init = resolve(train.init_from, config.storage, config.mlflow) if train.init_from else config.preset
     tracking = absolute_tracking_uri(tracking_uri(config.mlflow))
-    print(f"Ray: {connect(config.ray)}")
+    where = connect(config.ray)
+    if where != ALREADY_CONNECTED:  # the demo connected already and said so
+        print(f"Ray: {where}")
     import ray
 
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))

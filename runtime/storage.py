@@ -30,6 +30,7 @@ from runtime.config import StorageConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 SOURCE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 # A local OSError with one of these is the device's or the network mount's, not the file's.
@@ -147,8 +148,9 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     return retrying(read, uri, storage)
 
 
-def storage_cause(error: BaseException) -> StorageError | None:
-    """The `StorageError` inside an exception raised through Ray (task errors wrap their cause), if any."""
+def find_cause(error: BaseException, kind: type[E]) -> E | None:
+    """The `kind` exception inside one raised through Ray (task errors wrap their cause and pose as it), if any:
+    the plain instance when there is one (its message is the message, not a remote traceback)."""
     seen: set[int] = set()
     stack, found = [error], None
     while stack:
@@ -156,9 +158,13 @@ def storage_cause(error: BaseException) -> StorageError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if type(current) is StorageError:
+        if type(current) is kind:
             return current
-        if isinstance(current, StorageError):
-            found = found or current  # Ray's task error posing as its cause: the plain cause is nearer the end
+        if isinstance(current, kind):
+            found = found or current
         stack.extend([current.__context__, current.__cause__, getattr(current, "cause", None)])
     return found
+
+
+def storage_cause(error: BaseException) -> StorageError | None:
+    return find_cause(error, StorageError)

@@ -123,26 +123,33 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
 
 
-def model_code_paths() -> list[str]:
-    """Our method package, copied into the model (with its preset files): loading needs no restoray install."""
+def model_code_paths(directory: Path) -> list[str]:
+    """Our method package, copied into the model (with its preset files, without bytecode caches): loading needs no
+    restoray install."""
+    import shutil
+
     import restoration
 
-    return [str(Path(restoration.__file__).parent)]
+    target = directory / "restoration"
+    shutil.copytree(Path(restoration.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(target)]
 
 
 def log_model(tracking_uri: str, run_id: str, export_dir: str, stage: str, register: bool, tags: dict[str, str]) -> str | None:
     """Log the exported weights as a pyfunc model in the run (our code inside, requirements pinned); register it
     as restoray-<stage>. Returns the registered version (None when not registered)."""
+    import tempfile
+
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     name = f"restoray-{stage}"
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="restoray-model-code-") as code:
         info = mlflow.pyfunc.log_model(
             name="model",
             loader_module="restoration.pyfunc",
             data_path=export_dir,
-            code_paths=model_code_paths(),
+            code_paths=model_code_paths(Path(code)),
             pip_requirements=model_requirements(),
             registered_model_name=name if register else None,
         )

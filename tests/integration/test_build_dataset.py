@@ -345,3 +345,34 @@ def test_retry_rejected_reads_rejected_sources_again_and_corrupt_manifest_is_nam
     (output / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match=r"manifest\.json is corrupt"):
         build_dataset(str(corpus), str(output), small_config(), "tiny")
+
+
+def test_training_rows_that_do_not_decode_are_counted_and_too_many_fail(local_ray):
+    import ray
+
+    from restoration.degradations.sample import KINDS
+    from training.config import TrainConfig
+    from training.data import PrepareRows, TooManyDecodeFailures, new_decode_counter
+
+    good = png_bytes(photos(1)[0])
+    rows = [("a", good), ("b", good), ("c", b"\x89PNG broken"), ("d", good)]
+    table = pa.table(
+        {
+            "id": [row_id for row_id, _ in rows],
+            "caption": ["x"] * 4,
+            "hq": [data for _, data in rows],
+            "lq": [data for _, data in rows],
+            "kind": [KINDS[0]] * 4,
+            "degradation": ["[]"] * 4,
+            "restoration_prompt": [""] * 4,
+            "mask": [None] * 4,
+        }
+    )
+    lenient = TrainConfig(resolution=64, max_decode_failure_share=0.5, decode_failure_min_rows=1)
+    counter = new_decode_counter()
+    batch = PrepareRows(lenient, seed=0, counter=counter)(table)
+    assert batch["hq"].shape == (3, 64, 64, 3)  # the broken row is skipped ...
+    assert ray.get(counter.totals.remote()) == (4, 1)  # ... and counted
+    strict = TrainConfig(resolution=64, max_decode_failure_share=0.1, decode_failure_min_rows=1)
+    with pytest.raises(TooManyDecodeFailures, match="1 of 4 training rows did not decode"):
+        PrepareRows(strict, seed=0, counter=new_decode_counter())(table)

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from restoration.errors import InputError
 from restoray.cli import build_parser, main
 from tests.conftest import subprocess_env
 
@@ -75,3 +76,21 @@ def test_data_build_bad_config_and_input_exit_2_before_any_work(tmp_path, capsys
     assert main(["data", "build", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_restore_settings_come_from_the_config_with_the_flags_on_top():
+    import argparse
+
+    from restoray.config import load_config
+    from restoray.restore import restore_settings
+
+    config = load_config(overrides=["sampler.steps=12", "sampler.s_churn=0", "restore.gate_scale=0.5", "restore.seed=4"])
+    flags = argparse.Namespace(steps=None, cfg=None, tau_r=None, seed=None, restoration_prompt=None, experts=None)
+    sampler, options = restore_settings(config, flags)
+    assert (sampler.steps, sampler.s_churn, options.gate_scale, options.seed) == (12, 0.0, 0.5, 4)
+    flags = argparse.Namespace(steps=3, cfg=2.0, tau_r=0.0, seed=9, restoration_prompt="Denoise", experts="noise=1")
+    sampler, options = restore_settings(config, flags)
+    assert (sampler.steps, sampler.cfg, sampler.tau_r, options.seed) == (3, 2.0, None, 9)
+    assert options.restoration_prompt == "Denoise" and options.expert_weights == {"noise": 1.0}
+    with pytest.raises(InputError, match="steps"):
+        restore_settings(config, argparse.Namespace(steps=0, cfg=None, tau_r=None, seed=None, restoration_prompt=None, experts=None))

@@ -160,3 +160,25 @@ def _toml_value(value):
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return str(value)
+
+
+def test_noise_schedule_comes_from_the_preset_and_only_epsilon_is_supported(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from restoration.models.base import load_noise_schedule
+
+    tiny = load_preset("tiny")
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    assert torch.allclose(load_noise_schedule(tiny), torch.cumprod(1 - betas, 0), atol=1e-6)  # SDXL's schedule, inline
+
+    # A real base's layout: the scheduler config saved by diffusers, read from source + subfolder.
+    EulerDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(tmp_path / "base" / "scheduler")
+    data = tiny.model_dump(exclude_none=True)
+    data["scheduler"] = {"source": str(tmp_path / "base"), "subfolder": "scheduler"}
+    linear = load_noise_schedule(Preset.model_validate(data))
+    assert torch.allclose(linear, torch.cumprod(1 - torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64), 0), atol=1e-6)
+
+    data["name"] = "vpred-base"
+    data["scheduler"] = {"config": {**tiny.scheduler.config, "prediction_type": "v_prediction"}}
+    with pytest.raises(PresetError, match="preset 'vpred-base': scheduler prediction_type 'v_prediction' is not supported"):
+        load_noise_schedule(Preset.model_validate(data))
