@@ -280,6 +280,8 @@ class Restorer:
         seconds["caption"], clock = _lap(clock)
 
         conditioning = self._conditioning(caption, restoration_prompt, stage1.lq.shape[2:])
+        seconds["conditioning"], clock = _lap(clock)
+
         # Gate 0 is the plain model: no reference chain at all (bit-exact with no references).
         used = references if options.gate_scale != 0 else []
         chain = ReferenceChain.build(self, used, image.size, options) if used else None
@@ -374,7 +376,7 @@ class Restoration:
     seed: int
     model: dict[str, Any]  # Restorer.identity()
     sampler: SamplerConfig
-    seconds: dict[str, float]  # per phase: stage1, caption, references, sampling, decode, total
+    seconds: dict[str, float]  # per phase: stage1, caption, conditioning, references, sampling, decode, total
 
 
 @dataclass

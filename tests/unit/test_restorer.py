@@ -36,7 +36,7 @@ def test_restore_is_deterministic_per_seed_and_reports_what_it_did(restorer, pho
     assert first.image.size == photo.size and first.image.mode == "RGB"
     assert first.caption == "a cat" and not first.captioned and first.seed == 0 and first.references == []
     assert first.model == {"preset": "tiny", "weights": None, "experts": []} and first.sampler.steps == 3
-    assert set(first.seconds) == {"stage1", "caption", "references", "sampling", "decode", "total"}
+    assert set(first.seconds) == {"stage1", "caption", "conditioning", "references", "sampling", "decode", "total"}
     assert first.seconds["sampling"] > 0 and first.seconds["total"] >= first.seconds["sampling"]
     assert np.array_equal(pixels(first), pixels(restorer.restore(photo, prompt="a cat", sampler=steps(3), seed=0)))
     assert not np.array_equal(pixels(first), pixels(restorer.restore(photo, prompt="a cat", sampler=steps(3), seed=1)))
