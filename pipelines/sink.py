@@ -54,7 +54,8 @@ class ShardSink(Datasink):
         fail_after = self.fail_after_rows
         committed = 0
         for table, rows, schema in (("shards", samples, SAMPLE_SCHEMA), ("rejects", rejects, REJECT_SCHEMA)):
-            rows.sort(key=lambda row: (row["source"], row.get("id") or ""))
+            # A source's rows in the order of their content (the id hashes the URI, which differs by machine).
+            rows.sort(key=lambda row: (row["source"], hashlib.sha256(row.get("lq") or b"").digest()))
             for part in _split_between_sources(rows, self.max_rows):
                 self._commit(table, pa.Table.from_pylist(part, schema=schema))
                 committed += len(part)
@@ -62,17 +63,14 @@ class ShardSink(Datasink):
                     raise RuntimeError(f"fault build.fail_after_rows={fail_after}: stopping after {committed} rows")
         return {"samples": len(samples), "rejects": len(rejects)}
 
-    @staticmethod
-    def _ids(table: pa.Table) -> list[str]:
-        return table.column("id").to_pylist() if "id" in table.column_names else [""] * table.num_rows
-
     def _commit(self, table_name: str, table: pa.Table) -> None:
         fs, root = filesystem(self.output, self.storage)
-        # Named by content (the rows' sources and ids): the same build writes the same files, so the shards' order,
-        # and a training run that reads them in order, reproduce; a retried write overwrites its own file.
-        digest = hashlib.sha256(
-            "\n".join(f"{s}\t{i}" for s, i in zip(table.column("source").to_pylist(), self._ids(table), strict=True)).encode()
-        )
+        # Named by content (the samples' LQ bytes; a reject table by its sources): the same build writes the same
+        # files wherever it runs, so the shards' order, and a training run that reads them in order, reproduce;
+        # a retried write overwrites its own file.
+        digest = hashlib.sha256()
+        for value in table.column("lq" if "lq" in table.column_names else "source").to_pylist():
+            digest.update(hashlib.sha256(value if isinstance(value, bytes) else str(value).encode()).digest())
         name = f"part-{digest.hexdigest()[:24]}.parquet"
         final = f"{root}/{table_name}/{name}"
         partial = f"{root}/{table_name}/.{name}.partial"

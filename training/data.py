@@ -141,9 +141,10 @@ class PrepareRows:
         out: dict[str, list] = {key: [] for key in ("hq", "lq", "mask", "caption", "restoration_prompt", "kind")}
         failed = 0
         for index, row_id in enumerate(batch["id"]):
-            # Seeded by the row: the same row gets the same crop in any task, process or run (a golden loss curve
-            # must not depend on how Ray Data split the blocks).
-            rng = numpy_generator(self.seed, "train-crop", row_id)
+            # Seeded by the row's content (its HQ and LQ bytes), not a per-process counter or its URI-derived id: the
+            # same sample gets the same crop in any task, process, run or directory (the golden loss curve).
+            content = hashlib.sha256(batch["hq"][index] or b"").hexdigest() + hashlib.sha256(batch["lq"][index] or b"").hexdigest()
+            rng = numpy_generator(self.seed, "train-crop", content)
             try:
                 hq = decode_image(batch["hq"][index])
                 lq = decode_image(batch["lq"][index])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 
 from pipelines.config import CropConfig
-from pipelines.rows import image_of, set_image, set_quality
+from pipelines.rows import image_of, quality_of, set_image, set_quality
 from restoration.seeding import numpy_generator
 
 
@@ -19,7 +19,7 @@ def crop_row(row: dict, config: CropConfig, seed: int) -> dict:
     if config.mode == "center":
         top, left = (resized_h - config.size) // 2, (resized_w - config.size) // 2
     else:
-        rng = numpy_generator(seed, "crop", row["source"])
+        rng = numpy_generator(seed, "crop", quality_of(row).get("sha256", row["source"]))  # content, not URI
         top, left = int(rng.integers(0, resized_h - config.size + 1)), int(rng.integers(0, resized_w - config.size + 1))
     set_image(row, resized[top : top + config.size, left : left + config.size])
     set_quality(row, crop_top_left=[top, left], crop_scale=round(scale, 5))

@@ -77,7 +77,8 @@ class DegradeStage:
             quality = quality_of(row)
             hq_bytes = _encode(hq, self.config.image_format)
             for variant in range(self.config.variants):
-                rng = numpy_generator(self.seed, "degrade", row["source"], variant)
+                # Seeded by the image's content, not its URI: the same corpus built anywhere gives the same samples.
+                rng = numpy_generator(self.seed, "degrade", quality.get("sha256", row["source"]), variant)
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))]
                 sample = degrade_variant(hq, kind, rng, self.config)
                 out.append(
