@@ -242,7 +242,7 @@ class Restorer:
         options = options or RestoreConfig()
         lq = self._prepare(image)
         latent = self._encode(lq, options)
-        return Stage1(lq=lq, latent=latent, decoded=self._decode(latent, options), original_size=image.size)
+        return Stage1(lq=lq, latent=latent, decoded=self._decode(latent, options), size=image.size)
 
     @torch.no_grad()
     def restore(
@@ -271,7 +271,8 @@ class Restorer:
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
 
-        stage1 = self.stage1(image, options)
+        output_size = (max(1, round(image.width * options.upscale)), max(1, round(image.height * options.upscale)))
+        stage1 = self.stage1(self.working_image(image, output_size, options), options)
         if self.experts:
             set_expert_weights(self.model.adaptor, self.expert_weights_for(stage1.lq, expert_weights))
         seconds["stage1"], clock = _lap(clock)
@@ -279,16 +280,17 @@ class Restorer:
         caption = prompt if prompt is not None else self.caption(stage1.image)
         seconds["caption"], clock = _lap(clock)
 
-        conditioning = self._conditioning(caption, restoration_prompt, stage1.lq.shape[2:])
+        conditioning = self._conditioning(caption, restoration_prompt, stage1.lq.shape[2:], sampler.schedule)
         seconds["conditioning"], clock = _lap(clock)
 
         # Gate 0 is the plain model: no reference chain at all (bit-exact with no references).
         used = references if options.gate_scale != 0 else []
-        chain = ReferenceChain.build(self, used, image.size, options) if used else None
+        chain = ReferenceChain.build(self, used, stage1.size, options) if used else None
         seconds["references"], clock = _lap(clock)
 
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(stage1.latent.shape, generator=generator).to(self.device)  # CPU draw: one image on any device
+        x_center = self._guidance_target(stage1, sampler, options)
         denoiser = AdaptedDenoiser(self, stage1.latent, noise, conditioning, chain, options)
         previous_processors = dict(self.networks.unet.attn_processors)
         if chain is not None:
@@ -301,7 +303,7 @@ class Restorer:
                 sampler,
                 conditioning.semantic,
                 conditioning.negative,
-                stage1.latent,
+                x_center,
                 generator,
                 on_step=on_step,
             )
@@ -310,8 +312,8 @@ class Restorer:
         seconds["sampling"], clock = _lap(clock)
 
         restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
-        if restored.size != stage1.original_size:
-            restored = restored.resize(stage1.original_size, Image.BICUBIC)
+        if restored.size != output_size:
+            restored = restored.resize(output_size, Image.BICUBIC)
         seconds["decode"], clock = _lap(clock)
         seconds["total"] = sum(seconds.values())
         return Restoration(
@@ -326,8 +328,38 @@ class Restorer:
             seconds=seconds,
         )
 
-    def _conditioning(self, caption: str, restoration_prompt: str, size_hw: tuple[int, int]) -> Conditioning:
-        height, width = size_hw
+    @property
+    def native_size(self) -> int:
+        """The short side the base was trained at: 8 x the UNet's sample size (1024 for SDXL)."""
+        return self.vae_factor * int(self.networks.unet.config.sample_size)
+
+    def working_image(self, image: Image.Image, output_size: tuple[int, int], options: RestoreConfig) -> Image.Image:
+        """SUPIR's super-resolution: the LQ upscaled (bicubic) to the output size, and further until its short side
+        reaches `min_size`; restoration runs at that size and the result is resized to the output size."""
+        min_size = options.min_size or self.native_size
+        scale = max(1.0, min_size / min(output_size))
+        size = (round(output_size[0] * scale), round(output_size[1] * scale))
+        return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+    def _guidance_target(self, stage1: Stage1, sampler: SamplerConfig, options: RestoreConfig) -> torch.Tensor:
+        """What restoration guidance pulls towards. SUPIR: the stage-1 image re-encoded by the plain VAE encoder,
+        E(D(z_LQ)); we take the posterior's mode (upstream draws a sample), so a seed fixes only the sampler's noise.
+        diffusers schedule: z_LQ itself."""
+        if sampler.schedule != "supir":
+            return stage1.latent
+        vae = self.networks.vae
+
+        def plain_encode(pixels: torch.Tensor) -> torch.Tensor:
+            return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+
+        if options.tile_latent is None:
+            return plain_encode(stage1.decoded)
+        factor = self.vae_factor
+        return tiled_encode(plain_encode, vae.encoder, stage1.decoded, options.tile_latent * factor, options.tile_encoder_overlap, factor)
+
+    def _conditioning(self, caption: str, restoration_prompt: str, size_hw: tuple[int, int], schedule: str) -> Conditioning:
+        # SUPIR conditions SDXL's size embedding on a fixed 1024 x 1024 whatever the image size.
+        height, width = (1024, 1024) if schedule == "supir" else size_hw
         return Conditioning(
             semantic=encode_prompt(self.networks, [f"{caption} {POSITIVE_QUALITY_PROMPT}".strip()]),
             negative=encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT]),
@@ -348,7 +380,7 @@ class Stage1:
     lq: torch.Tensor  # the LQ image at a size the UNet takes
     latent: torch.Tensor  # z_LQ from the robust encoder
     decoded: torch.Tensor  # z_LQ decoded by the VAE
-    original_size: tuple[int, int]  # (width, height) of the input
+    size: tuple[int, int]  # (width, height) of the image stage 1 ran on (the working size of restore)
 
     @property
     def image(self) -> Image.Image:
@@ -441,6 +473,7 @@ class AdaptedDenoiser:
         options: RestoreConfig,
     ):
         self.model = restorer.model
+        self.adaptor_condition = restorer.adaptor_config.condition
         self.z_lq = z_lq
         self.noise = noise  # the initial N(0, 1) draw: references are noised with it at every step
         self.conditioning = conditioning
@@ -450,8 +483,11 @@ class AdaptedDenoiser:
     def __call__(self, x_in: torch.Tensor, timestep: torch.Tensor, cond, control_scale: float) -> torch.Tensor:
         embeds, pooled = cond
         added = {"text_embeds": pooled, "time_ids": self.conditioning.time_ids}
-        restoration_embeds, restoration_pooled = self.conditioning.restoration
-        restoration_added = {"text_embeds": restoration_pooled, "time_ids": self.conditioning.time_ids}
+        if self.adaptor_condition == "semantic":  # SUPIR: the adaptor reads this pass's own prompt
+            restoration_embeds, restoration_added = embeds, added
+        else:  # SPIRE: the restoration prompt on every pass
+            restoration_embeds, restoration_pooled = self.conditioning.restoration
+            restoration_added = {"text_embeds": restoration_pooled, "time_ids": self.conditioning.time_ids}
         use_references = self.chain is not None and self.chain.active_at(float(timestep[0]))
         if use_references:
             self.chain.record(timestep, self.noise, embeds, added)

@@ -15,15 +15,25 @@ from restoration.prompts import BLIND_PROMPT
 class SamplerConfig(StrictModel):
     """Sampler settings: the `[sampler]` section of a run, `--set sampler.KEY=VALUE`, `Restorer.restore(sampler=...)`."""
 
+    schedule: Literal["supir", "diffusers"] = Field(
+        "supir",
+        description="supir: SUPIR's RestoreEDMSampler step for step (legacy DDPM discretisation, sigma quantised to the "
+        "training sigmas, CFG and control scale linear in sigma, k at the step's sigma); diffusers: diffusers' Euler on "
+        "fractional timesteps (equal to EulerDiscreteScheduler without guidance), linear terms in the step index.",
+    )
     steps: int = Field(50, ge=1, description="Number of Euler steps.")
     s_churn: float = Field(5.0, ge=0, description="EDM churn: stochasticity added per step (SUPIR's default 5).")
     s_noise: float = Field(1.003, gt=0, description="EDM noise scale of the churn.")
     s_tmin: float = Field(0.0, ge=0, description="Churn only at sigma >= s_tmin.")
     s_tmax: float = Field(math.inf, description="Churn only at sigma <= s_tmax.")
-    cfg: float = Field(7.5, ge=1, description="Classifier-free guidance scale at the last step.")
-    cfg_start: float | None = Field(4.0, ge=1, description="Guidance at the first step (linear CFG); unset = cfg throughout.")
+    cfg: float = Field(7.5, ge=1, description="Classifier-free guidance scale at the end (sigma 0 / the last step).")
+    cfg_start: float | None = Field(
+        4.0, ge=0, description="Guidance at sigma_max (supir) or the first step (diffusers): linear CFG; unset = cfg throughout."
+    )
     tau_r: float | None = Field(4.0, gt=0, description="Restoration-guidance exponent tau_r; unset = no restoration guidance.")
-    guidance_floor: float = Field(0.05, ge=0, description="Restoration guidance applies while sigma is above this.")
+    guidance_floor: float = Field(
+        0.05, ge=0, description="Restoration guidance applies while the next sigma (supir) or sigma-hat (diffusers) is above this."
+    )
     control_scale: float = Field(1.0, ge=0, description="Adaptor control scale at the last step.")
     control_scale_start: float | None = Field(None, ge=0, description="Control scale at the first step; unset = constant.")
 
@@ -35,6 +45,13 @@ class RestoreConfig(StrictModel):
     seed: int = Field(0, description="Seed of the initial noise and the sampler's churn.")
     expert_weights: Literal["soft", "one_hot"] | dict[str, float] = Field(
         "soft", description="ABAIR expert blending: the estimator's 'soft' weights, its arg-max 'one_hot', or oracle weights by name."
+    )
+    upscale: float = Field(1.0, gt=0, description="Super-resolution factor: the output is the input's size times this (SUPIR's --upscale).")
+    min_size: int | None = Field(
+        None,
+        ge=8,
+        description="Restore at least at this short side (the LQ is upscaled bicubically first, as SUPIR does), then resize to "
+        "the output size; unset: the preset's native size (8 x the UNet's sample size: 1024 for SDXL).",
     )
     gate_scale: float = Field(1.0, ge=0, description="ReFIR spatial-gate scale s (0: references are not used at all).")
     reference_range: list[float] = Field(

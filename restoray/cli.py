@@ -122,9 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--reference", action="append", default=[], metavar="PATH", help="ReFIR reference image (repeatable)")
     restore.add_argument("--tau-r", type=float, default=None, help="restoration-guidance exponent, 0 or less: off (default: sampler.tau_r)")
+    restore.add_argument(
+        "--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`: supir-paper, supir-release)"
+    )
     restore.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
     restore.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale >= 1 (default: sampler.cfg)")
     restore.add_argument("--seed", type=int, default=None, help="random seed (default: restore.seed)")
+    restore.add_argument("--upscale", type=float, default=None, help="super-resolution factor: output = input size x F (default 1)")
+    restore.add_argument(
+        "--min-size", type=int, default=None, metavar="PX", help="restore at least at this short side (default: the preset's native size)"
+    )
     restore.add_argument(
         "--experts",
         default=None,
@@ -147,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered degradation types (built-ins and plugins of the 'restoray.degradations' entry-point group).",
     )
     degradations.set_defaults(handler=_list_degradations)
+    samplers = what.add_parser("samplers", help="sampler presets (restore --sampler NAME)", description="List the sampler presets.")
+    samplers.set_defaults(handler=_list_samplers)
     config_keys = what.add_parser("config", help="every config key with its type and description", description="List every config key.")
     config_keys.set_defaults(handler=_list_config)
 
@@ -198,6 +207,14 @@ def _list_degradations(args: argparse.Namespace) -> int:
     for kind in REGISTRY.all():
         low, high = kind.severity
         print(f"{kind.id:>3}  {kind.name:<12} {f'{low:g}-{high:g}':<14} {kind.phrase:<30} {kind.description}")
+    return 0
+
+
+def _list_samplers(args: argparse.Namespace) -> int:
+    from restoration.sampling.presets import list_sampler_presets
+
+    for name, description in list_sampler_presets().items():
+        print(f"{name:<16} {description}")
     return 0
 
 

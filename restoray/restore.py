@@ -44,16 +44,24 @@ def parse_expert_weights(text: str) -> str | dict[str, float]:
 
 
 def restore_settings(config: RunConfig, args: argparse.Namespace) -> tuple[SamplerConfig, RestoreConfig]:
-    """The run's [sampler] and [restore] sections with the command line's shortcuts (--steps, --cfg, --tau-r, --seed,
-    --restoration-prompt, --experts) on top; validated like the config itself."""
+    """The run's [sampler] and [restore] sections (over a --sampler preset) with the command line's shortcuts
+    (--steps, --cfg, --tau-r, --seed, --restoration-prompt, --experts) on top; validated like the config itself."""
     sampler = config.sampler.model_dump()
+    if getattr(args, "sampler", None):
+        # The preset's fields, with what the run's [sampler] section or --set said explicitly on top.
+        from restoration.sampling.presets import sampler_preset
+
+        explicit = config.sampler.model_dump(include=config.sampler.model_fields_set)
+        sampler = {**SamplerConfig().model_dump(), **sampler_preset(args.sampler), **explicit}
     for key, value in (("steps", args.steps), ("cfg", args.cfg)):
         if value is not None:
             sampler[key] = value
     if args.tau_r is not None:
         sampler["tau_r"] = args.tau_r if args.tau_r > 0 else None
     restore = config.restore.model_dump()
-    for key, value in (("seed", args.seed), ("restoration_prompt", args.restoration_prompt)):
+    shortcuts = (("seed", args.seed), ("restoration_prompt", args.restoration_prompt))
+    shortcuts += (("upscale", getattr(args, "upscale", None)), ("min_size", getattr(args, "min_size", None)))
+    for key, value in shortcuts:
         if value is not None:
             restore[key] = value
     if args.experts is not None:

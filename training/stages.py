@@ -74,6 +74,8 @@ class DiffusionLoss(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
     def forward(self, latents, lq_latents, noise, timesteps, prompt_embeds, pooled, restoration_embeds, restoration_pooled, time_ids):
+        if self.model.config.condition == "semantic":  # SUPIR: the adaptor reads the UNet's prompt
+            restoration_embeds, restoration_pooled = prompt_embeds, pooled
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(latents.dtype)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         eps = self.model(

@@ -48,6 +48,11 @@ class AdaptorConfig(StrictModel):
     norm_groups: int = Field(32, ge=1, description="GroupNorm groups in the connectors (reduced to divide the width).")
     norm_affine: bool = Field(False, description="Affine GroupNorm inside ZeroSFT (SUPIR_v0's `normalization` is affine).")
     mid_connector: bool = Field(True, description="A ZeroSFT on the middle block's output (no skip), as SUPIR_v0 has.")
+    condition: Literal["restoration", "semantic"] = Field(
+        "restoration",
+        description="The adaptor's text: 'restoration' (SPIRE: the restoration prompt on every pass) or 'semantic' (SUPIR: "
+        "the UNet's own prompt on each CFG pass, the negative prompt on the unconditional one).",
+    )
 
 
 def _transformers(block: nn.Module) -> list[nn.Module]:

@@ -72,11 +72,17 @@ def adain(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torc
 class ReferenceAttnProcessor:
     """A diffusers attention processor for self-attention layers (3-D token input, no residual inside)."""
 
-    def __init__(self, controller: ReferenceController, name: str):
+    def __init__(self, controller: ReferenceController, name: str, fallback=None):
         self.controller = controller
         self.name = name
+        # The layer's own processor: when this one neither records nor injects, the layer is bit-for-bit itself.
+        self.fallback = fallback
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        controller = self.controller
+        injecting = controller.mode == "inject" and controller.recorded.get(self.name) and controller.config.gate_scale != 0
+        if self.fallback is not None and controller.mode != "record" and not injecting:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if hidden_states.ndim != 3 or encoder_hidden_states is not None:
             raise ValueError(f"{self.name}: ReFIR injection is for self-attention over (B, N, C) tokens")
         query = _heads(attn.to_q(hidden_states), attn.heads)
@@ -84,7 +90,6 @@ class ReferenceAttnProcessor:
         value = _heads(attn.to_v(hidden_states), attn.heads)
         intra = _merge(F.scaled_dot_product_attention(query, key, value))
         output = intra
-        controller = self.controller
         if controller.mode == "record":
             controller.recorded.setdefault(self.name, []).append((key, value, hidden_states))
         elif controller.mode == "inject" and controller.recorded.get(self.name) and controller.config.gate_scale != 0:
@@ -118,6 +123,6 @@ def install(unet, controller: ReferenceController, layer_filter: Callable[[str],
     chosen = [name for name in decoder_self_attention_layers(unet) if layer_filter is None or layer_filter(name)]
     processors = dict(unet.attn_processors)
     for name in chosen:
-        processors[name] = ReferenceAttnProcessor(controller, name)
+        processors[name] = ReferenceAttnProcessor(controller, name, fallback=processors[name])
     unet.set_attn_processor(processors)
     return chosen

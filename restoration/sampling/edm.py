@@ -1,21 +1,28 @@
-"""Restoration-guided EDM sampling (SUPIR), written out as one readable loop.
+"""Restoration-guided EDM sampling (SUPIR), written out as one readable loop, in two schedules.
 
 The UNet predicts noise (epsilon) on its discrete DDPM schedule. As a denoiser at noise level sigma:
-    x_in = x / sqrt(sigma^2 + 1),  t = the schedule's timestep for sigma (log-sigma interpolation),
-    x0_hat = x - sigma * eps(x_in, t).
-Each step (Karras et al.'s EDM, Euler):
+    x_in = x / sqrt(sigma^2 + 1),  x0_hat = x - sigma * eps(x_in, t(sigma)).
+Each step (Karras et al.'s EDM, Euler), sigma -> sigma_next:
 1. churn: sigma_hat = sigma (1 + gamma), gamma = min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax];
    x_hat = x + sqrt(sigma_hat^2 - sigma^2) * s_noise * noise;
-2. x0 with classifier-free guidance: x0 = x0_neg + w_i (x0_pos - x0_neg), w_i linear from `cfg_start` at the
-   first step to `cfg` at the last (SUPIR's linear CFG), w = 1 skips the negative pass;
-3. restoration guidance (SUPIR eq. 5): while sigma_hat > `guidance_floor`,
-   x0 = (1 - k) x0 + k z_LQ with k = (sigma_hat / sigma_max)^tau_r: early steps stay close to the LQ latent for
-   fidelity, late steps are free to generate detail; `tau_r = None` turns it off;
+2. x0 with classifier-free guidance: x0 = x0_neg + w (x0_pos - x0_neg) (SUPIR's linear CFG);
+3. restoration guidance (SUPIR eq. 5): x0 = (1 - k) x0 + k x_center, k = (sigma / sigma_max)^tau_r: early steps
+   stay close to the LQ latent for fidelity, late steps are free to generate detail; `tau_r = None` turns it off;
 4. Euler: x_next = x_hat + (sigma_next - sigma_hat) (x_hat - x0) / sigma_hat.
-The control scale handed to the model goes linearly from `control_scale_start` to `control_scale`.
-With tau_r None, s_churn 0 and cfg 1 this is exactly diffusers' EulerDiscreteScheduler on the same sigmas.
 
-Shapes: x, z_LQ (B, C, H, W) latents.
+`schedule = "supir"` is SUPIR's RestoreEDMSampler (sgm's EDMSampler + LegacyDDPMDiscretization + DiscreteDenoiser):
+- sigmas at the integer timesteps floor(linspace(T-1, 0, N, endpoint=False)), then 0; x starts at
+  noise * sqrt(1 + sigma_0^2);
+- the denoiser quantises sigma_hat to the nearest training sigma and uses that sigma and its timestep index;
+- w = cfg + (cfg_start - cfg) * sigma_hat / sigma_max (it may fall below 1; the negative pass always runs);
+- k and the linear control scale use the step's sigma before churn (so k <= 1), and guidance applies while
+  sigma_next > guidance_floor.
+`schedule = "diffusers"`: sigmas at fractional timesteps linspace(T-1, 0, N), x starts at noise * sigma_0, the
+denoiser interpolates the timestep of sigma_hat in log sigma, w and the control scale go linearly with the step index
+(w = 1 skips the negative pass), k uses sigma_hat while sigma_hat > guidance_floor. With tau_r None, s_churn 0 and
+cfg 1 this is exactly diffusers' EulerDiscreteScheduler on the same sigmas.
+
+Shapes: x, x_center (B, C, H, W) latents.
 """
 
 from __future__ import annotations
@@ -40,8 +47,13 @@ def schedule_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
 
 
-def step_sigmas(train_sigmas: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` sigmas at evenly spaced timesteps from the last training timestep down to the first, then 0."""
+def step_sigmas(train_sigmas: torch.Tensor, steps: int, schedule: str = "diffusers") -> torch.Tensor:
+    """`steps` descending sigmas, then 0: at SUPIR's integer timesteps (sgm's LegacyDDPMDiscretization) or at evenly
+    spaced fractional timesteps from the last training timestep down to the first (diffusers)."""
+    if schedule == "supir":
+        timesteps = np.linspace(len(train_sigmas) - 1, 0, steps, endpoint=False).astype(int)  # descending
+        # float64, so the first sigma is exactly sigma_max and k = (sigma / sigma_max)^tau_r never exceeds 1.
+        return torch.cat([train_sigmas[torch.from_numpy(timesteps)].double(), torch.zeros(1, dtype=torch.float64)])
     timesteps = torch.linspace(len(train_sigmas) - 1, 0, steps, dtype=torch.float64)
     positions = torch.arange(len(train_sigmas), dtype=torch.float64)
     sigmas = torch.from_numpy(np.interp(timesteps.numpy(), positions.numpy(), train_sigmas.numpy()))
@@ -55,6 +67,12 @@ def sigma_to_timestep(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.
     low = (log_sigma >= log_sigmas[:, None]).cumsum(0).argmax(0).clamp(max=len(log_sigmas) - 2)
     weight = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
     return (1 - weight) * low + weight * (low + 1)
+
+
+def quantize_sigma(sigma: float, train_sigmas: torch.Tensor) -> tuple[float, int]:
+    """(the nearest training sigma, its timestep index): sgm's DiscreteDenoiser with quantised sigma and c_noise."""
+    index = int((train_sigmas - sigma).abs().argmin())
+    return float(train_sigmas[index]), index
 
 
 def timestep_to_sigma(timestep: float, train_sigmas: torch.Tensor) -> float:
@@ -77,10 +95,12 @@ class StepInfo:
 
     index: int
     steps: int
-    sigma: float
+    sigma: float  # sigma_hat, the step's noise level after churn
     x0_model: torch.Tensor  # x0 after CFG, before restoration guidance
     x0: torch.Tensor  # x0 used for the step
     k: float  # restoration-guidance weight (0 when off)
+    cfg_scale: float = 1.0  # w of this step
+    control_scale: float = 1.0
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -95,18 +115,22 @@ def restoration_guided_sample(
     config: SamplerConfig,
     cond: Any,
     negative_cond: Any = None,
-    z_lq: torch.Tensor | None = None,
+    x_center: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     sigmas: torch.Tensor | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """Sample a latent. `noise` is N(0, 1); it is scaled to the first sigma. See the module docstring."""
-    if config.tau_r is not None and z_lq is None:
-        raise ValueError("restoration guidance (tau_r) needs z_lq, the stage-1 latent")
-    sigmas = step_sigmas(train_sigmas, config.steps) if sigmas is None else sigmas.float()
+    """Sample a latent. `noise` is N(0, 1), scaled to the first sigma; `x_center` is what restoration guidance pulls
+    towards (SUPIR: the stage-1 latent). See the module docstring for the two schedules."""
+    if config.tau_r is not None and x_center is None:
+        raise ValueError("restoration guidance (tau_r) needs x_center, the stage-1 latent")
+    supir = config.schedule == "supir"
+    if (supir or config.cfg != 1.0 or config.cfg_start not in (None, 1.0)) and negative_cond is None:
+        raise ValueError("classifier-free guidance needs negative_cond")
+    sigmas = step_sigmas(train_sigmas, config.steps, config.schedule) if sigmas is None else sigmas
     steps = len(sigmas) - 1
     sigma_max = float(train_sigmas.max())
-    x = noise * sigmas[0]
+    x = noise * (math.sqrt(1 + float(sigmas[0]) ** 2) if supir else float(sigmas[0]))
     for index in range(steps):
         sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
         gamma = min(config.s_churn / steps, math.sqrt(2) - 1) if config.s_tmin <= sigma <= config.s_tmax else 0.0
@@ -115,24 +139,39 @@ def restoration_guided_sample(
             # Drawn on the generator's device (CPU by default), so a seed gives the same noise on any device.
             churn = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = x + churn * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
-        x_in = x / math.sqrt(sigma_hat**2 + 1)
-        timestep = sigma_to_timestep(torch.tensor([sigma_hat]), train_sigmas).to(x.device, torch.float32).expand(x.shape[0])
-        control_scale = _linear(config.control_scale_start, config.control_scale, index, steps)
-        x0 = x - sigma_hat * eps_model(x_in, timestep, cond, control_scale)
-        scale = _linear(config.cfg_start, config.cfg, index, steps)
-        if scale != 1.0:
-            if negative_cond is None:
-                raise ValueError("cfg > 1 needs negative_cond")
-            x0_negative = x - sigma_hat * eps_model(x_in, timestep, negative_cond, control_scale)
+
+        if supir:
+            model_sigma, timestep_index = quantize_sigma(sigma_hat, train_sigmas)
+            timestep = torch.full((x.shape[0],), float(timestep_index), device=x.device)
+            control_scale = _linear_in_sigma(config.control_scale_start, config.control_scale, sigma, sigma_max)
+            scale = _linear_in_sigma(config.cfg_start, config.cfg, sigma_hat, sigma_max)
+        else:
+            model_sigma = sigma_hat
+            timestep = sigma_to_timestep(torch.tensor([sigma_hat]), train_sigmas).to(x.device, torch.float32).expand(x.shape[0])
+            control_scale = _linear(config.control_scale_start, config.control_scale, index, steps)
+            scale = _linear(config.cfg_start, config.cfg, index, steps)
+        x_in = x / math.sqrt(model_sigma**2 + 1)
+        x0 = x - model_sigma * eps_model(x_in, timestep, cond, control_scale)
+        if supir or scale != 1.0:
+            x0_negative = x - model_sigma * eps_model(x_in, timestep, negative_cond, control_scale)
             x0 = x0_negative + scale * (x0 - x0_negative)
+
         x0_model, k = x0, 0.0
-        if config.tau_r is not None and sigma_hat > config.guidance_floor:
-            k = (sigma_hat / sigma_max) ** config.tau_r
-            x0 = (1 - k) * x0 + k * z_lq
+        guided = sigma_next > config.guidance_floor if supir else sigma_hat > config.guidance_floor
+        if config.tau_r is not None and guided:
+            k = ((sigma if supir else sigma_hat) / sigma_max) ** config.tau_r
+            x0 = (1 - k) * x0 + k * x_center
         if on_step is not None:
-            info = StepInfo(index, steps, sigma_hat, x0_model, x0, k)
+            info = StepInfo(index, steps, sigma_hat, x0_model, x0, k, scale, control_scale)
             on_step(info)
             if info.cancelled:
                 raise RestorationCancelled(f"sampling cancelled by the step callback after step {index + 1} of {steps}")
         x = x + (sigma_next - sigma_hat) * (x - x0) / sigma_hat
     return x
+
+
+def _linear_in_sigma(at_sigma_max: float | None, at_zero: float, sigma: float, sigma_max: float) -> float:
+    """SUPIR's linear schedules: `at_zero` at sigma 0 rising (or falling) to `at_sigma_max` at sigma_max."""
+    if at_sigma_max is None:
+        return at_zero
+    return at_zero + (at_sigma_max - at_zero) * sigma / sigma_max

@@ -30,7 +30,7 @@ def test_plain_loop_matches_diffusers_euler(tiny_eps):
     train_sigmas = schedule_sigmas(scheduler.alphas_cumprod)
     sigmas = step_sigmas(train_sigmas, 6)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    config = SamplerConfig(steps=6, s_churn=0.0, cfg=1.0, cfg_start=None, tau_r=None)
+    config = SamplerConfig(schedule="diffusers", steps=6, s_churn=0.0, cfg=1.0, cfg_start=None, tau_r=None)
     ours = restoration_guided_sample(eps, noise, train_sigmas, config, cond)
 
     scheduler.set_timesteps(sigmas=sigmas.tolist())
@@ -47,7 +47,7 @@ def test_restoration_guidance_pulls_x0_towards_the_lq_latent_above_the_floor(tin
     train_sigmas = schedule_sigmas(scheduler.alphas_cumprod)
     z_lq = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    config = SamplerConfig(steps=8, tau_r=2.0, guidance_floor=0.5, cfg=3.0, cfg_start=1.5)
+    config = SamplerConfig(schedule="diffusers", steps=8, tau_r=2.0, guidance_floor=0.5, cfg=3.0, cfg_start=1.5)
     seen = []
     restoration_guided_sample(eps, noise, train_sigmas, config, cond, negative, z_lq, torch.Generator().manual_seed(3), on_step=seen.append)
     sigma_max = float(train_sigmas.max())
@@ -74,5 +74,87 @@ def test_sampling_is_deterministic_for_a_seed(tiny_eps):
         return restoration_guided_sample(eps, noise, train_sigmas, config, cond, negative, z_lq, torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
-    with pytest.raises(ValueError, match="needs z_lq"):
+    with pytest.raises(ValueError, match="needs x_center"):
         restoration_guided_sample(eps, torch.zeros(1, 4, 8, 8), train_sigmas, config, cond, negative)
+
+
+def _supir_reference(eps, noise, alphas_cumprod, config, cond, uncond, x_center, churn_noise):
+    """SUPIR's RestoreEDMSampler (sgm EDMSampler + LegacyDDPMDiscretization + DiscreteDenoiser with quantised sigma and
+    c_noise, EpsScaling, LinearCFG), re-expressed plainly from the upstream code; returns (x, ks, ws)."""
+    import numpy as np
+
+    ac = alphas_cumprod.double().numpy()
+    timesteps = np.linspace(len(ac) - 1, 0, config.steps, endpoint=False).astype(int)[::-1]  # generate_roughly_equally_spaced_steps
+    sigmas = torch.flip(torch.tensor((1 - ac[timesteps]) / ac[timesteps]) ** 0.5, (0,))
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])  # append_zero
+    all_sigmas = torch.tensor((1 - ac) / ac) ** 0.5
+    sigma_max = float(all_sigmas.max())
+    x = noise.double() * torch.sqrt(1.0 + sigmas[0] ** 2.0)  # prepare_sampling_loop
+    ks, ws = [], []
+    num_sigmas = len(sigmas)
+    for i in range(num_sigmas - 1):
+        sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(config.s_churn / (num_sigmas - 1), 2**0.5 - 1) if config.s_tmin <= sigma <= config.s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1.0)
+        if gamma > 0:
+            x = x + churn_noise[i].double() * config.s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        control = config.control_scale
+        if config.control_scale_start is not None:  # use_linear_control_scale
+            control = (sigma / sigma_max) * (config.control_scale_start - config.control_scale) + config.control_scale
+        index = int((all_sigmas - sigma_hat).abs().argmin())  # sigma_to_idx
+        quantised = float(all_sigmas[index])
+
+        def denoise(c, x=x, quantised=quantised, index=index, control=control):
+            c_in, c_out = 1 / (quantised**2 + 1.0) ** 0.5, -quantised
+            return eps((x * c_in).float(), torch.tensor([float(index)]), c, control).double() * c_out + x
+
+        x_u, x_c = denoise(uncond), denoise(cond)
+        w = config.cfg if config.cfg_start is None else (sigma_hat / sigma_max) * (config.cfg_start - config.cfg) + config.cfg
+        denoised = x_u + w * (x_c - x_u)
+        k = 0.0
+        if next_sigma > config.guidance_floor and config.tau_r is not None:
+            k = (sigma / sigma_max) ** config.tau_r
+            denoised = denoised - (denoised - x_center.double()) * k
+        ks.append(k)
+        ws.append(w)
+        d = (x - denoised) / sigma_hat
+        x = x + d * (next_sigma - sigma_hat)
+    return x.float(), ks, ws
+
+
+def _analytic_eps(x_in, timestep, cond, control_scale):
+    # A smooth denoiser that depends on every input the sampler hands it.
+    return torch.tanh(x_in) * cond[0] + cond[1] * control_scale * (timestep.view(-1, 1, 1, 1) / 1000.0) + 0.01 * x_in**2
+
+
+@pytest.mark.parametrize("preset", ["supir-paper", "supir-release"])
+@pytest.mark.parametrize("churn", [True, False])
+def test_supir_schedule_is_restore_edm_sampler_step_for_step(preset, churn):
+    from diffusers import DDPMScheduler
+
+    from restoration.sampling.presets import sampler_preset
+
+    fields = {**sampler_preset(preset), "steps": 12, "control_scale_start": 0.3}
+    if not churn:
+        fields["s_churn"] = 0.0
+    if fields.get("tau_r") is None:
+        fields["tau_r"] = 4.0  # supir-release turns guidance off; check k anyway
+    config = SamplerConfig(**fields)
+    alphas_cumprod = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    train_sigmas = schedule_sigmas(alphas_cumprod)
+    noise = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    x_center = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    cond, uncond = (0.9, 0.3), (0.5, -0.2)
+    seen = []
+    ours = restoration_guided_sample(
+        _analytic_eps, noise, train_sigmas, config, cond, uncond, x_center, torch.Generator().manual_seed(5), on_step=seen.append
+    )
+    churn_generator = torch.Generator().manual_seed(5)
+    churn_noise = [torch.randn(noise.shape, generator=churn_generator) for _ in range(config.steps)]
+    reference, ks, ws = _supir_reference(_analytic_eps, noise, alphas_cumprod, config, cond, uncond, x_center, churn_noise)
+    assert all(0 <= step.k <= 1 for step in seen) and ks[0] > 0.9  # k at the pre-churn sigma: never past the LQ latent
+    assert [step.k for step in seen] == pytest.approx(ks, rel=1e-9, abs=1e-12)
+    assert [step.cfg_scale for step in seen] == pytest.approx(ws, rel=1e-6)
+    if preset == "supir-release" and churn:
+        assert seen[0].cfg_scale < 1  # SUPIR's linear CFG at sigma-hat falls below 1 at the first step
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()

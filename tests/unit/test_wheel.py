@@ -19,6 +19,8 @@ RUNTIME_FILES = (
     "restoration/models/preset_files/tiny.toml",
     "restoration/models/preset_files/sdxl.toml",
     "restoration/models/preset_files/supir-v0.toml",
+    "restoration/sampling/presets/supir-paper.toml",
+    "restoration/sampling/presets/supir-release.toml",
 )
 PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
 
