@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from restoration.jpeg_tables import ijg_tables
+
 SHARPNESS_SHORT_SIDE = 256
 
 
@@ -38,25 +40,8 @@ def entropy(image: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-# The IJG luminance table at quality 50; libjpeg scales it linearly for other qualities.
-_IJG_LUMA = np.array(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=np.float64,
-).ravel()
-
-
 def _ijg_table(quality: int) -> np.ndarray:
-    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
-    return np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
+    return ijg_tables(quality, libjpeg_rounding=True)[0]
 
 
 _TABLE_SUMS = np.array([_ijg_table(q).sum() for q in range(1, 101)])

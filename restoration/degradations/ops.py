@@ -4,8 +4,9 @@ Each op is deterministic given a `numpy.random.Generator` and the parameters it 
 the parameters, call these, and record what was applied.
 
 Speed notes (one core, 512x512): a blur goes through `kernels.apply_kernel` (cropped, low-rank separable);
-noise is drawn as float32 standard normals (numpy's ziggurat, no float64 round trip); Poisson noise uses the
-normal approximation with the Poisson variance (see `poisson_noise`); JPEG and resizing are OpenCV's.
+noise is drawn fresh per sample as float32 standard normals (numpy's ziggurat, no float64 round trip); Poisson
+noise uses the normal approximation with the Poisson variance (see `poisson_noise`); JPEG and bilinear/bicubic
+resizing are OpenCV's, `area` is torch's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 
 from restoration.degradations.kernels import apply_kernel
+from restoration.jpeg_tables import ijg_tables
 
 RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
@@ -44,44 +46,28 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """Resize to (height, width); keeps the dtype (uint8 or float32)."""
+    """Resize to (height, width), keeping the dtype (uint8 or float32): bilinear/bicubic are OpenCV's, `area` is
+    torch's (adaptive average pooling, enlarging included), as BasicSR's Real-ESRGAN pipeline uses it."""
     height, width = max(1, int(height)), max(1, int(width))
     if (height, width) == image.shape[:2]:
         return image
-    interpolation = RESIZE_MODES[mode]
-    if mode == "area" and (height > image.shape[0] or width > image.shape[1]):
-        interpolation = cv2.INTER_LINEAR  # area is only defined for shrinking; torch's 'area' also falls back
-    return cv2.resize(image, (width, height), interpolation=interpolation)
+    if mode == "area":
+        return area_resize(image, height, width)
+    return cv2.resize(image, (width, height), interpolation=RESIZE_MODES[mode])
 
 
-# Cheap noise: drawing fresh normals costs ~10 ns a sample (8 ms for a 512x512 RGB image), more than the rest
-# of a chain. Instead one table of 2^22 standard normals is drawn once per process from a fixed seed, and each
-# call copies a window of it at an offset drawn from the caller's Generator (with a random sign). Samples are
-# exactly N(0, 1); windows of different calls overlap only by chance, which training data does not notice.
-_NOISE_TABLE_SIZE = 1 << 22
-_noise_table: np.ndarray | None = None
+def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`torch.nn.functional.interpolate(mode="area")`: adaptive average pooling to (height, width)."""
+    import torch
 
-
-def _table() -> np.ndarray:
-    global _noise_table
-    if _noise_table is None:
-        _noise_table = np.random.default_rng(0x5EED).standard_normal(_NOISE_TABLE_SIZE, dtype=np.float32)
-    return _noise_table
+    tensor = torch.from_numpy(np.ascontiguousarray(as_float(image))).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.adaptive_avg_pool2d(tensor, (height, width))[0].permute(1, 2, 0).numpy()
+    return to_uint8(resized) if image.dtype == np.uint8 else resized
 
 
 def _standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 N(0, 1) samples of `shape`, deterministic given `rng`."""
-    table = _table()
-    count = int(np.prod(shape))
-    pieces, remaining = [], count
-    while remaining > 0:
-        length = min(remaining, _NOISE_TABLE_SIZE // 2)
-        start = int(rng.integers(0, _NOISE_TABLE_SIZE - length + 1))
-        piece = table[start : start + length]
-        pieces.append(-piece if rng.random() < 0.5 else piece.copy())
-        remaining -= length
-    samples = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    return samples.reshape(shape)
+    """float32 N(0, 1) samples of `shape`, fresh from the caller's generator (every sample its own noise)."""
+    return rng.standard_normal(shape, dtype=np.float32)
 
 
 def gaussian_noise(image: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
@@ -118,8 +104,19 @@ def poisson_noise_reference(image: np.ndarray, scale: float, gray: bool, rng: np
     return image + (out - base).astype(np.float32) * np.float32(scale)
 
 
-def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG round trip at `quality` (OpenCV's libjpeg, 4:2:0 chroma as in common encoders); returns uint8."""
+def jpeg(image: np.ndarray, quality: float) -> np.ndarray:
+    """JPEG round trip at `quality`, 4:2:0 chroma; returns uint8. An integer quality uses the encoder's own scaling
+    (OpenCV's libjpeg); a fractional one (BasicSR draws them) the IJG tables scaled by the float factor."""
+    if float(quality) != int(quality):
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(image)).save(
+            buffer, format="JPEG", qtables=[table.astype(int).tolist() for table in ijg_tables(float(quality))], subsampling=2
+        )
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     # OpenCV encodes BGR; the swap matters because JPEG's luma weights R and B differently.
     pixels = cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)
     ok, buffer = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -128,10 +125,16 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buffer, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def usm_kernel_size(radius: int = 50) -> int:
+    """BasicSR's USMSharp(radius): an odd kernel of `radius` (+1 when even) pixels, sigma from OpenCV's rule
+    0.3 ((size - 1) / 2 - 1) + 0.8: radius 50 gives 51 x 51 with sigma 8."""
+    return radius + 1 if radius % 2 == 0 else radius
+
+
 def usm_sharpen(image: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: int = 10) -> np.ndarray:
-    """Unsharp masking as Real-ESRGAN sharpens its targets: blend towards `img + weight * (img - blur)` where the
-    residual is over `threshold` grey levels, through a blurred soft mask."""
-    size = 2 * radius + 1
+    """Unsharp masking as BasicSR's USMSharp: blend towards `img + weight * (img - blur)` where the residual is over
+    `threshold` grey levels, through a blurred soft mask."""
+    size = usm_kernel_size(radius)
     blurred = cv2.GaussianBlur(image, (size, size), 0)
     residual = image - blurred
     mask = (np.abs(residual) * 255 > threshold).astype(np.float32)

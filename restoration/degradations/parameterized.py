@@ -1,8 +1,12 @@
 """SPIRE's parameterized degradation chain and the restoration prompt it writes.
 
-Four ops, each applied with probability 0.5 in this order (drawn again when none fires, so every sample is
-degraded): Gaussian blur (sigma, pixels), downsample (factor; the LQ is brought back to the HQ size with
-bicubic interpolation so every LQ has the HQ's size), Gaussian noise (sigma on the [0, 1] scale), JPEG (quality).
+Four ops, each applied independently with probability 0.5 in this order, as SPIRE skips them: Gaussian blur
+(sigma, pixels), downsample (factor; the LQ is brought back to the HQ size with bicubic interpolation so every LQ
+has the HQ's size), Gaussian noise (sigma on the [0, 1] scale), JPEG (quality). When every op is skipped the pair
+is clean (LQ = HQ) with the blind prompt "Remove all degradation" (render of no ops): restoring it is the identity.
+
+The downsample factor printed is the one applied: the small image's height is round(H / f), and the factor is
+then H / that height (rounded to the prompt's precision, and the width follows from it).
 
 Each parameter is rounded to the precision the prompt prints (`restoration.prompts.round_parameter`) *before*
 it is applied, so "Deblur with sigma 2.0" means the blur applied had sigma exactly 2.0. With probability
@@ -47,13 +51,25 @@ def _draw(op: str, config: ParameterizedConfig, rng: np.random.Generator) -> flo
     return round_parameter(op, min(max(value, lowest), highest))
 
 
+def downsampled_size(hq_shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    height, width = hq_shape
+    return max(1, round(height / factor)), max(1, round(width / factor))
+
+
+def exact_factor(hq_shape: tuple[int, int], factor: float) -> float:
+    """The printable factor that the downsample to round(H / f) rows really applies (H / rows, rounded)."""
+    rows = max(1, round(hq_shape[0] / factor))
+    return round_parameter("downsample", hq_shape[0] / rows)
+
+
 def apply_op(image: np.ndarray, op: str, value: float | int, rng: np.random.Generator, hq_shape: tuple[int, int]) -> np.ndarray:
     """Apply one parameterized op at exactly `value`."""
     if op == "blur":
         return ops.gaussian_blur(ops.as_float(image), float(value))
     if op == "downsample":
         height, width = hq_shape
-        small = ops.resize(ops.as_float(image), round(height / value), round(width / value), "bicubic")
+        small_h, small_w = downsampled_size(hq_shape, float(value))
+        small = ops.resize(ops.as_float(image), small_h, small_w, "bicubic")
         return ops.resize(small, height, width, "bicubic")
     if op == "noise":
         return ops.gaussian_noise(image, float(value), gray=False, rng=rng)
@@ -64,11 +80,12 @@ def apply_op(image: np.ndarray, op: str, value: float | int, rng: np.random.Gene
 
 def parameterized_degrade(hq: np.ndarray, rng: np.random.Generator, config: ParameterizedConfig | None = None) -> DegradedSample:
     config = config or ParameterizedConfig()
-    while True:
-        chosen = [op for op in OP_ORDER if rng.random() < config.op_probability]
-        if chosen:
-            break
+    chosen = [op for op in OP_ORDER if rng.random() < config.op_probability]  # each op skipped independently
     applied = [(op, _draw(op, config, rng)) for op in chosen]
+    # The factor applied is what the rows allow; iterate once so the rows of the printed factor give it back.
+    applied = [
+        (op, exact_factor(hq.shape[:2], exact_factor(hq.shape[:2], value)) if op == "downsample" else value) for op, value in applied
+    ]
     image: np.ndarray = hq
     for op, value in applied:
         image = apply_op(image, op, value, rng, hq.shape[:2])

@@ -85,7 +85,8 @@ class RealESRGANConfig(ChainConfig):
     jpeg2: tuple[int, int] = Field((30, 95), description="Final JPEG quality range.")
     final_sinc_probability: float = Field(0.8, ge=0, le=1, description="Chance of the final sinc filter.")
     final_sinc_size: tuple[int, int] = Field((7, 21), description="Odd final sinc kernel sizes.")
-    usm_target: bool = Field(False, description="USM-sharpen the target (Real-ESRGAN's l1_gt_usm).")
+    usm_target: bool = Field(True, description="USM-sharpen the target (BasicSR's train_realesrgan_x4plus: l1_gt_usm true).")
+    usm_lq_source: bool = Field(True, description="Degrade the USM-sharpened HQ, as BasicSR's Real-ESRGAN model does.")
     resize_back_mode: Literal["bicubic", "bilinear", "area"] = Field("bicubic", description="Interpolation of resize_back.")
 
 
@@ -153,7 +154,8 @@ def _random_noise(image: np.ndarray, config: NoiseConfig, rng: np.random.Generat
 
 
 def _jpeg(image: np.ndarray, quality_range: tuple[int, int], rng: np.random.Generator, record: list) -> np.ndarray:
-    quality = int(rng.integers(quality_range[0], quality_range[1] + 1))
+    # A float quality, as BasicSR draws it (uniform_ over the range) for DiffJPEG; recorded to 2 decimals, applied so.
+    quality = round(float(rng.uniform(quality_range[0], quality_range[1])), 2)
     record.append({"op": "jpeg", "quality": quality})
     return ops.jpeg(image, quality)
 
@@ -171,12 +173,16 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
     target_h, target_w = max(1, height // config.scale), max(1, width // config.scale)
     record: list[dict] = []
 
+    # BasicSR degrades the USM-sharpened ground truth (RealESRGANModel.feed_data: filter2D(self.gt_usm, kernel1)).
+    sharpened = ops.to_uint8(ops.usm_sharpen(ops.to_float(hq))) if config.usm_lq_source or config.usm_target else None
+    source = sharpened if config.usm_lq_source else hq
     kernel, params = random_kernel(config.blur1, rng)
     record.append({"op": "blur", **params})
-    image = ops.blur(hq, kernel)  # uint8 in, float32 out: the first (largest) blur runs in fixed point
+    image = ops.blur(source, kernel)  # uint8 in, float32 out: the first (largest) blur runs in fixed point
 
+    # Sizes are floored, as F.interpolate(scale_factor=...) and BasicSR's int(...) do.
     scale = _random_scale(config.resize1, rng)
-    image = _resize_to(image, round(height * scale), round(width * scale), rng, record)
+    image = _resize_to(image, int(height * scale), int(width * scale), rng, record)
     image = _random_noise(image, config.noise1, rng, record)
     image = _jpeg(image, config.jpeg1, rng, record)
     first_order = len(record)
@@ -186,7 +192,7 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
         record.append({"op": "blur", **params})
         image = ops.blur(image, kernel)
     scale = _random_scale(config.resize2, rng)
-    image = _resize_to(image, round(target_h * scale), round(target_w * scale), rng, record)
+    image = _resize_to(image, int(height / config.scale * scale), int(width / config.scale * scale), rng, record)
     image = _random_noise(image, config.noise2, rng, record)
     second_order = len(record)
 
@@ -216,6 +222,6 @@ def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESR
 
     target = hq
     if config.usm_target:
-        target = ops.to_uint8(ops.usm_sharpen(ops.to_float(hq)))
+        target = sharpened  # the same USM image BasicSR degrades and trains towards (computed once)
         record.insert(0, {"op": "usm_target", "stage": "target", "weight": 0.5, "radius": 50, "threshold": 10})
     return DegradedSample(hq=target, lq=lq, kind="realesrgan", ops=record, restoration_prompt=BLIND_PROMPT)

@@ -302,3 +302,74 @@ def test_plugins_register_through_the_entry_point_group(tmp_path, monkeypatch):
     sample = single_degrade(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0), "snow", registry=registry)
     assert sample.restoration_prompt == "Desnow" and (sample.mask == 42).all()
     sys.modules.pop("restoray_snow", None)
+
+
+def test_noise_is_fresh_per_sample():
+    from restoration.degradations import ops
+
+    zeros = np.zeros((64, 64, 3), np.float32)
+    first = ops.gaussian_noise(zeros, 1.0, False, np.random.default_rng(1)).ravel()
+    second = ops.gaussian_noise(zeros, 1.0, False, np.random.default_rng(2)).ravel()
+    assert np.array_equal(first, ops.gaussian_noise(zeros, 1.0, False, np.random.default_rng(1)).ravel())
+    # Windows of one shared table would share thousands of exact values (shifted copies); fresh draws share ~none.
+    assert len(np.intersect1d(first, second)) < 5 and abs(np.corrcoef(first, second)[0, 1]) < 0.05
+
+
+def test_usm_uses_basicsr_kernel_and_area_is_torch_area():
+    import cv2
+    import torch
+
+    from restoration.degradations import ops
+
+    assert ops.usm_kernel_size(50) == 51  # BasicSR's USMSharp(radius=50): 51 x 51 ...
+    assert np.allclose(cv2.getGaussianKernel(51, 0), cv2.getGaussianKernel(51, 8.0))  # ... with sigma 8
+    image = np.random.default_rng(0).random((37, 53, 3), dtype=np.float32)
+    for size in ((13, 20), (80, 101)):
+        expected = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=size, mode="area")
+        assert np.allclose(ops.resize(image, *size, "area"), expected[0].permute(1, 2, 0).numpy(), atol=1e-6)
+
+
+def test_float_jpeg_quality_scales_the_ijg_tables():
+    from restoration.degradations import ops
+    from restoration.jpeg_tables import ijg_tables
+
+    luma_low, _ = ijg_tables(30.5)
+    luma_high, _ = ijg_tables(90.25)
+    assert (luma_low >= luma_high).all() and luma_low.sum() > luma_high.sum()
+    assert np.array_equal(ijg_tables(50.0)[0], ijg_tables(50)[0])
+    photo = np.asarray(__import__("skimage.data").data.astronaut()[:128, :128])
+    error = {q: np.abs(ops.jpeg(photo, q).astype(float) - photo).mean() for q in (30.5, 60.75, 90.25)}
+    assert error[30.5] > error[60.75] > error[90.25]
+
+
+def test_spire_skips_ops_independently_and_prints_the_factor_it_applies():
+    from restoration.degradations.parameterized import ParameterizedConfig, parameterized_degrade
+
+    hq = np.random.default_rng(0).integers(0, 255, (150, 210, 3), dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    counts, clean = {}, 0
+    for _ in range(200):
+        sample = parameterized_degrade(hq, rng)
+        ops_applied = [entry["op"] for entry in sample.ops]
+        for op in ops_applied:
+            counts[op] = counts.get(op, 0) + 1
+        if not ops_applied:
+            clean += 1
+            assert np.array_equal(sample.lq, hq) and sample.restoration_prompt == "Remove all degradation"
+    assert 0 < clean < 30 and all(70 < count < 130 for count in counts.values())  # each op fires about half the time
+    always_down = ParameterizedConfig(op_probability=1.0)
+    for _ in range(20):
+        factor = next(entry["value"] for entry in parameterized_degrade(hq, rng, always_down).ops if entry["op"] == "downsample")
+        assert round(150 / round(150 / factor), 1) == factor  # the printed factor is H / rows of the image made
+
+
+def test_composites_mix_abairs_seen_types_by_default():
+    from restoration.degradations import CompositeConfig, composite_degrade
+
+    hq = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(30):
+        seen |= {entry["type"] for entry in composite_degrade(hq, rng).ops}
+    assert seen <= {"rain", "haze", "noise", "blur", "low_light"} and len(seen) >= 4
+    assert CompositeConfig().types == ("rain", "haze", "noise", "blur", "low_light")
