@@ -64,7 +64,9 @@ class RestoreConfig(StrictModel):
         description="Latents larger than this (128 = SDXL's 1024 px) are denoised in Gaussian-weighted tiles and decoded by the "
         "tiled VAE; images over 8x this are encoded tiled too. Unset: never tile.",
     )
-    tile_overlap: int = Field(32, ge=0, description="Latent pixels of overlap between diffusion and VAE-decoder tiles.")
+    tile_overlap: int = Field(
+        64, ge=0, description="Latent pixels of overlap between diffusion and VAE-decoder tiles (64: SUPIR's stride 64 on 128 tiles)."
+    )
     tile_encoder_overlap: int = Field(64, ge=0, description="Pixels of overlap between VAE-encoder tiles.")
 
     @model_validator(mode="after")

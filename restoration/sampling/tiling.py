@@ -26,12 +26,17 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
+# SUPIR's tiled sampler (`_gaussian_weights`, var = 0.01): sigma is a tenth of the tile's side, so a tile's centre
+# dominates and its borders hardly count.
+TILE_SIGMA = 0.1
+
+
 def gaussian_weights(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H, W) weights peaking at the tile centre (sigma = a quarter of the side, as in tiled diffusion)."""
+    """(H, W) weights peaking at the tile centre, sigma = TILE_SIGMA x the side (SUPIR's)."""
 
     def axis(n: int) -> torch.Tensor:
         positions = torch.arange(n, device=device, dtype=torch.float64)
-        return torch.exp(-0.5 * ((positions - (n - 1) / 2) / max(n / 4, 1e-6)) ** 2)
+        return torch.exp(-0.5 * ((positions - (n - 1) / 2) / max(n * TILE_SIGMA, 1e-6)) ** 2)
 
     return (axis(height)[:, None] * axis(width)[None, :]).to(dtype)
 

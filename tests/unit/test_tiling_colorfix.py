@@ -66,9 +66,11 @@ def test_tiled_vae_round_trip_matches_the_untiled_one(vae_and_photo):
     round_trip = tiled_decode(vae, tiled_latent, tile_latent=20, overlap=12)
     assert round_trip.shape == untiled.shape
     assert _psnr(round_trip, untiled) >= 30
-    assert _psnr(tiled_decode(vae, latent, 20, 12), untiled) >= 30
-    # Per-tile statistics (what the image-wide GroupNorm and attention replace) are visibly worse.
-    assert _psnr(tiled(lambda z: vae.decode(z).sample, latent, tile=20, overlap=12), untiled) < 25
+    synced = _psnr(tiled_decode(vae, latent, 20, 12), untiled)
+    assert synced >= 30
+    # Per-tile statistics (what the image-wide GroupNorm and attention replace) are visibly worse: measured 27.6 dB
+    # with SUPIR's tile weights against 47 dB synced.
+    assert _psnr(tiled(lambda z: vae.decode(z).sample, latent, tile=20, overlap=12), untiled) < synced - 10
     # The swapped layers are put back: the VAE is unchanged afterwards.
     assert not any(type(module).__name__.startswith("_Synced") for module in vae.modules())
     assert torch.equal(vae.decode(latent).sample, before)
@@ -89,3 +91,13 @@ def test_tiled_vae_reports_a_tile_failure_instead_of_hanging(vae_and_photo):
         tiled_vae_call(vae.decoder, failing_decode, latent, tile=20, overlap=12)
     with pytest.raises(ValueError, match="multiple of 8"):
         tiled_encode(lambda p: p, vae.encoder, image[:, :, :100, :100], tile=64, overlap=16)
+
+
+def test_tile_weights_are_supirs():
+    from restoration.sampling.tiling import gaussian_weights
+
+    weights = gaussian_weights(1, 101, dtype=torch.float64)[0]
+    # SUPIR's _gaussian_weights: exp(-(x - mid)^2 / side^2 / (2 * 0.01)), i.e. sigma = 0.1 * side.
+    x = torch.arange(101, dtype=torch.float64)
+    expected = torch.exp(-((x - 50) ** 2) / 101**2 / (2 * 0.01))
+    assert torch.allclose(weights / weights.max(), expected / expected.max())
