@@ -333,15 +333,10 @@ def build_dataset(
     ray.data.DataContext.get_current().raise_original_map_exception = True
     try:
         summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
-    except RestorayError:
-        raise
-    except Exception as err:  # Ray wraps what a task raised: a storage failure inside is still one
-        cause = storage_cause(err)
-        if cause is not None:
+    except Exception as err:  # Ray wraps what a task raised (posing as it): raise the plain cause, not a remote traceback
+        cause = storage_cause(err) or find_cause(err, BuildStopped)
+        if cause is not None and cause is not err:
             raise cause from None
-        stopped = find_cause(err, BuildStopped)
-        if stopped is not None:
-            raise stopped from None
         raise
     return summary
 
