@@ -361,11 +361,19 @@ class Restorer:
         # SUPIR conditions SDXL's size embedding on a fixed 1024 x 1024 whatever the image size.
         height, width = (1024, 1024) if schedule == "supir" else size_hw
         return Conditioning(
-            semantic=encode_prompt(self.networks, [f"{caption} {POSITIVE_QUALITY_PROMPT}".strip()]),
+            semantic=encode_prompt(self.networks, [semantic_prompt(caption, schedule)]),
             negative=encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT]),
             restoration=encode_prompt(self.networks, [restoration_prompt]),
             time_ids=size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(self.device),
         )
+
+
+def semantic_prompt(caption: str, schedule: str) -> str:
+    """The UNet's prompt: the caption and SUPIR's positive quality prompt. SUPIR joins them without a space
+    (`''.join([caption, a_prompt])` in SUPIR_model.prepare_condition); the diffusers schedule keeps a space."""
+    if schedule == "supir":
+        return f"{caption}{POSITIVE_QUALITY_PROMPT}"
+    return f"{caption} {POSITIVE_QUALITY_PROMPT}".strip()
 
 
 def _lap(started: float) -> tuple[float, float]:

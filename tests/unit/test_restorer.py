@@ -221,3 +221,11 @@ def test_adaptor_condition_picks_the_adaptors_text(photo):
     assert not np.array_equal(run(spire, "Denoise with sigma 0.1"), run(spire, "Deblur with sigma 3.0"))  # SPIRE reads it
     assert np.array_equal(run(supir, "Denoise with sigma 0.1"), run(supir, "Deblur with sigma 3.0"))  # SUPIR does not
     assert not np.array_equal(run(supir, "Denoise with sigma 0.1"), run(spire, "Denoise with sigma 0.1"))
+
+
+def test_semantic_prompt_joins_as_supir_does():
+    from restoration.prompts import POSITIVE_QUALITY_PROMPT
+    from restoration.restorer import semantic_prompt
+
+    assert semantic_prompt("a cat. ", "supir") == "a cat. " + POSITIVE_QUALITY_PROMPT  # ''.join, as upstream
+    assert semantic_prompt("a cat", "diffusers") == "a cat " + POSITIVE_QUALITY_PROMPT
