@@ -17,7 +17,6 @@ import json
 import logging
 import posixpath
 import tarfile
-import time
 from collections.abc import Iterator
 
 import fsspec
@@ -27,7 +26,7 @@ from pipelines.config import SourceConfig
 from pipelines.rows import rows_of
 from restoration.errors import InputError
 from runtime.config import StorageConfig
-from runtime.storage import StorageError, filesystem, full_uri, is_storage_error, read_bytes, retrying
+from runtime.storage import Backoff, StorageError, filesystem, full_uri, is_storage_error, read_bytes, retrying
 
 log = logging.getLogger(__name__)
 ROWS_PER_BATCH = 16
@@ -221,8 +220,8 @@ def _read_tar(unit: dict, config: SourceConfig, storage: StorageConfig) -> Itera
     uri = unit["path"]
     fs, path = filesystem(uri, storage)
     yielded: set[str] = set()
-    delay = storage.backoff_s
-    for attempt in range(1, storage.attempts + 1):
+    backoff = Backoff(uri, storage)
+    while True:
         try:
             for key, row in _tar_rows(fs, path, uri, config):
                 if key not in yielded:
@@ -236,11 +235,7 @@ def _read_tar(unit: dict, config: SourceConfig, storage: StorageConfig) -> Itera
             if not is_storage_error(err, uri):
                 yield _row(uri, None, None, f"read_error: {uri} is not a readable tar: {type(err).__name__}: {err}")
                 return
-            if attempt == storage.attempts:
-                raise StorageError(uri, err, attempt) from err
-            log.warning("reading %s failed (%s); retry %d/%d in %.1fs", uri, err, attempt, storage.attempts - 1, delay)
-            time.sleep(delay)
-            delay = min(storage.max_backoff_s, delay * 2)
+            backoff.failed(err)  # sleeps, or raises StorageError once the attempts are spent
 
 
 def _tar_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str, config: SourceConfig) -> Iterator[tuple[str, dict]]:

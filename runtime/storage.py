@@ -115,11 +115,32 @@ def is_storage_error(error: BaseException, uri: str) -> bool:
     return isinstance(error, OSError) and error.errno in LOCAL_STORAGE_ERRNOS
 
 
+class Backoff:
+    """The one retry policy: `failed(error)` after a storage error sleeps the next exponential delay, or raises
+    StorageError once `storage.attempts` attempts have failed. For loops that cannot be a single call (a tar streamed
+    row by row resumes where it stopped)."""
+
+    def __init__(self, uri: str, storage: StorageConfig, what: str = "read"):
+        self.uri, self.storage, self.what = uri, storage, what
+        self.attempt, self.delay = 0, storage.backoff_s
+
+    def failed(self, error: BaseException) -> None:
+        self.attempt += 1
+        if self.attempt >= self.storage.attempts:
+            raise StorageError(self.uri, error, self.attempt) from error
+        log.warning(
+            "%s %s failed (%s: %s); retry %d/%d in %.1fs",
+            self.what, self.uri, type(error).__name__, error, self.attempt, self.storage.attempts - 1, self.delay,
+        )  # fmt: skip
+        time.sleep(self.delay)
+        self.delay = min(self.storage.max_backoff_s, self.delay * 2)
+
+
 def retrying(call: Callable[[], T], uri: str, storage: StorageConfig, what: str = "read") -> T:
     """`call()`, retried with exponential backoff while it raises storage errors; `StorageError` once they persist.
     Errors of the source are raised unchanged at once (they are the caller's to record)."""
-    delay = storage.backoff_s
-    for attempt in range(1, storage.attempts + 1):
+    backoff = Backoff(uri, storage, what)
+    while True:
         try:
             return call()
         except StorageError:
@@ -127,14 +148,7 @@ def retrying(call: Callable[[], T], uri: str, storage: StorageConfig, what: str 
         except Exception as error:
             if not is_storage_error(error, uri):
                 raise
-            if attempt == storage.attempts:
-                raise StorageError(uri, error, attempt) from error
-            log.warning(
-                "%s %s failed (%s: %s); retry %d/%d in %.1fs", what, uri, type(error).__name__, error, attempt, storage.attempts - 1, delay
-            )
-            time.sleep(delay)
-            delay = min(storage.max_backoff_s, delay * 2)
-    raise AssertionError("unreachable")
+            backoff.failed(error)
 
 
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:
