@@ -46,9 +46,9 @@ from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import add_expert, expert_names, set_expert_weights
 from restoration.models.presets import load_preset
 from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
-from restoration.retrieval.injection import InjectionConfig, ReferenceController, install
+from restoration.retrieval.injection import InjectionConfig, ReferenceController, install, uninstall
 from restoration.sampling.colorfix import wavelet_color_fix
-from restoration.sampling.edm import StepInfo, restoration_guided_sample, schedule_sigmas, timestep_to_sigma
+from restoration.sampling.edm import StepInfo, restoration_guided_sample, schedule_sigmas
 from restoration.sampling.tiled_vae import tiled_decode, tiled_encode
 from restoration.sampling.tiling import tiled
 from restoration.seeding import torch_seeded
@@ -285,30 +285,38 @@ class Restorer:
 
         # Gate 0 is the plain model: no reference chain at all (bit-exact with no references).
         used = references if options.gate_scale != 0 else []
-        chain = ReferenceChain.build(self, used, stage1.size, options) if used else None
+        chain = ReferenceChain.build(self, used, stage1.size, sampler, options, seed) if used else None
         seconds["references"], clock = _lap(clock)
 
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(stage1.latent.shape, generator=generator).to(self.device)  # CPU draw: one image on any device
         x_center = self._guidance_target(stage1, sampler, options)
-        denoiser = AdaptedDenoiser(self, stage1.latent, noise, conditioning, chain, options)
-        previous_processors = dict(self.networks.unet.attn_processors)
+        denoiser = AdaptedDenoiser(self, stage1.latent, conditioning, chain, options)
+        trajectories = {"noise": noise, "x_center": x_center, "generator": generator}
         if chain is not None:
+            trajectories = {
+                "noise": [noise, chain.noise],
+                "x_center": [x_center, chain.x_center],
+                "generator": [generator, chain.generator],
+            }
             chain.install()
         try:
             latent = restoration_guided_sample(
                 denoiser,
-                noise,
+                trajectories["noise"],
                 self.train_sigmas,
                 sampler,
                 conditioning.semantic,
                 conditioning.negative,
-                x_center,
-                generator,
+                trajectories["x_center"],
+                trajectories["generator"],
                 on_step=on_step,
             )
         finally:
-            self.networks.unet.set_attn_processor(previous_processors)
+            if chain is not None:
+                chain.uninstall()
+        if chain is not None:
+            latent = latent[0]
         seconds["sampling"], clock = _lap(clock)
 
         restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
@@ -430,52 +438,158 @@ class Conditioning:
 
 
 class ReferenceChain:
-    """ReFIR's reference chain: each reference latent through the same frozen UNet at the target's noise level and
-    timestep (noised with the target's noise), recording the decoder self-attention keys, values and features the
-    target then attends to. It runs once per step: the CFG negative pass of a step reuses the positive pass's record."""
+    """ReFIR's reference chain: the references restored by the same adapted model (adaptor and connectors) on their
+    own trajectory, next to the target's: the sampler steps them with the target (same sigmas, w, k and control
+    scale), from the shared noise (the target's seed; the very same draw when the sizes match), pulled by
+    restoration guidance towards their own stage-1 targets. A model call runs target and references as one batch
+    when they have one shape and the target is not tiled; otherwise the references first, recording their decoder
+    keys, values and joined features, then the target (tile by tile), which injects them.
 
-    def __init__(self, restorer: Restorer, latents: list[torch.Tensor], options: RestoreConfig):
+    `cfg = "paired"` (upstream ReFIR: the reference on both CFG passes, as the batch [uc_t, uc_r, c_t, c_r]);
+    `"shared"`: the references run on the conditional pass only, the unconditional target pass injects that record,
+    and the references' trajectory takes its conditional prediction for both passes (one reference pass per step,
+    not two). Outside `reference_range` nothing is injected; after its end the references stop running.
+    References are restored at the working size, or scaled down to fit one diffusion tile when the target is tiled
+    (every target tile then attends to whole references)."""
+
+    def __init__(self, restorer: Restorer, references: list[Stage1], x_centers: torch.Tensor, seed: int, options: RestoreConfig):
         self.restorer = restorer
-        self.latents = latents
+        self.z_lq = torch.cat([reference.latent for reference in references])  # (R, 4, h, w): the adaptor's LQ input
+        self.x_center = x_centers
+        self.noise = torch.randn(self.z_lq[:1].shape, generator=torch.Generator().manual_seed(seed)).expand_as(self.z_lq).clone()
+        self.noise = self.noise.to(self.z_lq.device)
+        self.generator = torch.Generator().manual_seed(seed)  # the churn: the target's own draws when the sizes match
         self.reference_range = options.reference_range
+        self.cfg = options.refir_cfg
         self.controller = ReferenceController(InjectionConfig(gate_scale=options.gate_scale))
-        self.recorded_timestep: float | None = None
+        self._processors: dict | None = None
+        self._last_eps: torch.Tensor | None = None
+
+    @staticmethod
+    def reference_size(restorer: Restorer, working_size: tuple[int, int], options: RestoreConfig) -> tuple[int, int]:
+        if options.tile_latent is None:
+            return working_size
+        limit = options.tile_latent * restorer.vae_factor
+        scale = min(1.0, limit / max(working_size))
+        return (max(1, int(working_size[0] * scale)), max(1, int(working_size[1] * scale)))
 
     @classmethod
-    def build(cls, restorer: Restorer, references: list[ReferenceUsed], size: tuple[int, int], options: RestoreConfig) -> ReferenceChain:
-        latents = [restorer._encode(restorer._prepare(ref.image.resize(size, Image.BICUBIC)), options) for ref in references]
-        return cls(restorer, latents, options)
+    def build(
+        cls,
+        restorer: Restorer,
+        references: list[ReferenceUsed],
+        working_size: tuple[int, int],
+        sampler: SamplerConfig,
+        options: RestoreConfig,
+        seed: int,
+    ) -> ReferenceChain:
+        size = cls.reference_size(restorer, working_size, options)
+        stages = [restorer.stage1(reference.image.resize(size, Image.BICUBIC), options) for reference in references]
+        centers = torch.cat([restorer._guidance_target(stage, sampler, options) for stage in stages])
+        return cls(restorer, stages, centers, seed, options)
 
     def install(self) -> None:
-        install(self.restorer.networks.unet, self.controller)
+        self._processors = dict(self.restorer.networks.unet.attn_processors)
+        install(self.restorer.model, self.controller)
+
+    def uninstall(self) -> None:
+        if self._processors is not None:
+            uninstall(self.restorer.model, self._processors)
+            self._processors = None
+
+    def progress(self, timestep: float) -> float:
+        return 1.0 - timestep / (len(self.restorer.train_sigmas) - 1)
 
     def active_at(self, timestep: float) -> bool:
-        progress = 1.0 - timestep / (len(self.restorer.train_sigmas) - 1)
-        return self.reference_range[0] <= progress <= self.reference_range[1]
+        return self.reference_range[0] <= self.progress(timestep) <= self.reference_range[1]
 
-    def record(self, timestep: torch.Tensor, noise: torch.Tensor, embeds: torch.Tensor, added: dict) -> None:
-        t = float(timestep[0])
-        if t == self.recorded_timestep:
-            return
-        self.recorded_timestep = t
-        sigma = timestep_to_sigma(t, self.restorer.train_sigmas)
+    def run(self, x_in: torch.Tensor, timestep: torch.Tensor, model_inputs: dict, control_scale: float) -> torch.Tensor:
+        """The references' eps at this step, recording what the target injects."""
+        count = x_in.shape[0]
+        embeds, added = model_inputs["embeds"], model_inputs["added"]
+        restoration_embeds, restoration_added = model_inputs["restoration_embeds"], model_inputs["restoration_added"]
+
+        def widen(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.expand(count, *tensor.shape[1:])
+
         self.controller.clear()
         self.controller.mode = "record"
-        for latent in self.latents:
-            x_ref = (latent + noise * sigma) / float(np.sqrt(sigma**2 + 1))
-            self.restorer.networks.unet(x_ref, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added)
-        self.controller.mode = "off"
+        try:
+            eps = self.restorer.model(
+                x_in,
+                timestep[:1].expand(count),
+                widen(embeds),
+                {key: widen(value) for key, value in added.items()},
+                self.z_lq,
+                widen(restoration_embeds),
+                {key: widen(value) for key, value in restoration_added.items()},
+                control_scale,
+            )
+        finally:
+            self.controller.mode = "off"
+        self._last_eps = eps
+        return eps
+
+    def plan(self, timestep: torch.Tensor, negative: bool) -> str:
+        """What the references do on this pass: "frozen" (past the range: never read again, so they stop; eps 0
+        holds them still), "reuse" (shared CFG's unconditional pass: the conditional record and prediction), "run"."""
+        if self.progress(float(timestep[0])) > self.reference_range[1]:
+            return "frozen"
+        if negative and self.cfg == "shared" and self._last_eps is not None:
+            return "reuse"
+        return "run"
+
+    def step(self, x_in: torch.Tensor, timestep: torch.Tensor, model_inputs: dict, control_scale: float, plan: str) -> torch.Tensor:
+        """The references' eps for one pass run apart from the target; leaves the controller ready to inject."""
+        if plan == "frozen":
+            self.controller.clear()
+            return torch.zeros_like(x_in)
+        eps = self._last_eps if plan == "reuse" else self.run(x_in, timestep, model_inputs, control_scale)
+        self.controller.mode = "inject" if self.active_at(float(timestep[0])) else "off"
+        return eps
+
+    def run_with_target(
+        self,
+        target_in: torch.Tensor,
+        target_lq: torch.Tensor,
+        x_in: torch.Tensor,
+        timestep: torch.Tensor,
+        model_inputs: dict,
+        control_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and references as one batch [target, references] (same shape, untiled): (target eps, references eps)."""
+        count = 1 + x_in.shape[0]
+
+        def widen(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.expand(count, *tensor.shape[1:])
+
+        self.controller.clear()
+        self.controller.mode, self.controller.split = ("batched" if self.active_at(float(timestep[0])) else "off"), 1
+        try:
+            eps = self.restorer.model(
+                torch.cat([target_in, x_in]),
+                timestep[:1].expand(count),
+                widen(model_inputs["embeds"]),
+                {key: widen(value) for key, value in model_inputs["added"].items()},
+                torch.cat([target_lq, self.z_lq]),
+                widen(model_inputs["restoration_embeds"]),
+                {key: widen(value) for key, value in model_inputs["restoration_added"].items()},
+                control_scale,
+            )
+        finally:
+            self.controller.mode = "off"
+        self._last_eps = eps[1:]
+        return eps[:1], eps[1:]
 
 
 class AdaptedDenoiser:
-    """The eps model the sampler calls: the adapted UNet on (x, z_LQ), with ReFIR references when a chain is given
-    and Gaussian-weighted tiles above `tile_latent` (without references: the chain attends to whole latents)."""
+    """The eps model the sampler calls: the adapted UNet on (x, z_LQ), in Gaussian-weighted tiles above
+    `tile_latent`. With a reference chain it takes and returns [target, references] (the chain's trajectory)."""
 
     def __init__(
         self,
         restorer: Restorer,
         z_lq: torch.Tensor,
-        noise: torch.Tensor,
         conditioning: Conditioning,
         chain: ReferenceChain | None,
         options: RestoreConfig,
@@ -483,33 +597,50 @@ class AdaptedDenoiser:
         self.model = restorer.model
         self.adaptor_condition = restorer.adaptor_config.condition
         self.z_lq = z_lq
-        self.noise = noise  # the initial N(0, 1) draw: references are noised with it at every step
         self.conditioning = conditioning
         self.chain = chain
         self.tile_latent, self.tile_overlap = options.tile_latent, options.tile_overlap
 
-    def __call__(self, x_in: torch.Tensor, timestep: torch.Tensor, cond, control_scale: float) -> torch.Tensor:
+    def model_inputs(self, cond) -> dict:
         embeds, pooled = cond
         added = {"text_embeds": pooled, "time_ids": self.conditioning.time_ids}
         if self.adaptor_condition == "semantic":  # SUPIR: the adaptor reads this pass's own prompt
-            restoration_embeds, restoration_added = embeds, added
-        else:  # SPIRE: the restoration prompt on every pass
-            restoration_embeds, restoration_pooled = self.conditioning.restoration
-            restoration_added = {"text_embeds": restoration_pooled, "time_ids": self.conditioning.time_ids}
-        use_references = self.chain is not None and self.chain.active_at(float(timestep[0]))
-        if use_references:
-            self.chain.record(timestep, self.noise, embeds, added)
-            self.chain.controller.mode = "inject"
+            return {"embeds": embeds, "added": added, "restoration_embeds": embeds, "restoration_added": added}
+        restoration_embeds, restoration_pooled = self.conditioning.restoration  # SPIRE: the restoration prompt
+        restoration_added = {"text_embeds": restoration_pooled, "time_ids": self.conditioning.time_ids}
+        return {"embeds": embeds, "added": added, "restoration_embeds": restoration_embeds, "restoration_added": restoration_added}
 
+    def __call__(self, x_in, timestep: torch.Tensor, cond, control_scale: float):
+        inputs = self.model_inputs(cond)
+        if self.chain is None:
+            return self.target(x_in, timestep, inputs, control_scale)
+        target_in, references_in = x_in
+        plan = self.chain.plan(timestep, negative=cond is self.conditioning.negative)
+        try:
+            if plan == "run" and not self.tiles(target_in) and target_in.shape[1:] == references_in.shape[1:]:
+                return list(self.chain.run_with_target(target_in, self.z_lq, references_in, timestep, inputs, control_scale))
+            references_eps = self.chain.step(references_in, timestep, inputs, control_scale, plan)
+            return [self.target(target_in, timestep, inputs, control_scale), references_eps]
+        finally:
+            self.chain.controller.mode = "off"
+
+    def tiles(self, x_in: torch.Tensor) -> bool:
+        return self.tile_latent is not None and max(x_in.shape[2:]) > self.tile_latent
+
+    def target(self, x_in: torch.Tensor, timestep: torch.Tensor, inputs: dict, control_scale: float) -> torch.Tensor:
         def denoise(stacked: torch.Tensor) -> torch.Tensor:
             # x and z_LQ travel together so that every tile sees its own part of the LQ latent.
             x_tile, lq_tile = stacked.chunk(2, dim=1)
-            return self.model(x_tile, timestep, embeds, added, lq_tile, restoration_embeds, restoration_added, control_scale)
+            return self.model(
+                x_tile,
+                timestep,
+                inputs["embeds"],
+                inputs["added"],
+                lq_tile,
+                inputs["restoration_embeds"],
+                inputs["restoration_added"],
+                control_scale,
+            )
 
         stacked = torch.cat([x_in, self.z_lq], dim=1)
-        large = self.tile_latent is not None and max(x_in.shape[2:]) > self.tile_latent
-        try:
-            return tiled(denoise, stacked, self.tile_latent, self.tile_overlap) if large and not use_references else denoise(stacked)
-        finally:
-            if self.chain is not None:
-                self.chain.controller.mode = "off"
+        return tiled(denoise, stacked, self.tile_latent, self.tile_overlap) if self.tiles(x_in) else denoise(stacked)

@@ -54,6 +54,11 @@ class RestoreConfig(StrictModel):
         "the output size; unset: the preset's native size (8 x the UNet's sample size: 1024 for SDXL).",
     )
     gate_scale: float = Field(1.0, ge=0, description="ReFIR spatial-gate scale s (0: references are not used at all).")
+    refir_cfg: Literal["paired", "shared"] = Field(
+        "paired",
+        description="ReFIR under CFG: 'paired' runs the references on both passes (upstream); 'shared' only on the conditional "
+        "one, whose record the unconditional pass reuses (one reference pass per step instead of two).",
+    )
     reference_range: list[float] = Field(
         [0.0, 1.0],
         description="Part of the denoising [start, end] (0 = pure noise, 1 = done) in which ReFIR references are injected.",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -147,6 +148,9 @@ class AdaptedUNet(nn.Module):
                 attentions[str(index)] = ZeroCrossAttn(decoder_channels, skip, heads=heads, norm_groups=config.norm_groups)
         self.connectors = connectors
         self.cross_attentions = attentions
+        # Sees each decoder position's joined features (connector output, or the plain concatenation) before its
+        # resnet, named after the attention module at that position: ReFIR computes its spatial gate there.
+        self.block_observer: Callable[[str, torch.Tensor], None] | None = None
         mid_channels = unet.mid_block.resnets[-1].out_channels
         self.mid_connector = None
         if config.mid_connector:
@@ -202,6 +206,8 @@ class AdaptedUNet(nn.Module):
                     hidden = torch.cat([hidden, skip], dim=1)
                 else:
                     hidden = self.connectors[index][position](hidden, skip, control, control_scale)
+                if attention is not None and self.block_observer is not None:
+                    self.block_observer(f"up_blocks.{index}.attentions.{position}", hidden)
                 hidden = resnet(hidden, emb)
                 if attention is not None:
                     hidden = attention(hidden, encoder_hidden_states=prompt_embeds, return_dict=False)[0]

@@ -1,20 +1,26 @@
-"""ReFIR's cross-image injection: decoder self-attention that also looks at a retrieved high-quality reference.
+"""ReFIR's cross-image injection: decoder self-attention that also looks at retrieved high-quality references.
 
-Training-free. A *reference chain* runs the same UNet (same weights, noise level and timestep) on the reference
-latent and records, at each chosen decoder self-attention layer, its keys, values and input features. The target
-chain then computes, per layer:
+Training-free. The *reference chain* (restorer.ReferenceChain) runs the references through the same adapted model
+on their own trajectory; while it does, the controller is in "record" mode and keeps, per decoder self-attention
+layer, the references' keys and values, and per decoder position (one diffusers (up block, attention) position =
+one ldm output block) the features the connector joined there. The target pass then runs in "inject" mode:
+    M       = per target token, the mean cosine similarity of its joined feature (connector output) to all of a
+              reference's tokens, min-max normalised per image; computed once per decoder position and shared by
+              every self-attention layer of that position's transformer (ReFIR's spatial adaptive gate)
     O_intra = softmax(Q_T K_T^T / sqrt(d)) V_T            (the layer's own attention)
     O_inter = softmax(Q_T K_S^T / sqrt(d)) V_S            (separate attention into the reference)
-    M       = per target token, the mean cosine similarity of its input feature to all reference tokens'
-              features, min-max normalised per image          (spatial adaptive gate)
     O       = (1 - s M) O_intra + s M O_inter               (s: gate scale; s = 0 is the plain layer)
     O       = AdaIN(O, O_intra)                            (distribution alignment: per-channel mean/std of O_intra)
-then the layer's output projection. Several references: each reference's O_inter is weighted by the softmax of
-its mean similarity; references whose mean similarity is under `similarity_threshold` are not used.
+then the layer's output projection. Several references: each reference's O_inter and gate are weighted by the
+softmax of its mean similarity; references whose mean similarity is under `similarity_threshold` are not used.
+A target processed in tiles injects per tile: each tile attends to whole references, its gate normalised per tile.
 
-Use: `install(unet, controller, layer_filter)` sets `ReferenceAttnProcessor`s on the UNet's decoder self-attention
-layers; `controller.mode = "record"` for the reference pass(es), then `"inject"` for the target pass.
-Shapes: hidden (B, N, C) tokens; per-head q/k/v (B, heads, N, d).
+When target and references have one shape (no tiling), the chain runs them as one batch [target, references]
+("batched": upstream's layout, one forward instead of two); a tiled target records first, then injects per tile.
+
+Use: `install(model, controller)` sets `ReferenceAttnProcessor`s on the decoder self-attention layers of
+`model.unet` and the controller as `model.block_observer`; `uninstall(model, processors)` puts things back.
+Shapes: hidden (B, N, C) tokens; per-head q/k/v (B, heads, N, d); recorded keys/values (R, heads, N_S, d).
 """
 
 from __future__ import annotations
@@ -32,14 +38,42 @@ class InjectionConfig:
     similarity_threshold: float = -1.0
 
 
+def block_of(layer: str) -> str:
+    """The decoder position a self-attention layer belongs to: 'up_blocks.0.attentions.1.transformer_blocks.3.attn1'
+    -> 'up_blocks.0.attentions.1' (where the gate is computed)."""
+    return layer.split(".transformer_blocks.")[0]
+
+
 @dataclass
 class ReferenceController:
     config: InjectionConfig = field(default_factory=InjectionConfig)
-    mode: str = "off"  # "off" | "record" | "inject"
-    recorded: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    mode: str = "off"  # "off" | "record" | "inject" | "batched" (rows >= split are references, recorded and injected at once)
+    split: int = 1
+    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (keys, values)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # decoder position -> reference tokens (R, N, C)
+    gates: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # position -> (gates, scores)
 
     def clear(self) -> None:
         self.recorded.clear()
+        self.features.clear()
+        self.gates.clear()
+
+    @property
+    def injecting(self) -> bool:
+        return self.mode == "batched" or (self.mode == "inject" and bool(self.recorded))
+
+    def __call__(self, block: str, joined: torch.Tensor) -> None:
+        """The model's block observer: the joined features (B, C, H, W) at a decoder position."""
+        tokens = joined.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.mode == "batched":
+            tokens, self.features[block] = tokens[: self.split], tokens[self.split :]
+        elif self.mode == "record":
+            self.features[block] = tokens
+        if self.injecting and self.config.gate_scale != 0 and block in self.features:
+            references = self.features[block]
+            pairs = [spatial_gate(tokens, reference.expand(tokens.shape[0], -1, -1)) for reference in references.split(1)]
+            gates = torch.stack([gate for gate, _ in pairs], dim=1)  # (B, R, N, 1)
+            self.gates[block] = (gates, torch.stack([score for _, score in pairs], dim=1))  # and scores (B, R)
 
 
 def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -75,13 +109,16 @@ class ReferenceAttnProcessor:
     def __init__(self, controller: ReferenceController, name: str, fallback=None):
         self.controller = controller
         self.name = name
+        self.block = block_of(name)
         # The layer's own processor: when this one neither records nor injects, the layer is bit-for-bit itself.
         self.fallback = fallback
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         controller = self.controller
-        injecting = controller.mode == "inject" and controller.recorded.get(self.name) and controller.config.gate_scale != 0
-        if self.fallback is not None and controller.mode != "record" and not injecting:
+        batched = controller.mode == "batched"
+        injecting = controller.config.gate_scale != 0 and self.block in controller.gates
+        injecting = injecting and (batched or (controller.mode == "inject" and self.name in controller.recorded))
+        if self.fallback is not None and controller.mode not in ("record", "batched") and not injecting:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if hidden_states.ndim != 3 or encoder_hidden_states is not None:
             raise ValueError(f"{self.name}: ReFIR injection is for self-attention over (B, N, C) tokens")
@@ -91,26 +128,34 @@ class ReferenceAttnProcessor:
         intra = _merge(F.scaled_dot_product_attention(query, key, value))
         output = intra
         if controller.mode == "record":
-            controller.recorded.setdefault(self.name, []).append((key, value, hidden_states))
-        elif controller.mode == "inject" and controller.recorded.get(self.name) and controller.config.gate_scale != 0:
-            inters, gates, scores = [], [], []
-            for ref_key, ref_value, ref_features in controller.recorded[self.name]:
-                gate, score = spatial_gate(hidden_states, ref_features)
-                inters.append(_merge(F.scaled_dot_product_attention(query, ref_key, ref_value)))
-                gates.append(gate)
-                scores.append(score)
-            score_stack = torch.stack(scores, dim=1)  # (B, R)
-            usable = score_stack >= controller.config.similarity_threshold
-            if usable.any():
-                weights = score_stack.masked_fill(~usable, float("-inf")).softmax(dim=1).nan_to_num(0.0)  # (B, R)
-                inter = sum(w[:, None, None] * o for w, o in zip(weights.unbind(1), inters, strict=True))
-                gate = sum(w[:, None, None] * g for w, g in zip(weights.unbind(1), gates, strict=True))
-                gate = gate * usable.any(dim=1).to(gate.dtype)[:, None, None]
-                scale = controller.config.gate_scale
-                fused = (1 - scale * gate) * intra + scale * gate * inter
-                output = adain(fused, intra)
+            controller.recorded[self.name] = (key, value)
+        elif batched:
+            split = controller.split
+            controller.recorded[self.name] = (key[split:], value[split:])
+            if injecting:
+                target = self._inject(query[:split], intra[:split], key[split:], value[split:])
+                output = torch.cat([target, intra[split:]])
+        elif injecting:
+            output = self._inject(query, intra, *controller.recorded[self.name])
         output = attn.to_out[0](output)
         return attn.to_out[1](output)
+
+    def _inject(self, query: torch.Tensor, intra: torch.Tensor, ref_keys: torch.Tensor, ref_values: torch.Tensor) -> torch.Tensor:
+        controller = self.controller
+        gates, scores = controller.gates[self.block]  # (B, R, N, 1), (B, R): shared across the transformer's depth
+        batch = query.shape[0]
+        inters = [
+            _merge(F.scaled_dot_product_attention(query, k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
+            for k, v in zip(ref_keys.split(1), ref_values.split(1), strict=True)
+        ]
+        usable = scores >= controller.config.similarity_threshold
+        if not usable.any():
+            return intra
+        weights = scores.masked_fill(~usable, float("-inf")).softmax(dim=1).nan_to_num(0.0)  # (B, R)
+        inter = sum(w[:, None, None] * o for w, o in zip(weights.unbind(1), inters, strict=True))
+        gate = (weights[:, :, None, None] * gates).sum(dim=1) * usable.any(dim=1).to(gates.dtype)[:, None, None]
+        scale = controller.config.gate_scale
+        return adain((1 - scale * gate) * intra + scale * gate * inter, intra)
 
 
 def decoder_self_attention_layers(unet) -> list[str]:
@@ -118,11 +163,19 @@ def decoder_self_attention_layers(unet) -> list[str]:
     return [name for name, _ in unet.attn_processors.items() if name.startswith("up_blocks") and ".attn1." in name]
 
 
-def install(unet, controller: ReferenceController, layer_filter: Callable[[str], bool] | None = None) -> list[str]:
-    """Put ReFIR processors on the chosen decoder self-attention layers (all by default); returns their names."""
+def install(model, controller: ReferenceController, layer_filter: Callable[[str], bool] | None = None) -> list[str]:
+    """Put ReFIR processors on the chosen decoder self-attention layers of `model.unet` (all by default) and the
+    controller as the model's block observer; returns the layers' names."""
+    unet = model.unet
     chosen = [name for name in decoder_self_attention_layers(unet) if layer_filter is None or layer_filter(name)]
     processors = dict(unet.attn_processors)
     for name in chosen:
         processors[name] = ReferenceAttnProcessor(controller, name, fallback=processors[name])
     unet.set_attn_processor(processors)
+    model.block_observer = controller
     return chosen
+
+
+def uninstall(model, processors: dict) -> None:
+    model.unet.set_attn_processor(dict(processors))  # a copy: diffusers empties the dict it is given
+    model.block_observer = None

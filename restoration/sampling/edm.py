@@ -110,64 +110,85 @@ class StepInfo:
 @torch.no_grad()
 def restoration_guided_sample(
     eps_model: EpsModel,
-    noise: torch.Tensor,
+    noise: torch.Tensor | list[torch.Tensor],
     train_sigmas: torch.Tensor,
     config: SamplerConfig,
     cond: Any,
     negative_cond: Any = None,
-    x_center: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    x_center: torch.Tensor | list[torch.Tensor] | None = None,
+    generator: torch.Generator | list[torch.Generator | None] | None = None,
     sigmas: torch.Tensor | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | list[torch.Tensor]:
     """Sample a latent. `noise` is N(0, 1), scaled to the first sigma; `x_center` is what restoration guidance pulls
-    towards (SUPIR: the stage-1 latent). See the module docstring for the two schedules."""
+    towards (SUPIR: the stage-1 latent). See the module docstring for the two schedules.
+
+    Several trajectories at once (ReFIR's reference chain next to the target): `noise`, `x_center` and `generator`
+    as lists, one entry per trajectory (their shapes may differ); `eps_model` then takes and returns lists, and the
+    sampled latents come back as a list. Every trajectory gets the same step sigmas, churn, w, k and control scale;
+    each draws its churn noise from its own generator, so the first one's draws do not depend on the others.
+    `on_step` sees the first trajectory."""
     if config.tau_r is not None and x_center is None:
         raise ValueError("restoration guidance (tau_r) needs x_center, the stage-1 latent")
     supir = config.schedule == "supir"
     if (supir or config.cfg != 1.0 or config.cfg_start not in (None, 1.0)) and negative_cond is None:
         raise ValueError("classifier-free guidance needs negative_cond")
+    several = isinstance(noise, list | tuple)
+    noises = list(noise) if several else [noise]
+    centers = list(x_center) if isinstance(x_center, list | tuple) else [x_center] * len(noises)
+    generators = list(generator) if isinstance(generator, list | tuple) else [generator] * len(noises)
+    if not len(noises) == len(centers) == len(generators):
+        raise ValueError(f"{len(noises)} noises, {len(centers)} guidance targets and {len(generators)} generators")
+
+    def model(xs: list[torch.Tensor], timestep: torch.Tensor, conditioning: Any, control_scale: float) -> list[torch.Tensor]:
+        if several:
+            return list(eps_model(xs, timestep, conditioning, control_scale))
+        return [eps_model(xs[0], timestep, conditioning, control_scale)]
+
     sigmas = step_sigmas(train_sigmas, config.steps, config.schedule) if sigmas is None else sigmas
     steps = len(sigmas) - 1
     sigma_max = float(train_sigmas.max())
-    x = noise * (math.sqrt(1 + float(sigmas[0]) ** 2) if supir else float(sigmas[0]))
+    xs = [n * (math.sqrt(1 + float(sigmas[0]) ** 2) if supir else float(sigmas[0])) for n in noises]
     for index in range(steps):
         sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
         gamma = min(config.s_churn / steps, math.sqrt(2) - 1) if config.s_tmin <= sigma <= config.s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             # Drawn on the generator's device (CPU by default), so a seed gives the same noise on any device.
-            churn = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = x + churn * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+            xs = [
+                x + torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device) * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+                for x, g in zip(xs, generators, strict=True)
+            ]
 
+        device, batch = xs[0].device, xs[0].shape[0]
         if supir:
             model_sigma, timestep_index = quantize_sigma(sigma_hat, train_sigmas)
-            timestep = torch.full((x.shape[0],), float(timestep_index), device=x.device)
+            timestep = torch.full((batch,), float(timestep_index), device=device)
             control_scale = _linear_in_sigma(config.control_scale_start, config.control_scale, sigma, sigma_max)
             scale = _linear_in_sigma(config.cfg_start, config.cfg, sigma_hat, sigma_max)
         else:
             model_sigma = sigma_hat
-            timestep = sigma_to_timestep(torch.tensor([sigma_hat]), train_sigmas).to(x.device, torch.float32).expand(x.shape[0])
+            timestep = sigma_to_timestep(torch.tensor([sigma_hat]), train_sigmas).to(device, torch.float32).expand(batch)
             control_scale = _linear(config.control_scale_start, config.control_scale, index, steps)
             scale = _linear(config.cfg_start, config.cfg, index, steps)
-        x_in = x / math.sqrt(model_sigma**2 + 1)
-        x0 = x - model_sigma * eps_model(x_in, timestep, cond, control_scale)
+        x_ins = [x / math.sqrt(model_sigma**2 + 1) for x in xs]
+        x0s = [x - model_sigma * eps for x, eps in zip(xs, model(x_ins, timestep, cond, control_scale), strict=True)]
         if supir or scale != 1.0:
-            x0_negative = x - model_sigma * eps_model(x_in, timestep, negative_cond, control_scale)
-            x0 = x0_negative + scale * (x0 - x0_negative)
+            negatives = model(x_ins, timestep, negative_cond, control_scale)
+            x0s = [(x - model_sigma * eps) + scale * (x0 - (x - model_sigma * eps)) for x, x0, eps in zip(xs, x0s, negatives, strict=True)]
 
-        x0_model, k = x0, 0.0
+        x0_model, k = x0s[0], 0.0
         guided = sigma_next > config.guidance_floor if supir else sigma_hat > config.guidance_floor
         if config.tau_r is not None and guided:
             k = ((sigma if supir else sigma_hat) / sigma_max) ** config.tau_r
-            x0 = (1 - k) * x0 + k * x_center
+            x0s = [(1 - k) * x0 + k * center for x0, center in zip(x0s, centers, strict=True)]
         if on_step is not None:
-            info = StepInfo(index, steps, sigma_hat, x0_model, x0, k, scale, control_scale)
+            info = StepInfo(index, steps, sigma_hat, x0_model, x0s[0], k, scale, control_scale)
             on_step(info)
             if info.cancelled:
                 raise RestorationCancelled(f"sampling cancelled by the step callback after step {index + 1} of {steps}")
-        x = x + (sigma_next - sigma_hat) * (x - x0) / sigma_hat
-    return x
+        xs = [x + (sigma_next - sigma_hat) * (x - x0) / sigma_hat for x, x0 in zip(xs, x0s, strict=True)]
+    return xs if several else xs[0]
 
 
 def _linear_in_sigma(at_sigma_max: float | None, at_zero: float, sigma: float, sigma_max: float) -> float:

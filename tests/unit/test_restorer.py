@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from restoration.errors import RestorationCancelled
-from restoration.restorer import RestoreConfig, Restorer
+from restoration.restorer import ReferenceUsed, RestoreConfig, Restorer
 from restoration.sampling.edm import SamplerConfig
 from tests.conftest import subprocess_env
 
@@ -229,3 +229,68 @@ def test_semantic_prompt_joins_as_supir_does():
 
     assert semantic_prompt("a cat. ", "supir") == "a cat. " + POSITIVE_QUALITY_PROMPT  # ''.join, as upstream
     assert semantic_prompt("a cat", "diffusers") == "a cat " + POSITIVE_QUALITY_PROMPT
+
+
+def test_the_reference_chain_runs_through_the_adaptor(photo):
+    import torch
+
+    from restoration.restorer import AdaptedDenoiser, ReferenceChain
+
+    restorer = Restorer("tiny")
+    reference = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    stage1 = restorer.stage1(photo)
+    conditioning = restorer._conditioning("a cat", "", stage1.lq.shape[2:], "supir")
+    options = RestoreConfig()
+    chain = ReferenceChain.build(restorer, [ReferenceUsed(reference)], stage1.size, SamplerConfig(), options, seed=0)
+    inputs = AdaptedDenoiser(restorer, stage1.latent, conditioning, chain, options).model_inputs(conditioning.semantic)
+    x = chain.noise * 3.0
+
+    def recorded_keys() -> dict:
+        chain.install()
+        try:
+            chain.run(x, torch.tensor([500.0]), inputs, 1.0)
+        finally:
+            chain.uninstall()
+        return {name: keys.clone() for name, (keys, _) in chain.controller.recorded.items()}
+
+    before = recorded_keys()
+    assert len(before) > 0  # one record per decoder self-attention layer
+    with torch.no_grad():  # at zero init the connectors hide the adaptor: give them weights first
+        for block in restorer.model.connectors:
+            for connector in block:
+                connector.gamma.weight.normal_(0, 0.05)
+                connector.skip_add.weight.normal_(0, 0.05)
+    after = recorded_keys()
+    assert set(after) == set(before)
+    assert all(not torch.allclose(after[name], before[name]) for name in before)
+
+
+def test_refir_cfg_paired_runs_the_reference_on_both_passes_and_shared_on_one(restorer, photo, monkeypatch):
+    from restoration.restorer import ReferenceChain
+
+    reference = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    runs = []
+    for method in ("run", "run_with_target"):  # the references alone (tiled targets) or batched with the target
+        real = getattr(ReferenceChain, method)
+        monkeypatch.setattr(ReferenceChain, method, lambda self, *args, real=real: runs.append(self.cfg) or real(self, *args))
+
+    def restore(cfg):
+        options = RestoreConfig(refir_cfg=cfg)
+        return pixels(restorer.restore(photo, prompt="a cat", sampler=steps(3), seed=0, references=(reference,), options=options))
+
+    paired, shared = restore("paired"), restore("shared")
+    assert runs.count("paired") == 6 and runs.count("shared") == 3  # 3 steps, the supir schedule's two passes each
+    assert not np.array_equal(paired, shared)
+
+
+def test_references_work_with_a_tiled_image(restorer, photo):
+    from restoration.restorer import ReferenceChain
+
+    wide = photo.resize((144, 48))  # an 18x6 latent, tiles of 8
+    tiles = RestoreConfig(tile_latent=8, tile_overlap=4)
+    # The reference is restored at one tile's size; every target tile attends to all of it.
+    assert ReferenceChain.reference_size(restorer, (144, 48), tiles) == (64, 21)
+    plain = pixels(restorer.restore(wide, prompt="a cat", sampler=steps(2), seed=0, options=tiles))
+    referenced = restorer.restore(wide, prompt="a cat", sampler=steps(2), seed=0, options=tiles, references=(photo,))
+    assert referenced.image.size == (144, 48) and len(referenced.references) == 1
+    assert np.abs(pixels(referenced).astype(float) - plain).mean() > 0.05
