@@ -188,17 +188,24 @@ class Restorer:
         if path is None:
             return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        restorer = cls(config["preset"], AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"))
-        state = load_file(str(path / WEIGHTS_FILE))
-        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = restorer.model.load_state_dict(model_state, strict=False)
-        if unexpected or any(not k.startswith("unet.") for k in missing):
-            raise InputError(f"{path}: weights do not match the adaptor config (unexpected {unexpected[:3]}, missing {missing[:3]})")
-        restorer.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
-        if restorer.estimator is not None:
-            restorer.estimator.load_state_dict({k.removeprefix("estimator."): v for k, v in state.items() if k.startswith("estimator.")})
+        preset = config["preset"]
+        if preset.endswith(".toml") and not Path(preset).is_absolute():
+            preset = str(path / preset)  # a preset shipped with the weights (restoray convert): relative to them
+        restorer = cls(preset, AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"))
+        restorer.load_trained_state(load_file(str(path / WEIGHTS_FILE)), str(path))
         restorer.weights = str(path)
         return restorer
+
+    def load_trained_state(self, state: dict[str, torch.Tensor], origin: str, partial_encoder: bool = False) -> None:
+        """Load tensors named as `trained_state()` names them; `partial_encoder`: the encoder's other tensors stay."""
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if unexpected or any(not k.startswith("unet.") for k in missing):
+            raise InputError(f"{origin}: weights do not match the adaptor config (unexpected {unexpected[:3]}, missing {missing[:3]})")
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        self.encoder.load_state_dict(encoder_state, strict=not partial_encoder)
+        if self.estimator is not None:
+            self.estimator.load_state_dict({k.removeprefix("estimator."): v for k, v in state.items() if k.startswith("estimator.")})
 
     # ---- restoration -----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:

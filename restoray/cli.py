@@ -144,6 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(restore)
     restore.set_defaults(handler=_run_restore)
 
+    convert = commands.add_parser("convert", help="convert released checkpoints (supir)", description="Convert released checkpoints.")
+    convert_what = convert.add_subparsers(dest="convert_what", metavar="FORMAT", required=True)
+    supir = convert_what.add_parser(
+        "supir",
+        help="a SUPIR-v0Q/F .ckpt + the SDXL base -> a weights directory",
+        description="Convert a released SUPIR-v0Q or SUPIR-v0F checkpoint (loaded with weights_only=True; mask_LQ, if "
+        "present, is dropped) and the SDXL base it runs on into a directory that --weights and Restorer.from_pretrained "
+        "load. The directory is self-contained and can be moved: the SDXL base is copied into it and its preset names "
+        "it relative to the directory.",
+        epilog="example: restoray convert supir SUPIR-v0Q.ckpt --sdxl ./sd_xl_base_1.0 --output models/supir-v0q\n"
+        "         restoray restore photo.png --weights models/supir-v0q --upscale 2 --output out.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    supir.add_argument("checkpoint", metavar="CKPT", help="SUPIR-v0Q.ckpt / SUPIR-v0F.ckpt (or a .safetensors of the same tensors)")
+    supir.add_argument(
+        "--sdxl",
+        required=True,
+        metavar="DIR",
+        help="the SDXL base as a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, ...)",
+    )
+    supir.add_argument("--output", required=True, metavar="DIR", help="new directory to write (must not exist or be empty)")
+    supir.add_argument(
+        "--layout", default="supir-v0", metavar="PRESET", help="preset whose adaptor layout receives the weights (default: supir-v0)"
+    )
+    supir.set_defaults(handler=_run_convert_supir)
+
     listing = commands.add_parser("list", help="list registries (presets, degradations, config keys)", description="List a registry.")
     what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
     presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
@@ -244,6 +270,12 @@ def _run_restore(args: argparse.Namespace) -> int:
     from restoray.restore import run_restore
 
     return run_restore(config, args)
+
+
+def _run_convert_supir(args: argparse.Namespace) -> int:
+    from restoray.convert import run_convert_supir
+
+    return run_convert_supir(args.checkpoint, args.sdxl, args.output, args.layout)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

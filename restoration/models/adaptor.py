@@ -49,6 +49,11 @@ class AdaptorConfig(StrictModel):
     norm_groups: int = Field(32, ge=1, description="GroupNorm groups in the connectors (reduced to divide the width).")
     norm_affine: bool = Field(False, description="Affine GroupNorm inside ZeroSFT (SUPIR_v0's `normalization` is affine).")
     mid_connector: bool = Field(True, description="A ZeroSFT on the middle block's output (no skip), as SUPIR_v0 has.")
+    own_embeddings: bool = Field(
+        False,
+        description="The adaptor has its own time and added (label) embeddings, copied from the UNet's at initialisation "
+        "(SUPIR_v0's GLVControl: time_embed, label_emb); unset: it reuses the frozen UNet's.",
+    )
     condition: Literal["restoration", "semantic"] = Field(
         "restoration",
         description="The adaptor's text: 'restoration' (SPIRE: the restoration prompt on every pass) or 'semantic' (SUPIR: "
@@ -92,6 +97,9 @@ class RestorationAdaptor(nn.Module):
             depth = list(config.transformer_depth)
         if len(depth) != len(levels):
             raise ValueError(f"transformer_depth needs {len(levels)} entries (encoder levels + middle), got {len(depth)}")
+        if config.own_embeddings:
+            self.time_embedding = copy.deepcopy(unet.time_embedding)
+            self.add_embedding = copy.deepcopy(unet.add_embedding)
         self.conv_in = copy.deepcopy(unet.conv_in)
         self.lq_conv_in = zero_module(nn.Conv2d(unet.config.in_channels, unet.conv_in.out_channels, 3, padding=1))
         self.down_blocks = copy.deepcopy(unet.down_blocks)
@@ -159,6 +167,14 @@ class AdaptedUNet(nn.Module):
             else:
                 self.mid_connector = ModulationFusion(mid_channels, mid_channels)
 
+    def _own_embedding(self, sample: torch.Tensor, timestep: torch.Tensor, added: dict[str, torch.Tensor]) -> torch.Tensor:
+        """GLVControl's `time_embed(t) + label_emb(y)`, y = [pooled text, sinusoidal size/crop ids] (SDXL's vector)."""
+        unet = self.unet
+        time_embedding = self.adaptor.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        text_embeds = added["text_embeds"]
+        size_embeds = unet.add_time_proj(added["time_ids"].flatten()).reshape(text_embeds.shape[0], -1)
+        return time_embedding + self.adaptor.add_embedding(torch.cat([text_embeds, size_embeds], dim=-1).to(time_embedding.dtype))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         modules = [self.adaptor, self.connectors, self.cross_attentions] + ([self.mid_connector] if self.mid_connector else [])
         return [p for module in modules for p in module.parameters()]
@@ -184,9 +200,12 @@ class AdaptedUNet(nn.Module):
             if lq_latent is None or restoration_embeds is None:
                 raise ValueError("a control scale above 0 needs lq_latent and restoration_embeds")
             restoration_added = restoration_added_cond or added_cond
-            adaptor_emb = time_embedding + unet.get_aug_embed(
-                emb=time_embedding, encoder_hidden_states=restoration_embeds, added_cond_kwargs=restoration_added
-            )
+            if self.config.own_embeddings:
+                adaptor_emb = self._own_embedding(sample, timestep, restoration_added)
+            else:
+                adaptor_emb = time_embedding + unet.get_aug_embed(
+                    emb=time_embedding, encoder_hidden_states=restoration_embeds, added_cond_kwargs=restoration_added
+                )
             controls = self.adaptor(sample, adaptor_emb, lq_latent, restoration_embeds)
 
         hidden, skips = run_encoder(unet.down_blocks, unet.conv_in(sample), emb, prompt_embeds)

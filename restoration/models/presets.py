@@ -8,7 +8,8 @@ captioner (a VLM) and the open-clip scorer. Each network is either
 - `config`: a small architecture config built with seeded random weights, offline, for tests and the demo.
 
 Like open_clip's `model_configs/*.json`, presets are listed with `list_presets()` and extended with
-`add_preset_file(path)`; `load_preset` also takes the path of a TOML file directly.
+`add_preset_file(path)`; `load_preset` also takes the path of a TOML file directly. A `source` starting with
+"./" or "../" is relative to the preset file (so a directory holding a preset and its weights can be moved).
 """
 
 from __future__ import annotations
@@ -140,6 +141,16 @@ def list_presets() -> list[Preset]:
     return [_read(path) for _, path in sorted(_registry.items())]
 
 
+def preset_file(name_or_path: str) -> Path:
+    """The TOML file behind a registered preset name, or the path itself."""
+    _scan()
+    if name_or_path in _registry:
+        return _registry[name_or_path]
+    if name_or_path.endswith(".toml") and Path(name_or_path).is_file():
+        return Path(name_or_path)
+    raise PresetError(f"unknown preset {name_or_path!r}; known: {', '.join(sorted(_registry))} (or give the path of a preset .toml file)")
+
+
 def load_preset(name_or_path: str) -> Preset:
     """A registered preset by name, or a preset TOML file by path."""
     _scan()
@@ -155,6 +166,10 @@ def _read(path: Path) -> Preset:
         raise PresetError(f"preset file {str(path)!r} does not exist")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+        for table in data.values():
+            source = table.get("source") if isinstance(table, dict) else None
+            if isinstance(source, str) and source.startswith(("./", "../")):
+                table["source"] = str((path.parent / source).resolve())
         return Preset.model_validate(data)
     except tomllib.TOMLDecodeError as err:
         raise PresetError(f"preset file {path}: not valid TOML: {err}") from err
