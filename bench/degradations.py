@@ -118,7 +118,7 @@ CHAINS = {
     "parameterized": parameterized_degrade,
     "composite": composite_degrade,
     "single (a random type each)": lambda hq, rng: single_degrade(hq, rng, SINGLE_TYPES[int(rng.integers(len(SINGLE_TYPES)))]),
-    "negative": negative_degrade,
+    "degraded_negative": negative_degrade,
 }
 
 

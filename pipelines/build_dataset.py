@@ -1,7 +1,9 @@
 """`restoray data build`: corpus -> training shards, on Ray Data.
 
 Stages (DESIGN.md's order): read -> decode -> basic quality -> dedup -> CLIP embedding (aesthetic) -> caption ->
-image-text score -> crop -> degrade -> write (shards and rejects through one sink) -> manifest.
+image-text score -> crop -> degrade -> write (shards and rejects through one sink) -> generated negatives (SUPIR's
+negative-quality samples from the preset's SDXL, when `data.negatives.count` > 0; written through the same sink) ->
+manifest.
 
 Dedup needs every image's hashes before it can decide, so when it is on a first, lighter pass (read, decode,
 quality, hashes) collects (source, sha256, phash) for the images that pass quality; the driver groups them and
@@ -31,6 +33,7 @@ from importlib.metadata import version
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -65,6 +68,7 @@ class BuildSummary:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     samples_written: int = 0
     samples_by_kind: dict[str, int] = field(default_factory=dict)
+    negatives_generated: int = 0
     stage_rows_per_second: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     already_complete: bool = False
@@ -77,6 +81,8 @@ class BuildSummary:
             f"  rejected          {self.sources_rejected:>8}",
         ]
         lines += [f"    {reason:<16}{count:>8}" for reason, count in sorted(self.rejected_by_reason.items())]
+        if self.negatives_generated:
+            lines.append(f"  generated negatives {self.negatives_generated:>6}  (samples without a source; in the kinds below)")
         lines.append(
             f"  samples written   {self.samples_written:>8}  " + ", ".join(f"{k} {v}" for k, v in sorted(self.samples_by_kind.items()))
         )
@@ -370,6 +376,8 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     samples = rows.map_batches(DegradeStage(config.degrade, config.seed, timer).__call__, batch_size=4)
     fail_after_rows = faults.fault("build.fail_after_rows")
     samples.write_datasink(ShardSink(output_uri, storage, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
+    if config.negatives.count:
+        _generate_negatives(config, preset, storage, out_fs, root, output_uri, timer)
 
     summary = _summarise(out_fs, root, output_uri, ray.get(timer.totals.remote()), started, storage)
     manifest = {
@@ -383,6 +391,7 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
         "rejected_by_reason": summary.rejected_by_reason,
         "samples_written": summary.samples_written,
         "samples_by_kind": summary.samples_by_kind,
+        "negatives_generated": summary.negatives_generated,
         "config": config.model_dump(mode="json"),
         "preset": preset,
         "degradation_types": {str(k): v for k, v in REGISTRY.id_to_name().items()},
@@ -394,6 +403,40 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     }
     _write_json(out_fs, f"{root}/{MANIFEST}", manifest)
     return summary
+
+
+def _generate_negatives(config: DataBuildConfig, preset: str, storage: StorageConfig, fs, root: str, output_uri: str, timer) -> None:
+    """SDXL-generated negative samples (pipelines/stages/generate.py); those already written are not generated again."""
+    from pipelines.stages.generate import GenerateNegativesStage, negative_id, negative_seed
+    from restoration.prompts import NEGATIVE_QUALITY_PROMPT
+
+    negatives = config.negatives
+    shards = _read_table(fs, root, "shards", ["id", "kind"], storage)
+    written = set(shards.filter(pc.equal(shards.column("kind"), "negative")).column("id").to_pylist()) if shards is not None else set()
+    todo = [i for i in range(negatives.count) if negative_id(NEGATIVE_QUALITY_PROMPT, negative_seed(config.seed, i)) not in written]
+    if not todo:
+        return
+    log.info("generating %d negative-quality samples with the %s SDXL (%d already written)", len(todo), preset, negatives.count - len(todo))
+    size = negatives.size or config.crop.size
+    generated = ray.data.from_items(
+        [{"index": i} for i in todo], override_num_blocks=max(1, len(todo) // negatives.batch_size)
+    ).map_batches(
+        GenerateNegativesStage,
+        fn_constructor_kwargs={
+            "preset": preset,
+            "config": negatives,
+            "seed": config.seed,
+            "size": size,
+            "image_format": config.degrade.image_format,
+            "chains": config.degrade,
+            "timer": timer,
+        },
+        batch_size=negatives.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=negatives.actors),
+        num_cpus=negatives.num_cpus,
+        num_gpus=negatives.num_gpus,
+    )
+    generated.write_datasink(ShardSink(output_uri, storage, config.write.max_rows_per_shard, frozenset(written)))
 
 
 def _actor_stage(rows: ray.data.Dataset, stage_class, preset: str, stage_config, timer) -> ray.data.Dataset:
@@ -415,6 +458,9 @@ def _check_resources(config: DataBuildConfig) -> None:
         reserved += 2 * config.embed.actors * config.embed.num_cpus  # embedding and image-text score pools
     if config.caption.mode != "keep-source":
         reserved += config.caption.actors * config.caption.num_cpus
+    # The negatives' pool starts after the main pass has finished: it never runs beside the others.
+    if config.negatives.count:
+        reserved = max(reserved, config.negatives.actors * config.negatives.num_cpus)
     check_cpus_left(
         reserved,
         1.0,
@@ -426,7 +472,10 @@ def _check_resources(config: DataBuildConfig) -> None:
 def _summarise(fs, root: str, output_uri: str, totals: dict, started: float, storage: StorageConfig) -> BuildSummary:
     shards = _read_table(fs, root, "shards", ["source", "id", "kind"], storage)
     rejects = _read_table(fs, root, "rejects", ["source", "reason"], storage)
-    accepted = set(shards.column("source").to_pylist()) if shards is not None else set()
+    # Generated negatives are samples without a source: they stay out of the source accounting.
+    kinds = shards.column("kind").to_pylist() if shards is not None else []
+    sources = shards.column("source").to_pylist() if shards is not None else []
+    accepted = {source for source, kind in zip(sources, kinds, strict=True) if kind != "negative"}
     reject_sources = rejects.column("source").to_pylist() if rejects is not None else []
     by_reason: dict[str, int] = {}
     for reason in rejects.column("reason").to_pylist() if rejects is not None else []:
@@ -448,6 +497,7 @@ def _summarise(fs, root: str, output_uri: str, totals: dict, started: float, sto
         rejected_by_reason=by_reason,
         samples_written=len(ids),
         samples_by_kind=by_kind,
+        negatives_generated=by_kind.get("negative", 0),
         stage_rows_per_second={stage: rows / seconds for stage, (rows, seconds) in totals.items() if seconds > 0},
         seconds=time.time() - started,
     )
@@ -468,6 +518,7 @@ def _summary_from_manifest(output_uri: str, manifest: dict) -> BuildSummary:
         rejected_by_reason=manifest["rejected_by_reason"],
         samples_written=manifest["samples_written"],
         samples_by_kind=manifest.get("samples_by_kind", {}),
+        negatives_generated=manifest.get("negatives_generated", 0),
         already_complete=True,
     )
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from restoration.config_model import StrictModel
 from restoration.degradations import CompositeConfig, NegativeConfig, ParameterizedConfig, RealESRGANConfig
-from restoration.degradations.sample import KINDS
+from restoration.degradations.sample import DEGRADATION_KINDS
 from restoration.images import DEFAULT_MAX_PIXELS
 
 
@@ -80,21 +80,40 @@ class CropConfig(StrictModel):
 class DegradeConfig(StrictModel):
     variants: int = Field(2, ge=1, description="Degraded variants per accepted image.")
     kinds: dict[str, float] = Field(
-        {"realesrgan": 0.4, "parameterized": 0.3, "composite": 0.1, "single": 0.15, "negative": 0.05},
+        {"realesrgan": 0.4, "parameterized": 0.3, "composite": 0.1, "single": 0.15, "degraded_negative": 0.05},
         description="Share of each sample kind among the variants.",
     )
     realesrgan: RealESRGANConfig = Field(default_factory=lambda: RealESRGANConfig(resize_back=True), description="Real-ESRGAN chain.")
     parameterized: ParameterizedConfig = Field(default_factory=ParameterizedConfig, description="SPIRE chain.")
     composite: CompositeConfig = Field(default_factory=CompositeConfig, description="ABAIR composite.")
-    negative: NegativeConfig = Field(default_factory=lambda: NegativeConfig(resize_back=True), description="Negative-quality samples.")
+    degraded_negative: NegativeConfig = Field(
+        default_factory=lambda: NegativeConfig(resize_back=True), description="Photos degraded into negative-quality targets."
+    )
     image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of hq and lq bytes (jpeg at quality 95).")
 
     @model_validator(mode="after")
     def _known_kinds(self) -> DegradeConfig:
-        unknown = set(self.kinds) - set(KINDS)
+        unknown = set(self.kinds) - set(DEGRADATION_KINDS)
         if unknown or not self.kinds or any(weight < 0 for weight in self.kinds.values()) or sum(self.kinds.values()) <= 0:
-            raise ValueError(f"kinds must map some of {', '.join(KINDS)} to non-negative weights with a positive sum; got {self.kinds}")
+            raise ValueError(
+                f"kinds must map some of {', '.join(DEGRADATION_KINDS)} to non-negative weights with a positive sum; got {self.kinds}"
+                + (" (generated negatives are data.negatives.count, not a degradation)" if "negative" in unknown else "")
+            )
         return self
+
+
+class NegativesConfig(StrictModel):
+    """SUPIR's negative-quality samples: images the preset's SDXL generates from the negative-quality prompt."""
+
+    count: int = Field(0, ge=0, description="Negative samples to generate (kind `negative`); 0 = none.")
+    steps: int = Field(30, ge=1, description="SDXL sampling steps per image (diffusers' Euler).")
+    guidance: float = Field(7.0, ge=1, description="Classifier-free guidance scale of the generation.")
+    size: int | None = Field(None, ge=16, description="Square image side in pixels; unset = data.crop.size.")
+    chain: Literal["realesrgan", "parameterized"] = Field("realesrgan", description="Degradation chain that makes each image's LQ.")
+    batch_size: int = Field(2, ge=1, description="Images per pipeline call.")
+    actors: int = Field(1, ge=1, description="Actor pool size (each holds the SDXL base).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor.")
 
 
 class WriteConfig(StrictModel):
@@ -113,4 +132,5 @@ class DataBuildConfig(StrictModel):
     caption: CaptionConfig = Field(default_factory=CaptionConfig, description="Captioning.")
     crop: CropConfig = Field(default_factory=CropConfig, description="Crop to the training size.")
     degrade: DegradeConfig = Field(default_factory=DegradeConfig, description="Degraded variants.")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="SDXL-generated negative-quality samples.")
     write: WriteConfig = Field(default_factory=WriteConfig, description="Shard writing.")

@@ -6,8 +6,8 @@ them in Ray Data tasks (CPU, beside the trainers), so the workers receive ready 
 missing columns and an empty selection (e.g. no `single` rows of the expert's type) instead of letting a worker
 wait for batches that never come.
 
-Which rows a stage reads: adaptor all kinds (`negative` with the negative-quality prompt); encoder all but
-`negative` (its target is deliberately bad); experts `single` rows of `train.expert`; estimator `composite` and
+Which rows a stage reads: adaptor all kinds (`negative` and `degraded_negative` with the negative-quality prompt);
+encoder all but those two (their targets are deliberately bad); experts `single` rows of `train.expert`; estimator `composite` and
 `single` (they carry masks).
 """
 
@@ -24,6 +24,7 @@ import pyarrow.dataset as pads
 
 from restoration.dataset import TRAINING_COLUMNS
 from restoration.degradations import parameterized_degrade, realesrgan_degrade
+from restoration.degradations.sample import NEGATIVE_KINDS
 from restoration.errors import InputError
 from restoration.images import ImageDecodeError, decode_image
 from restoration.seeding import numpy_generator
@@ -41,7 +42,7 @@ def shards_path(uri: str) -> str:
 def stage_filter(config: TrainConfig) -> pc.Expression | None:
     kind = pc.field("kind")
     if config.stage == "encoder":
-        return kind != "negative"
+        return ~kind.isin(list(NEGATIVE_KINDS))
     if config.stage == "estimator":
         return kind.isin(["composite", "single"])
     if config.stage == "experts":

@@ -10,7 +10,7 @@ A `Stage` splits one step in two:
 Stages (DESIGN.md, issue #6):
 - `adaptor`: SUPIR/SPIRE adaptor + connectors; eps-prediction MSE through the frozen UNet at uniform discrete
   timesteps of SDXL's schedule (what SUPIR's EDM loss with discrete sigmas and eps weighting amounts to). The
-  semantic prompt (caption; the negative-quality prompt for `negative` samples) drives the UNet, the
+  semantic prompt (caption; the negative-quality prompt for `negative` and `degraded_negative` samples) drives the UNet, the
   restoration prompt the adaptor.
 - `encoder`: the degradation-robust encoder, `||D(E_dr(x_LQ)) - D(E(x_HQ))||^2 + w ||E_dr(x_LQ) - E(x_HQ)||^2`
   with the VAE decoder frozen.
@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from restoration.degradations.registry import REGISTRY
+from restoration.degradations.sample import NEGATIVE_KINDS
 from restoration.errors import InputError
 from restoration.models.adaptor import AdaptedUNet
 from restoration.models.base import encode_prompt, size_crop_time_ids
@@ -172,7 +173,7 @@ class Stage:
         drop_caption = torch.rand(size, generator=generator) < self.config.caption_dropout
         drop_restoration = torch.rand(size, generator=generator) < self.config.restoration_prompt_dropout
         captions = [
-            NEGATIVE_QUALITY_PROMPT if kind == "negative" else ("" if dropped else caption)
+            NEGATIVE_QUALITY_PROMPT if kind in NEGATIVE_KINDS else ("" if dropped else caption)
             for caption, kind, dropped in zip(batch.captions, batch.kinds, drop_caption.tolist(), strict=True)
         ]
         restoration_prompts = [

@@ -48,7 +48,7 @@ def degrade_variant(hq: np.ndarray, kind: str, rng: np.random.Generator, config:
     if kind == "single":
         types = REGISTRY.all()
         return single_degrade(hq, rng, types[int(rng.integers(len(types)))].id)
-    return negative_degrade(hq, rng, config.negative)
+    return negative_degrade(hq, rng, config.degraded_negative)
 
 
 class DegradeStage:

@@ -100,6 +100,16 @@ def load_tokenizer(spec: TokenizerSpec, extra_special_tokens: list[str] | None =
 SUPPORTED_PREDICTION_TYPES = ("epsilon",)
 
 
+def scheduler_config(preset: Preset) -> dict[str, Any]:
+    """The base's diffusers scheduler config (the preset's `[scheduler]`: a source's scheduler folder, or inline)."""
+    from diffusers import DDPMScheduler
+
+    spec = preset.scheduler
+    if spec.pretrained:
+        return dict(DDPMScheduler.load_config(spec.source, **_pretrained_kwargs(spec)))
+    return dict(spec.config)
+
+
 def load_noise_schedule(preset: Preset) -> torch.Tensor:
     """The base's training alphas_cumprod (float64, ascending in t) from the preset's `[scheduler]` table.
 
@@ -107,11 +117,7 @@ def load_noise_schedule(preset: Preset) -> torch.Tensor:
     own. Only epsilon prediction is implemented (the loss and the sampler's x0); any other is refused by name."""
     from diffusers import DDPMScheduler
 
-    spec = preset.scheduler
-    if spec.pretrained:
-        config = DDPMScheduler.load_config(spec.source, **_pretrained_kwargs(spec))
-    else:
-        config = dict(spec.config)
+    config = scheduler_config(preset)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in SUPPORTED_PREDICTION_TYPES:
         raise PresetError(

@@ -268,7 +268,7 @@ def test_composite_mask_matches_regions_and_types(photo):
 
 def test_negative_samples(photo):
     sample = negative_degrade(photo, np.random.default_rng(0))
-    assert sample.kind == "negative" and sample.restoration_prompt == ""
+    assert sample.kind == "degraded_negative" and sample.restoration_prompt == ""
     assert sample.hq.shape == photo.shape and sample.lq.shape == (32, 32, 3)
     # The target itself is of low quality: much further from the photo than a q95 JPEG of it.
     assert np.abs(sample.hq.astype(int) - photo.astype(int)).mean() > 10
