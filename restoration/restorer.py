@@ -55,6 +55,7 @@ from restoration.seeding import torch_seeded
 from restoration.settings import RestoreConfig, SamplerConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
+SIZE_MULTIPLE = 64  # SUPIR's: working sizes are multiples of 64 px
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -108,9 +109,10 @@ class Restorer:
         self.weights: str | None = None  # the trained weights' directory (from_pretrained), None: untrained adaptor
         self._captioner = None
         self.vae_factor = 2 ** (len(self.networks.vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
-        # The UNet halves the latent once per down block with a downsampler; pixels also /8 for the VAE.
+        # The UNet halves the latent once per down block with a downsampler (pixels also /8 for the VAE); SUPIR rounds
+        # every working size to a multiple of 64 px (PIL2Tensor), which SDXL's 32 divides.
         downsamplers = sum(block.downsamplers is not None for block in self.networks.unet.down_blocks)
-        self.size_multiple = 8 * 2**downsamplers
+        self.size_multiple = max(SIZE_MULTIPLE, self.vae_factor * 2**downsamplers)
 
     def to(self, device: torch.device | str) -> Restorer:
         """Move every network to `device` (training workers; restore() itself runs where the networks are)."""
@@ -223,10 +225,13 @@ class Restorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device  # restore runs where the networks are (see `to`)
 
-    def _prepare(self, image: Image.Image) -> torch.Tensor:
-        width, height = image.size
+    def _snap(self, width: float, height: float) -> tuple[int, int]:
+        """The nearest size the model takes (multiples of `size_multiple`, at least one)."""
         multiple = self.size_multiple
-        size = (max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple))
+        return (max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple))
+
+    def _prepare(self, image: Image.Image) -> torch.Tensor:
+        size = self._snap(*image.size)
         return _to_tensor(image.resize(size, Image.BICUBIC) if size != image.size else image).to(self.device)
 
     def _encode(self, pixels: torch.Tensor, options: RestoreConfig) -> torch.Tensor:
@@ -350,10 +355,11 @@ class Restorer:
 
     def working_image(self, image: Image.Image, output_size: tuple[int, int], options: RestoreConfig) -> Image.Image:
         """SUPIR's super-resolution: the LQ upscaled (bicubic) to the output size, and further until its short side
-        reaches `min_size`; restoration runs at that size and the result is resized to the output size."""
+        reaches `min_size`, rounded to multiples of 64 px; restoration runs at that size and the result is resized to
+        the output size."""
         min_size = options.min_size or self.native_size
         scale = max(1.0, min_size / min(output_size))
-        size = (round(output_size[0] * scale), round(output_size[1] * scale))
+        size = self._snap(output_size[0] * scale, output_size[1] * scale)  # one bicubic resize, as SUPIR's PIL2Tensor
         return image if size == image.size else image.resize(size, Image.BICUBIC)
 
     def _guidance_target(self, stage1: Stage1, sampler: SamplerConfig, options: RestoreConfig) -> torch.Tensor:

@@ -41,15 +41,16 @@ def test_restore_is_deterministic_per_seed_and_reports_what_it_did(restorer, pho
     assert np.array_equal(pixels(first), pixels(restorer.restore(photo, prompt="a cat", sampler=steps(3), seed=0)))
     assert not np.array_equal(pixels(first), pixels(restorer.restore(photo, prompt="a cat", sampler=steps(3), seed=1)))
     captioned = restorer.restore(photo, prompt=None, sampler=steps(2), seed=0)  # the tiny VLM captions the stage-1 image
-    # The VLM sees the stage-1 image at the size restoration runs at (72x48 is below tiny's native 64 px short side).
+    # The VLM sees the stage-1 image at the size restoration runs at: 72x48 is below tiny's native 64 px short side,
+    # so 96x64, rounded to SUPIR's multiples of 64 px: 128x64 (Python rounds 1.5 to 2).
     working = restorer.working_image(photo, photo.size, RestoreConfig())
-    assert working.size == (96, 64) and captioned.captioned and captioned.caption == restorer.caption(restorer.stage1(working).image)
+    assert working.size == (128, 64) and captioned.captioned and captioned.caption == restorer.caption(restorer.stage1(working).image)
     assert captioned.image.size == photo.size
 
 
 def test_stage1_is_the_robust_encoding_and_its_decoding(restorer, photo):
     stage1 = restorer.stage1(photo)
-    # 72x48 goes to the nearest multiple of the UNet's 32 px: 64x64, an 8x8 latent on the tiny VAE.
+    # 72x48 goes to the nearest multiple of 64 px (SUPIR's): 64x64, an 8x8 latent on the tiny VAE.
     assert stage1.lq.shape == (1, 3, 64, 64) and stage1.latent.shape == (1, 4, 8, 8) and stage1.decoded.shape == stage1.lq.shape
     assert stage1.image.size == (64, 64) and stage1.size == photo.size
 
@@ -194,6 +195,9 @@ def test_super_resolution_upscales_first_as_supir_does(restorer):
     small = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     restoration = restorer.restore(small, prompt="noise", sampler=steps(1), options=RestoreConfig(upscale=4))
     assert restoration.image.size == (256, 192)
+    # Working sizes are multiples of 64 px, reached in one bicubic resize (SUPIR's PIL2Tensor).
+    assert restorer.working_image(small, (100, 70), RestoreConfig()).size == (128, 64)
+    assert restorer.working_image(small, (256, 192), RestoreConfig()).size == (256, 192)
     # Below the native size (64 px for tiny) the LQ is enlarged first, and the output comes back at input x upscale.
     tiny_input = small.resize((16, 12))
     assert restorer.native_size == 64 and restorer.stage1(restorer.working_image(tiny_input, (16, 12), RestoreConfig())).lq.shape[2] >= 64
