@@ -24,6 +24,7 @@ from restoration.degradations import (
     realesrgan_degrade,
     single_degrade,
 )
+from restoration.degradations.realesrgan import usm_source
 from restoration.images import encode_jpeg, encode_mask_png, encode_png
 from restoration.seeding import numpy_generator
 
@@ -38,9 +39,11 @@ def _encode(image: np.ndarray, image_format: str) -> bytes:
     return encode_png(image) if image_format == "png" else encode_jpeg(image, 95)
 
 
-def degrade_variant(hq: np.ndarray, kind: str, rng: np.random.Generator, config: DegradeConfig):
+def degrade_variant(hq: np.ndarray, kind: str, rng: np.random.Generator, config: DegradeConfig, sharpened=None):
+    """One variant; `sharpened`: a callable giving the source's USM-sharpened HQ (computed once, shared by variants)."""
     if kind == "realesrgan":
-        return realesrgan_degrade(hq, rng, config.realesrgan)
+        needs_usm = config.realesrgan.usm_lq_source or config.realesrgan.usm_target
+        return realesrgan_degrade(hq, rng, config.realesrgan, sharpened() if needs_usm and sharpened else None)
     if kind == "parameterized":
         return parameterized_degrade(hq, rng, config.parameterized)
     if kind == "composite":
@@ -76,11 +79,18 @@ class DegradeStage:
             hq = image_of(row)
             quality = quality_of(row)
             hq_bytes = _encode(hq, self.config.image_format)
+            usm: list[np.ndarray] = []
+
+            def sharpened(hq=hq, usm=usm) -> np.ndarray:
+                if not usm:
+                    usm.append(usm_source(hq))
+                return usm[0]
+
             for variant in range(self.config.variants):
                 # Seeded by the image's content, not its URI: the same corpus built anywhere gives the same samples.
                 rng = numpy_generator(self.seed, "degrade", quality.get("sha256", row["source"]), variant)
                 kind = self.kinds[int(rng.choice(len(self.kinds), p=self.weights))]
-                sample = degrade_variant(hq, kind, rng, self.config)
+                sample = degrade_variant(hq, kind, rng, self.config, sharpened)
                 out.append(
                     {
                         "id": sample_id(quality.get("sha256", ""), row["source"], variant),

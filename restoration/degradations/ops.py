@@ -11,6 +11,8 @@ resizing are OpenCV's, `area` is torch's.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -66,8 +68,12 @@ def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 N(0, 1) samples of `shape`, fresh from the caller's generator (every sample its own noise)."""
-    return rng.standard_normal(shape, dtype=np.float32)
+    """float32 N(0, 1) samples of `shape`, fresh for every sample: torch's sampler (about 3x numpy's) seeded from
+    the caller's generator, so the noise still follows the sample's seed."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
 
 
 def gaussian_noise(image: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
@@ -131,16 +137,30 @@ def usm_kernel_size(radius: int = 50) -> int:
     return radius + 1 if radius % 2 == 0 else radius
 
 
+@functools.cache
+def _usm_kernel(size: int) -> np.ndarray:
+    return cv2.getGaussianKernel(size, 0)  # sigma from OpenCV's rule, as BasicSR's USMSharp
+
+
 def usm_sharpen(image: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: int = 10) -> np.ndarray:
     """Unsharp masking as BasicSR's USMSharp: blend towards `img + weight * (img - blur)` where the residual is over
-    `threshold` grey levels, through a blurred soft mask."""
-    size = usm_kernel_size(radius)
-    blurred = cv2.GaussianBlur(image, (size, size), 0)
-    residual = image - blurred
-    mask = (np.abs(residual) * 255 > threshold).astype(np.float32)
-    soft_mask = cv2.GaussianBlur(mask, (size, size), 0)
-    sharp = np.clip(image + weight * residual, 0, 1)
-    return soft_mask * sharp + (1 - soft_mask) * image
+    `threshold` grey levels, through a blurred soft mask. Takes uint8 or [0, 1] float; returns float32.
+
+    The two 51 x 51 blurs are most of the cost: they filter 8-bit data into float32 (the uint8 image, the 0/1 mask),
+    which OpenCV does ~1.4x faster than float to float; the result equals blurring the float image (linear)."""
+    kernel = _usm_kernel(usm_kernel_size(radius))
+    if image.dtype == np.uint8:
+        blurred = cv2.sepFilter2D(image, cv2.CV_32F, kernel * (1.0 / 255.0), kernel)
+        image = to_float(image)
+    else:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        blurred = cv2.sepFilter2D(image, cv2.CV_32F, kernel, kernel)
+    residual = cv2.subtract(image, blurred)
+    mask = (cv2.absdiff(image, blurred) > np.float32(threshold / 255.0)).view(np.uint8)  # |residual| * 255 > threshold
+    soft_mask = cv2.sepFilter2D(mask, cv2.CV_32F, kernel, kernel)
+    sharp = np.clip(cv2.scaleAdd(residual, weight, image), 0, 1)
+    # soft * sharp + (1 - soft) * image, one pass fewer
+    return cv2.add(image, cv2.multiply(soft_mask, cv2.subtract(sharp, image)))
 
 
 def clamp_round(image: np.ndarray) -> np.ndarray:

@@ -166,15 +166,25 @@ def _resize_to(image: np.ndarray, height: int, width: int, rng: np.random.Genera
     return ops.resize(image, height, width, mode)
 
 
-def realesrgan_degrade(hq: np.ndarray, rng: np.random.Generator, config: RealESRGANConfig | None = None) -> DegradedSample:
-    """Degrade an HxWx3 uint8 RGB image. Returns the (optionally sharpened) target, the LQ, and every op applied."""
+def usm_source(hq: np.ndarray) -> np.ndarray:
+    """BasicSR's USM-sharpened HQ (uint8), what Real-ESRGAN degrades and trains towards. Computed once per source
+    and passed to every Real-ESRGAN variant of it (`realesrgan_degrade(..., sharpened=)`)."""
+    return ops.to_uint8(ops.usm_sharpen(hq))
+
+
+def realesrgan_degrade(
+    hq: np.ndarray, rng: np.random.Generator, config: RealESRGANConfig | None = None, sharpened: np.ndarray | None = None
+) -> DegradedSample:
+    """Degrade an HxWx3 uint8 RGB image. Returns the (optionally sharpened) target, the LQ, and every op applied.
+    `sharpened`: `usm_source(hq)` when the caller already has it (several variants of one source)."""
     config = config or RealESRGANConfig()
     height, width = hq.shape[:2]
     target_h, target_w = max(1, height // config.scale), max(1, width // config.scale)
     record: list[dict] = []
 
     # BasicSR degrades the USM-sharpened ground truth (RealESRGANModel.feed_data: filter2D(self.gt_usm, kernel1)).
-    sharpened = ops.to_uint8(ops.usm_sharpen(ops.to_float(hq))) if config.usm_lq_source or config.usm_target else None
+    if sharpened is None and (config.usm_lq_source or config.usm_target):
+        sharpened = usm_source(hq)
     source = sharpened if config.usm_lq_source else hq
     kernel, params = random_kernel(config.blur1, rng)
     record.append({"op": "blur", **params})

@@ -16,14 +16,23 @@ def _run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_degradation_bench_prints_every_row():
     result = _run_bench("bench/degradations.py", "--seconds", "0.05", "--sizes", "64", "--no-profile")
-    for row in ("floor", "realesrgan", "realesrgan (plain)", "parameterized", "composite", "single", "degraded_negative"):
+    for row in (
+        "floor",
+        "realesrgan",
+        "realesrgan (plain)",
+        "realesrgan, USM per source",
+        "parameterized",
+        "composite",
+        "degraded_negative",
+    ):
         assert row in result.stdout
     assert "1/" in result.stdout
 
 
 def test_sampling_bench_prints_every_row():
     result = _run_bench("bench/sampling.py", "--steps", "1", "--size", "64", "--repeats", "1")
-    for row in ("plain", "restoration-guided", "ReFIR paired", "ReFIR shared", "ReFIR paired / no reference", "ReFIR shared / no reference"):
+    rows = ("plain", "restoration-guided", "ReFIR paired", "ReFIR shared", "ReFIR paired / no reference", "ReFIR shared / no reference")
+    for row in rows:
         assert row in result.stdout
 
 
