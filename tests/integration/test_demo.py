@@ -56,9 +56,11 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     manifest = json.loads((tmp_path / "data" / "demo" / "dataset" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["sources_in"] == len(list(samples.glob("*.png")))
     assert manifest["sources_in"] == manifest["sources_accepted"] + manifest["sources_rejected"]
-    assert manifest["samples_written"] == 2 * manifest["sources_accepted"] > 0
+    # Two variants per source, and the two negative-quality samples the tiny SDXL generates (counted apart).
+    assert manifest["negatives_generated"] == manifest["samples_by_kind"]["negative"] == 2
+    assert manifest["samples_written"] == 2 * manifest["sources_accepted"] + 2 > 2
     shards = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "data" / "demo" / "dataset" / "shards").glob("*.parquet")])
-    rows = shards.to_pylist()
+    rows = [row for row in shards.to_pylist() if row["kind"] != "negative"]
     qualities = [json.loads(row["quality"]) for row in rows]
     assert all("aesthetic" in q and "clip_score" in q for q in qualities)  # CLIP stages ran, scores recorded
     captions = {row["source"].rsplit("/", 1)[-1]: row for row in rows}
