@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     supir.add_argument(
         "--sdxl",
         required=True,
-        metavar="DIR",
-        help="the SDXL base as a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, ...)",
+        metavar="PATH",
+        help="the SDXL base: a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, ...) or the original single-file "
+        "checkpoint SUPIR loads (sd_xl_base_1.0_0.9vae.safetensors), converted offline with SDXL's configs written in restoray",
     )
     supir.add_argument("--output", required=True, metavar="DIR", help="new directory to write (must not exist or be empty)")
     supir.add_argument(

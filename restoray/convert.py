@@ -5,7 +5,9 @@ Layout of the output directory:
     restorer.json       preset "preset.toml" (relative), adaptor config, provenance of the conversion
     model.safetensors   adaptor (GLVControl trunk), connectors (project_modules), robust encoder (denoise_encoder)
     preset.toml         the layout preset (supir-v0 by default) with its SDXL networks at ./sdxl
-    sdxl/               unet, vae, text_encoder(_2), tokenizer(_2)[, scheduler] in the diffusers layout
+    sdxl/               unet, vae, text_encoder(_2), tokenizer(_2)[, scheduler] in the diffusers layout: a copy of the
+                        --sdxl folder, or converted from an original single-file checkpoint (the tokenizers are then
+                        CLIP's BPE built offline and the scheduler SDXL's training schedule, both in preset.toml)
 
 The directory is written under a temporary name beside the output and renamed at the end: an interrupted
 conversion leaves no half-written model behind.
@@ -33,7 +35,7 @@ DROP_FROM_TABLE = ("source", "subfolder", "revision", "config", "vocabulary")
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from a .safetensors file or a torch .ckpt (never unpickling arbitrary objects)."""
     if not path.is_file():
-        raise InputError(f"SUPIR checkpoint {str(path)!r} does not exist")
+        raise InputError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -51,24 +53,30 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_sdxl(sdxl: Path) -> None:
     if sdxl.is_file():
-        raise InputError(
-            f"--sdxl {sdxl}: single-file SDXL checkpoints are not converted yet; give a diffusers folder (e.g. a local "
-            "snapshot of stabilityai/stable-diffusion-xl-base-1.0 with unet/, vae/, text_encoder/, ...)"
-        )
+        return  # an original single-file checkpoint: checked when converted
+    if not sdxl.is_dir():
+        raise InputError(f"--sdxl {sdxl} does not exist")
     missing = [part for part in SDXL_PARTS if not (sdxl / part).is_dir()]
     if missing:
         raise InputError(f"--sdxl {sdxl}: not an SDXL diffusers folder (missing {', '.join(missing)})")
 
 
-def converted_preset(layout: str, sdxl: Path, checkpoint: Path) -> dict:
+def converted_preset(layout: str, sdxl: Path, checkpoint: Path, staged: Path) -> dict:
     """The layout preset's TOML table with its SDXL networks at ./sdxl (relative to the preset file)."""
     from restoration.models.presets import preset_file
+    from restoration.models.sdxl_checkpoint import base_config
 
     data = tomllib.loads(preset_file(layout).read_text(encoding="utf-8"))
-    parts = [*SDXL_PARTS, *(["scheduler"] if (sdxl / "scheduler").is_dir() else [])]
+    single_file = sdxl.is_file()
+    parts = [part for part in (*SDXL_PARTS, "scheduler") if (staged / part).is_dir()]
     for part in parts:
         kept = {key: value for key, value in data.get(part, {}).items() if key not in DROP_FROM_TABLE}
         data[part] = {"source": "./sdxl", "subfolder": part, **kept}
+    if single_file:  # CLIP's BPE built offline, SDXL's own schedule (unless the layout has an inline one)
+        data["tokenizer"] = {"vocabulary": "open_clip_bpe"}
+        data["tokenizer_2"] = {"vocabulary": "open_clip_bpe", "pad_token": "!"}
+        if not data.get("scheduler", {}).get("config"):
+            data["scheduler"] = {"config": {k: v for k, v in base_config("scheduler").items() if v is not None}}
     data["name"] = f"{data['name']}-converted"
     data["description"] = f"{checkpoint.name} on the SDXL base from {sdxl.name}, in the {layout} layout"
     return data
@@ -88,11 +96,15 @@ def convert_supir(checkpoint: str, sdxl: str, output: str, layout: str = "supir-
     output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
     try:
-        for part in [*SDXL_PARTS, "scheduler"]:
-            if (sdxl_path / part).is_dir():
-                log.info("copying SDXL %s", part)
-                shutil.copytree(sdxl_path / part, staging / "sdxl" / part)
-        (staging / "preset.toml").write_text(tomli_w.dumps(converted_preset(layout, sdxl_path, checkpoint_path)), encoding="utf-8")
+        if sdxl_path.is_file():
+            _convert_single_file(sdxl_path, layout, staging / "sdxl")
+        else:
+            for part in [*SDXL_PARTS, "scheduler"]:
+                if (sdxl_path / part).is_dir():
+                    log.info("copying SDXL %s", part)
+                    shutil.copytree(sdxl_path / part, staging / "sdxl" / part)
+        preset = converted_preset(layout, sdxl_path, checkpoint_path, staging / "sdxl")
+        (staging / "preset.toml").write_text(tomli_w.dumps(preset), encoding="utf-8")
         log.info("building the %s layout on the SDXL base", layout)
         restorer = Restorer(str(staging / "preset.toml"))
         unet, vae = restorer.networks.unet, restorer.networks.vae
@@ -116,6 +128,24 @@ def convert_supir(checkpoint: str, sdxl: str, output: str, layout: str = "supir-
         raise
     log.info("wrote %s (%d tensors converted)", output_path, len(converted))
     return output_path
+
+
+def _convert_single_file(sdxl: Path, layout: str, target: Path) -> None:
+    """An original single-file SDXL checkpoint -> diffusers folders under `target`. The architecture configs are the
+    layout preset's inline ones when it has them (tiny presets), else SDXL base 1.0's written in the project."""
+    from restoration.models.presets import load_preset
+    from restoration.models.sdxl_checkpoint import convert_sdxl_single_file
+    from restoration.models.supir_checkpoint import CheckpointMismatch
+
+    preset = load_preset(layout)
+    configs = {name: getattr(preset, name).config for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    log.info("converting the single-file SDXL checkpoint %s", sdxl.name)
+    try:
+        networks = convert_sdxl_single_file(load_checkpoint(sdxl), {k: v for k, v in configs.items() if v})
+    except CheckpointMismatch as err:
+        raise InputError(f"--sdxl {sdxl}: {err}") from err
+    for name, network in networks.items():
+        network.save_pretrained(target / name)
 
 
 def run_convert_supir(checkpoint: str, sdxl: str, output: str, layout: str) -> int:

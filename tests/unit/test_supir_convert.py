@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import subprocess_env
+from tests.ldm_layout import ldm_vae_encoder_layout, resblock_layout, transformer_layout
 
 DATA = Path(__file__).parents[1] / "data" / "supir"
 SDXL = {
@@ -32,64 +33,6 @@ SDXL = {
     "vae_blocks": 2,
 }
 TINY = {"channels": [32, 32, 64], "depth": [0, 2, 2], "mid_depth": 2, "context": 64, "adm": 80, "vae": [8, 16, 32, 32], "vae_blocks": 1}
-
-
-def _resblock(prefix: str, cin: int, cout: int, time: int) -> dict[str, list[int]]:
-    shapes = {
-        "in_layers.0.weight": [cin],
-        "in_layers.0.bias": [cin],
-        "in_layers.2.weight": [cout, cin, 3, 3],
-        "in_layers.2.bias": [cout],
-        "emb_layers.1.weight": [cout, time],
-        "emb_layers.1.bias": [cout],
-        "out_layers.0.weight": [cout],
-        "out_layers.0.bias": [cout],
-        "out_layers.3.weight": [cout, cout, 3, 3],
-        "out_layers.3.bias": [cout],
-    }
-    if cin != cout:
-        shapes.update({"skip_connection.weight": [cout, cin, 1, 1], "skip_connection.bias": [cout]})
-    return {f"{prefix}.{k}": v for k, v in shapes.items()}
-
-
-def _transformer(prefix: str, ch: int, depth: int, context: int) -> dict[str, list[int]]:
-    shapes = {
-        "norm.weight": [ch],
-        "norm.bias": [ch],
-        "proj_in.weight": [ch, ch],
-        "proj_in.bias": [ch],
-        "proj_out.weight": [ch, ch],
-        "proj_out.bias": [ch],
-    }
-    for k in range(depth):
-        block = {
-            "attn1.to_q.weight": [ch, ch],
-            "attn1.to_k.weight": [ch, ch],
-            "attn1.to_v.weight": [ch, ch],
-            "attn1.to_out.0.weight": [ch, ch],
-            "attn1.to_out.0.bias": [ch],
-            "attn2.to_q.weight": [ch, ch],
-            "attn2.to_k.weight": [ch, context],
-            "attn2.to_v.weight": [ch, context],
-            "attn2.to_out.0.weight": [ch, ch],
-            "attn2.to_out.0.bias": [ch],
-            "ff.net.0.proj.weight": [8 * ch, ch],
-            "ff.net.0.proj.bias": [8 * ch],
-            "ff.net.2.weight": [ch, 4 * ch],
-            "ff.net.2.bias": [ch],
-        }
-        for norm in ("norm1", "norm2", "norm3"):
-            block.update({f"{norm}.weight": [ch], f"{norm}.bias": [ch]})
-        shapes.update({f"transformer_blocks.{k}.{name}": shape for name, shape in block.items()})
-    return {f"{prefix}.{k}": v for k, v in shapes.items()}
-
-
-def _vae_resnet(prefix: str, cin: int, cout: int) -> dict[str, list[int]]:
-    shapes = {"norm1.weight": [cin], "norm1.bias": [cin], "conv1.weight": [cout, cin, 3, 3], "conv1.bias": [cout]}
-    shapes.update({"norm2.weight": [cout], "norm2.bias": [cout], "conv2.weight": [cout, cout, 3, 3], "conv2.bias": [cout]})
-    if cin != cout:
-        shapes.update({"nin_shortcut.weight": [cout, cin, 1, 1], "nin_shortcut.bias": [cout]})
-    return {f"{prefix}.{k}": v for k, v in shapes.items()}
 
 
 def ldm_supir_layout(size: dict) -> dict[str, list[int]]:
@@ -107,16 +50,16 @@ def ldm_supir_layout(size: dict) -> dict[str, list[int]]:
     index, previous = 1, c0
     for level, (ch, depth) in enumerate(zip(size["channels"], size["depth"], strict=True)):
         for _ in range(2):
-            shapes.update(_resblock(f"{trunk}.input_blocks.{index}.0", previous, ch, time))
+            shapes.update(resblock_layout(f"{trunk}.input_blocks.{index}.0", previous, ch, time))
             if depth:
-                shapes.update(_transformer(f"{trunk}.input_blocks.{index}.1", ch, depth, size["context"]))
+                shapes.update(transformer_layout(f"{trunk}.input_blocks.{index}.1", ch, depth, size["context"]))
             index, previous = index + 1, ch
         if level < 2:
             shapes.update({f"{trunk}.input_blocks.{index}.0.op.weight": [ch, ch, 3, 3], f"{trunk}.input_blocks.{index}.0.op.bias": [ch]})
             index += 1
-    shapes.update(_resblock(f"{trunk}.middle_block.0", c2, c2, time))
-    shapes.update(_transformer(f"{trunk}.middle_block.1", c2, size["mid_depth"], size["context"]))
-    shapes.update(_resblock(f"{trunk}.middle_block.2", c2, c2, time))
+    shapes.update(resblock_layout(f"{trunk}.middle_block.0", c2, c2, time))
+    shapes.update(transformer_layout(f"{trunk}.middle_block.1", c2, size["mid_depth"], size["context"]))
+    shapes.update(resblock_layout(f"{trunk}.middle_block.2", c2, c2, time))
 
     # LightGLVUNet.__init__: cond_output_channels, project_channels (scale 2), concat_channels; ZeroCrossAttn inserted
     # at 6, then at 3.
@@ -141,26 +84,7 @@ def ldm_supir_layout(size: dict) -> dict[str, list[int]]:
             leaf.update({"norm1.weight": [query], "norm1.bias": [query], "norm2.weight": [context], "norm2.bias": [context]})
         shapes.update({f"{prefix}.{k}": v for k, v in leaf.items()})
 
-    encoder, vae = "first_stage_model.denoise_encoder", size["vae"]
-    shapes.update({f"{encoder}.conv_in.weight": [vae[0], 3, 3, 3], f"{encoder}.conv_in.bias": [vae[0]]})
-    previous = vae[0]
-    for level, ch in enumerate(vae):
-        for block in range(size["vae_blocks"]):
-            shapes.update(_vae_resnet(f"{encoder}.down.{level}.block.{block}", previous, ch))
-            previous = ch
-        if level < len(vae) - 1:
-            shapes.update(
-                {f"{encoder}.down.{level}.downsample.conv.weight": [ch, ch, 3, 3], f"{encoder}.down.{level}.downsample.conv.bias": [ch]}
-            )
-    top = vae[-1]
-    shapes.update(_vae_resnet(f"{encoder}.mid.block_1", top, top))
-    shapes.update(_vae_resnet(f"{encoder}.mid.block_2", top, top))
-    for name in ("norm",):
-        shapes.update({f"{encoder}.mid.attn_1.{name}.weight": [top], f"{encoder}.mid.attn_1.{name}.bias": [top]})
-    for name in ("q", "k", "v", "proj_out"):
-        shapes.update({f"{encoder}.mid.attn_1.{name}.weight": [top, top, 1, 1], f"{encoder}.mid.attn_1.{name}.bias": [top]})
-    shapes.update({f"{encoder}.norm_out.weight": [top], f"{encoder}.norm_out.bias": [top]})
-    shapes.update({f"{encoder}.conv_out.weight": [8, top, 3, 3], f"{encoder}.conv_out.bias": [8]})
+    shapes.update(ldm_vae_encoder_layout("first_stage_model.denoise_encoder", size["vae"], size["vae_blocks"]))
     return shapes
 
 
@@ -311,3 +235,80 @@ def test_bad_inputs_are_named(tiny_release, tmp_path):
     unsafe = run(str(tmp_path / "evil.ckpt"), "--sdxl", str(root / "sdxl"), "--output", str(tmp_path / "out"), "--layout", str(layout))
     assert unsafe.returncode == 2 and "weights_only" in unsafe.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
+
+
+def test_an_original_single_file_sdxl_checkpoint_converts_offline(tiny_release, tmp_path):
+    """SUPIR loads SDXL from the single file sd_xl_base_1.0_0.9vae.safetensors; a tiny one in its sgm names here."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from restoration.models.presets import load_preset
+    from restoration.restorer import Restorer
+    from restoration.settings import SamplerConfig
+    from tests.ldm_layout import ldm_unet_layout, ldm_vae_layout, open_clip_text_layout
+
+    root, layout, _ = tiny_release
+    tiny = load_preset("tiny")
+    generator = torch.Generator().manual_seed(1)
+    shapes = {**ldm_unet_layout(TINY), **ldm_vae_layout(TINY["vae"], TINY["vae_blocks"])}
+    bigg = tiny.text_encoder_2.config
+    shapes.update(
+        open_clip_text_layout(
+            "conditioner.embedders.1.model",
+            bigg["hidden_size"],
+            bigg["num_hidden_layers"],
+            bigg["intermediate_size"],
+            bigg["projection_dim"],
+        )
+    )
+    single = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in shapes.items()}
+    # transformers' CLIPTextModel names as sgm stored them (with the "text_model." level transformers 5 dropped).
+    clip_l = CLIPTextModel(CLIPTextConfig(**tiny.text_encoder.config)).state_dict()
+    clip_l = {name if name.startswith("text_model.") else f"text_model.{name}": t for name, t in clip_l.items()}
+    single.update(
+        {f"conditioner.embedders.0.transformer.{name}": torch.randn(t.shape, generator=generator) * 0.05 for name, t in clip_l.items()}
+    )
+    save_file(single, str(tmp_path / "sd_xl_tiny.safetensors"))
+
+    output = tmp_path / "converted"
+    command = [
+        sys.executable,
+        "-m",
+        "restoray",
+        "convert",
+        "supir",
+        str(root / "SUPIR-v0Q.ckpt"),
+        "--sdxl",
+        str(tmp_path / "sd_xl_tiny.safetensors"),
+    ]
+    result = subprocess.run(
+        [*command, "--output", str(output), "--layout", str(layout)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    restorer = Restorer.from_pretrained(output)
+    networks = restorer.networks
+    unet, vae = "model.diffusion_model.", "first_stage_model."
+    # Hand-written pairs: sgm's name -> the diffusers/transformers module that must hold it.
+    assert torch.equal(networks.unet.up_blocks[0].resnets[0].conv1.weight, single[unet + "output_blocks.0.0.in_layers.2.weight"])
+    assert torch.equal(networks.unet.up_blocks[1].upsamplers[0].conv.weight, single[unet + "output_blocks.5.2.conv.weight"])
+    assert torch.equal(networks.unet.conv_out.weight, single[unet + "out.2.weight"])
+    assert torch.equal(networks.unet.add_embedding.linear_1.weight, single[unet + "label_emb.0.0.weight"])
+    assert torch.equal(networks.vae.decoder.up_blocks[0].resnets[0].conv1.weight, single[vae + "decoder.up.3.block.0.conv1.weight"])
+    assert torch.equal(networks.vae.post_quant_conv.weight, single[vae + "post_quant_conv.weight"])
+    width = bigg["hidden_size"]
+    q_proj = networks.text_encoder_2.text_model.encoder.layers[1].self_attn.q_proj.weight
+    assert torch.equal(q_proj, single["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"][:width])
+    assert torch.equal(networks.text_encoder_2.text_projection.weight, single["conditioner.embedders.1.model.text_projection"].T)
+    token_embedding = networks.text_encoder.get_input_embeddings().weight
+    assert torch.equal(token_embedding, single["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"])
+    # The tokenizers are CLIP's BPE built offline, the scheduler the layout's; the SUPIR weights sit on this base.
+    preset_text = (output / "preset.toml").read_text()
+    assert 'vocabulary = "open_clip_bpe"' in preset_text and 'pad_token = "!"' in preset_text
+    restored = restorer.restore(Image.new("RGB", (40, 32), (90, 120, 60)), prompt="x", sampler=SamplerConfig(steps=1))
+    assert restored.image.size == (40, 32)
