@@ -64,9 +64,10 @@ def vae_resnet_layout(prefix: str, cin: int, cout: int) -> dict[str, list[int]]:
     return {f"{prefix}.{k}": v for k, v in shapes.items()}
 
 
-def ldm_unet_layout(size: dict, prefix: str = "model.diffusion_model") -> dict[str, list[int]]:
-    """An SDXL-structured UNet: time/label embeddings, 3 levels of 2 ResBlocks (+ transformers), middle, 9 output
-    blocks, out. `size`: channels [c0, c1, c2], depth per level, mid_depth, context, adm."""
+def ldm_unet_encoder_layout(size: dict, prefix: str) -> tuple[dict[str, list[int]], list[int]]:
+    """An SDXL-structured UNet's embeddings, input blocks and middle block (GLVControl's trunk is this), and the skip
+    channels its input blocks leave for the decoder. `size`: channels [c0, c1, c2], depth per level, mid_depth,
+    context, adm."""
     c0, c2 = size["channels"][0], size["channels"][-1]
     time = 4 * c0
     shapes: dict[str, list[int]] = {}
@@ -90,6 +91,14 @@ def ldm_unet_layout(size: dict, prefix: str = "model.diffusion_model") -> dict[s
     shapes.update(resblock_layout(f"{prefix}.middle_block.0", c2, c2, time))
     shapes.update(transformer_layout(f"{prefix}.middle_block.1", c2, size["mid_depth"], size["context"]))
     shapes.update(resblock_layout(f"{prefix}.middle_block.2", c2, c2, time))
+    return shapes, skips
+
+
+def ldm_unet_layout(size: dict, prefix: str = "model.diffusion_model") -> dict[str, list[int]]:
+    """An SDXL-structured UNet: the encoder part above, 9 output blocks, out."""
+    c0, c2 = size["channels"][0], size["channels"][-1]
+    time = 4 * c0
+    shapes, skips = ldm_unet_encoder_layout(size, prefix)
     ch, index = c2, 0
     for level in (2, 1, 0):
         out, depth = size["channels"][level], size["depth"][level]

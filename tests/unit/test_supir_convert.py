@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import subprocess_env
-from tests.ldm_layout import ldm_vae_encoder_layout, resblock_layout, transformer_layout
+from tests.ldm_layout import ldm_unet_encoder_layout, ldm_vae_encoder_layout
 
 DATA = Path(__file__).parents[1] / "data" / "supir"
 SDXL = {
@@ -38,28 +38,8 @@ TINY = {"channels": [32, 32, 64], "depth": [0, 2, 2], "mid_depth": 2, "context":
 def ldm_supir_layout(size: dict) -> dict[str, list[int]]:
     """Names and shapes of a SUPIR-v0 checkpoint for UNet channels/depths `size` (SUPIR_v0.yaml's structure)."""
     c0, c1, c2 = size["channels"]
-    time = 4 * c0
-    shapes: dict[str, list[int]] = {}
-    trunk = "model.control_model"
-    shapes.update({f"{trunk}.time_embed.0.weight": [time, c0], f"{trunk}.time_embed.0.bias": [time]})
-    shapes.update({f"{trunk}.time_embed.2.weight": [time, time], f"{trunk}.time_embed.2.bias": [time]})
-    shapes.update({f"{trunk}.label_emb.0.0.weight": [time, size["adm"]], f"{trunk}.label_emb.0.0.bias": [time]})
-    shapes.update({f"{trunk}.label_emb.0.2.weight": [time, time], f"{trunk}.label_emb.0.2.bias": [time]})
-    shapes.update({f"{trunk}.input_blocks.0.0.weight": [c0, 4, 3, 3], f"{trunk}.input_blocks.0.0.bias": [c0]})
-    shapes.update({f"{trunk}.input_hint_block.0.weight": [c0, 4, 3, 3], f"{trunk}.input_hint_block.0.bias": [c0]})
-    index, previous = 1, c0
-    for level, (ch, depth) in enumerate(zip(size["channels"], size["depth"], strict=True)):
-        for _ in range(2):
-            shapes.update(resblock_layout(f"{trunk}.input_blocks.{index}.0", previous, ch, time))
-            if depth:
-                shapes.update(transformer_layout(f"{trunk}.input_blocks.{index}.1", ch, depth, size["context"]))
-            index, previous = index + 1, ch
-        if level < 2:
-            shapes.update({f"{trunk}.input_blocks.{index}.0.op.weight": [ch, ch, 3, 3], f"{trunk}.input_blocks.{index}.0.op.bias": [ch]})
-            index += 1
-    shapes.update(resblock_layout(f"{trunk}.middle_block.0", c2, c2, time))
-    shapes.update(transformer_layout(f"{trunk}.middle_block.1", c2, size["mid_depth"], size["context"]))
-    shapes.update(resblock_layout(f"{trunk}.middle_block.2", c2, c2, time))
+    shapes, _ = ldm_unet_encoder_layout(size, "model.control_model")  # GLVControl: SDXL's encoder + middle, own embeddings
+    shapes.update({"model.control_model.input_hint_block.0.weight": [c0, 4, 3, 3], "model.control_model.input_hint_block.0.bias": [c0]})
 
     # LightGLVUNet.__init__: cond_output_channels, project_channels (scale 2), concat_channels; ZeroCrossAttn inserted
     # at 6, then at 3.
