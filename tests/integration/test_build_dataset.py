@@ -317,7 +317,7 @@ def test_persistent_403_stops_the_build_with_exit_1_and_no_rejects(tmp_path, loc
     _s3_corpus(moto_endpoint, "locked", 3)
     with FaultProxy(moto_endpoint, "forbidden") as proxy:
         sets = [f"storage.s3_endpoint_url={proxy.endpoint}", "storage.attempts=2", "storage.backoff_s=0.1", "data.embed.enabled=false"]
-        sets += ["data.quality.min_short_side=128", "data.crop.size=128", "data.caption.mode=keep-source"]
+        sets += ["data.quality.min_short_side=128", "data.crop.size=128", "data.caption.mode=keep-source", "data.negatives.count=0"]
         arguments = ["data", "build", "--input", "s3://locked/photos", "--output", str(tmp_path / "out")]
         code = main([*arguments, *(item for value in sets for item in ("--set", value))])
     error = capsys.readouterr().err
