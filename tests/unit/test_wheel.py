@@ -21,6 +21,7 @@ RUNTIME_FILES = (
     "restoration/models/preset_files/supir-v0.toml",
     "restoration/sampling/presets/supir-paper.toml",
     "restoration/sampling/presets/supir-release.toml",
+    *(f"restoration/models/base_configs/sdxl_{name}.json" for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")),
 )
 PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
 
