@@ -630,7 +630,10 @@ class AdaptedDenoiser:
         target_in, references_in = x_in
         plan = self.chain.plan(timestep, negative=cond is self.conditioning.negative)
         try:
-            if plan == "run" and not self.tiles(target_in) and target_in.shape[1:] == references_in.shape[1:]:
+            # One batch only while injecting: outside the range the target runs alone, bit-exact with no references
+            # (a batch of two rounds differently from a batch of one).
+            batchable = not self.tiles(target_in) and target_in.shape[1:] == references_in.shape[1:]
+            if plan == "run" and batchable and self.chain.active_at(float(timestep[0])):
                 return list(self.chain.run_with_target(target_in, self.z_lq, references_in, timestep, inputs, control_scale))
             references_eps = self.chain.step(references_in, timestep, inputs, control_scale, plan)
             return [self.target(target_in, timestep, inputs, control_scale), references_eps]
