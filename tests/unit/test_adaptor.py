@@ -119,3 +119,34 @@ def test_supir_v0_layout_at_tiny_width(tiny):
             assert isinstance(module, ZeroCrossAttn)
             assert module.to_q.in_features == decoder and module.to_k.in_features == control
             assert module.heads == max(1, decoder // 64)
+
+
+def test_own_embeddings_start_as_the_unets_and_then_are_the_adaptors_own(tiny):
+    """SUPIR_v0's GLVControl has its own time_embed and label_emb: copies at initialisation, then its own weights."""
+    unet = tiny["networks"].unet
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        shared = AdaptedUNet(unet, AdaptorConfig(mid_connector=False)).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        own = AdaptedUNet(unet, AdaptorConfig(mid_connector=False, own_embeddings=True)).eval()
+    assert (
+        "adaptor.time_embedding.linear_1.weight" in own.state_dict() and "adaptor.time_embedding.linear_1.weight" not in shared.state_dict()
+    )
+    x, t, lq = _inputs()
+    with torch.no_grad():
+        for model in (shared, own):  # at zero init the connectors hide the adaptor: give them weights
+            for block in model.connectors:
+                for connector in block:
+                    connector.gamma.weight.copy_(
+                        torch.linspace(-0.05, 0.05, connector.gamma.weight.numel()).view_as(connector.gamma.weight)
+                    )
+
+        def run(model):
+            return model(x, t, tiny["semantic"], tiny["added"], lq, tiny["restoration"], tiny["restoration_added"])
+
+        assert torch.allclose(run(shared), run(own), atol=1e-6)
+        unet_bias = unet.time_embedding.linear_2.bias.clone()
+        own.adaptor.time_embedding.linear_2.bias.add_(0.5)
+        assert not torch.allclose(run(shared), run(own), atol=1e-4)
+        assert torch.equal(unet.time_embedding.linear_2.bias, unet_bias)  # a copy: the frozen UNet's embedding is untouched
