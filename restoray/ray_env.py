@@ -39,6 +39,21 @@ def quiet_ray(verbose: bool) -> None:
     context.print_on_execution_start = verbose
 
 
+NO_STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+
+
+class _NoStateApiFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NO_STATE_API_WARNING not in record.getMessage()
+
+
+def quiet_embedded_worker() -> None:
+    """Worker setup hook of the embedded instance. It runs without a dashboard, so Ray Train's placement-group
+    cleaner cannot reach the State API and warns about it every second of a training run; the warning says nothing
+    there (the instance ends with the process), so it is dropped. Everything else the workers log stays."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_NoStateApiFilter())
+
+
 def connect(config: RayConfig) -> str:
     """Initialise Ray once per process; returns a description of where it runs."""
     address = cluster_address(config)
@@ -54,7 +69,14 @@ def connect(config: RayConfig) -> str:
         ray.init(address=address, namespace=config.namespace, log_to_driver=True, logging_level=level)
         where = f"cluster at {address}"
     else:
-        ray.init(num_cpus=config.num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True, logging_level=level)
+        ray.init(
+            num_cpus=config.num_cpus,
+            namespace=config.namespace,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=level,
+            runtime_env={"worker_process_setup_hook": "restoray.ray_env.quiet_embedded_worker"},
+        )
         where = f"embedded local instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, node {ray.util.get_node_ip_address()})"
     quiet_ray(verbose)
     log.debug("Ray: %s", where)
