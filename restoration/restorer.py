@@ -469,8 +469,8 @@ class ReferenceChain:
         self.restorer = restorer
         self.z_lq = torch.cat([reference.latent for reference in references])  # (R, 4, h, w): the adaptor's LQ input
         self.x_center = x_centers
-        self.noise = torch.randn(self.z_lq[:1].shape, generator=torch.Generator().manual_seed(seed)).expand_as(self.z_lq).clone()
-        self.noise = self.noise.to(self.z_lq.device)
+        shared_noise = torch.randn(self.z_lq[:1].shape, generator=torch.Generator().manual_seed(seed))  # the target's draw
+        self.noise = shared_noise.expand_as(self.z_lq).clone().to(self.z_lq.device)
         self.generator = torch.Generator().manual_seed(seed)  # the churn: the target's own draws when the sizes match
         self.reference_range = options.reference_range
         self.cfg = options.refir_cfg
@@ -516,32 +516,34 @@ class ReferenceChain:
     def active_at(self, timestep: float) -> bool:
         return self.reference_range[0] <= self.progress(timestep) <= self.reference_range[1]
 
-    def run(self, x_in: torch.Tensor, timestep: torch.Tensor, model_inputs: dict, control_scale: float) -> torch.Tensor:
-        """The references' eps at this step, recording what the target injects."""
+    def _forward(self, mode: str, x_in: torch.Tensor, z_lq: torch.Tensor, timestep: torch.Tensor, inputs: dict, control_scale: float):
+        """One pass of the adapted model over a batch of references (and the target first, "batched"), the pass's
+        text widened to the batch, with the controller recording (and injecting) as `mode` says."""
         count = x_in.shape[0]
-        embeds, added = model_inputs["embeds"], model_inputs["added"]
-        restoration_embeds, restoration_added = model_inputs["restoration_embeds"], model_inputs["restoration_added"]
 
         def widen(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.expand(count, *tensor.shape[1:])
 
         self.controller.clear()
-        self.controller.mode = "record"
+        self.controller.mode, self.controller.split = mode, 1
         try:
-            eps = self.restorer.model(
+            return self.restorer.model(
                 x_in,
                 timestep[:1].expand(count),
-                widen(embeds),
-                {key: widen(value) for key, value in added.items()},
-                self.z_lq,
-                widen(restoration_embeds),
-                {key: widen(value) for key, value in restoration_added.items()},
+                widen(inputs["embeds"]),
+                {key: widen(value) for key, value in inputs["added"].items()},
+                z_lq,
+                widen(inputs["restoration_embeds"]),
+                {key: widen(value) for key, value in inputs["restoration_added"].items()},
                 control_scale,
             )
         finally:
             self.controller.mode = "off"
-        self._last_eps = eps
-        return eps
+
+    def run(self, x_in: torch.Tensor, timestep: torch.Tensor, model_inputs: dict, control_scale: float) -> torch.Tensor:
+        """The references' eps at this step, recording what the target injects."""
+        self._last_eps = self._forward("record", x_in, self.z_lq, timestep, model_inputs, control_scale)
+        return self._last_eps
 
     def plan(self, timestep: torch.Tensor, negative: bool) -> str:
         """What the references do on this pass: "frozen" (past the range: never read again, so they stop; eps 0
@@ -570,27 +572,10 @@ class ReferenceChain:
         model_inputs: dict,
         control_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target and references as one batch [target, references] (same shape, untiled): (target eps, references eps)."""
-        count = 1 + x_in.shape[0]
-
-        def widen(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.expand(count, *tensor.shape[1:])
-
-        self.controller.clear()
-        self.controller.mode, self.controller.split = ("batched" if self.active_at(float(timestep[0])) else "off"), 1
-        try:
-            eps = self.restorer.model(
-                torch.cat([target_in, x_in]),
-                timestep[:1].expand(count),
-                widen(model_inputs["embeds"]),
-                {key: widen(value) for key, value in model_inputs["added"].items()},
-                torch.cat([target_lq, self.z_lq]),
-                widen(model_inputs["restoration_embeds"]),
-                {key: widen(value) for key, value in model_inputs["restoration_added"].items()},
-                control_scale,
-            )
-        finally:
-            self.controller.mode = "off"
+        """Target and references as one batch [target, references] (same shape, untiled, injecting):
+        (target eps, references eps)."""
+        stacked, lq = torch.cat([target_in, x_in]), torch.cat([target_lq, self.z_lq])
+        eps = self._forward("batched", stacked, lq, timestep, model_inputs, control_scale)
         self._last_eps = eps[1:]
         return eps[:1], eps[1:]
 
