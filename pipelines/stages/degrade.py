@@ -6,6 +6,7 @@ same samples. The output rows have DESIGN.md's sample schema; rejected rows pass
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -79,13 +80,7 @@ class DegradeStage:
             hq = image_of(row)
             quality = quality_of(row)
             hq_bytes = _encode(hq, self.config.image_format)
-            usm: list[np.ndarray] = []
-
-            def sharpened(hq=hq, usm=usm) -> np.ndarray:
-                if not usm:
-                    usm.append(usm_source(hq))
-                return usm[0]
-
+            sharpened = functools.cache(functools.partial(usm_source, hq))  # once per source, only if a variant needs it
             for variant in range(self.config.variants):
                 # Seeded by the image's content, not its URI: the same corpus built anywhere gives the same samples.
                 rng = numpy_generator(self.seed, "degrade", quality.get("sha256", row["source"]), variant)
