@@ -103,7 +103,7 @@ class BuildStopped(RestorayError):
     """The build stopped while working for a reason that is not one source's (exit 1)."""
 
 
-def _read_json(fs, path: str, storage: StorageConfig) -> dict | None:
+def read_json(fs, path: str, storage: StorageConfig) -> dict | None:
     """The JSON file's content; None only when the file does not exist. A corrupt file is an error naming it."""
 
     def read() -> bytes | None:
@@ -124,14 +124,14 @@ def _read_json(fs, path: str, storage: StorageConfig) -> dict | None:
     return value
 
 
-def _parquet_files(fs, root: str, name: str) -> list[str]:
+def parquet_files(fs, root: str, name: str) -> list[str]:
     directory = f"{root}/{name}"
     if not fs.exists(directory):
         return []
     return sorted(p for p in fs.find(directory) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def _read_parquet(fs, path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(fs, path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
     def read() -> pa.Table:
         with fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)
@@ -142,18 +142,18 @@ def _read_parquet(fs, path: str, storage: StorageConfig, columns: list[str] | No
         raise InputError(f"{path} is corrupt ({err}); remove it to rebuild what it held") from None
 
 
-def _read_table(fs, root: str, name: str, columns: list[str], storage: StorageConfig) -> pa.Table | None:
-    files = _parquet_files(fs, root, name)
+def read_table(fs, root: str, name: str, columns: list[str], storage: StorageConfig) -> pa.Table | None:
+    files = parquet_files(fs, root, name)
     if not files:
         return None
-    return pa.concat_tables([_read_parquet(fs, path, storage, columns) for path in files])
+    return pa.concat_tables([read_parquet(fs, path, storage, columns) for path in files])
 
 
 def _drop_rejects(fs, root: str, reasons: set[str], storage: StorageConfig) -> int:
     """Remove the reject rows of `reasons` (each file rewritten without them), so resume reads those sources again."""
     dropped = 0
-    for path in _parquet_files(fs, root, "rejects"):
-        table = _read_parquet(fs, path, storage)
+    for path in parquet_files(fs, root, "rejects"):
+        table = read_parquet(fs, path, storage)
         keep = [reason not in reasons for reason in table.column("reason").to_pylist()]
         if all(keep):
             continue
@@ -174,10 +174,10 @@ def _existing_output(fs, root: str, variants: int, storage: StorageConfig) -> tu
     """(sources already complete, sample ids of sources written only in part)."""
     done: set[str] = set()
     partial_ids: set[str] = set()
-    rejects = _read_table(fs, root, "rejects", ["source"], storage)
+    rejects = read_table(fs, root, "rejects", ["source"], storage)
     if rejects is not None:
         done.update(rejects.column("source").to_pylist())
-    shards = _read_table(fs, root, "shards", ["source", "id"], storage)
+    shards = read_table(fs, root, "shards", ["source", "id"], storage)
     if shards is not None:
         by_source: dict[str, list[str]] = {}
         for source, sample in zip(shards.column("source").to_pylist(), shards.column("id").to_pylist(), strict=True):
@@ -193,24 +193,24 @@ def _existing_output(fs, root: str, variants: int, storage: StorageConfig) -> tu
 _object_cache: dict[str, Any] = {}
 
 
-def _get_cached(ref_holder: dict) -> Any:
+def get_cached(ref_holder: dict) -> Any:
     key = ref_holder["key"]
     if key not in _object_cache:
         _object_cache[key] = ray.get(ref_holder["ref"])
     return _object_cache[key]
 
 
-def _broadcast(value: Any) -> dict:
+def broadcast(value: Any) -> dict:
     """Put a read-only value in the object store once; tasks fetch it once per worker process."""
     return {"key": f"{id(value)}-{time.monotonic_ns()}", "ref": ray.put(value)}
 
 
-def _read_stage(timer, label: str, skip: dict | None, config: DataBuildConfig):
+def read_stage(timer, label: str, skip: dict | None, config: DataBuildConfig):
     max_share, min_sources = config.source.max_read_error_share, config.source.read_error_min_sources
 
     def udf(batch: dict) -> dict:
         rows = rows_of(batch)
-        done = _get_cached(skip) if skip else set()
+        done = get_cached(skip) if skip else set()
         kept = [row for row in rows if row["source"] not in done]
         read_errors = sum(1 for row in kept if (row.get("error") or "").startswith("read_error"))
         # Counted, not timed (reading happens in read_units); the answer is the build's running totals.
@@ -228,14 +228,14 @@ def _read_stage(timer, label: str, skip: dict | None, config: DataBuildConfig):
     return udf
 
 
-def _source_rows(units: list[dict], config: DataBuildConfig, storage: StorageConfig) -> ray.data.Dataset:
+def source_rows(units: list[dict], config: DataBuildConfig, storage: StorageConfig) -> ray.data.Dataset:
     blocks = max(1, min(len(units), config.source.read_parallelism * 4))
     return ray.data.from_items(units, override_num_blocks=blocks).map_batches(
         read_units, batch_size=1, fn_kwargs={"config": config.source, "storage": storage}
     )
 
 
-def _front_stages(dataset: ray.data.Dataset, config: DataBuildConfig, timer, prefix: str = "") -> ray.data.Dataset:
+def front_stages(dataset: ray.data.Dataset, config: DataBuildConfig, timer, prefix: str = "") -> ray.data.Dataset:
     max_chars = config.source.max_caption_chars
 
     def decode(row: dict) -> dict:
@@ -254,13 +254,13 @@ def _front_stages(dataset: ray.data.Dataset, config: DataBuildConfig, timer, pre
 
 
 def _scan_duplicates(units, config: DataBuildConfig, storage: StorageConfig, fs, root: str, fp: str, timer) -> dict[str, tuple[str, str]]:
-    cached = _read_json(fs, f"{root}/_work/scan.json", storage)
+    cached = read_json(fs, f"{root}/_work/scan.json", storage)
     if cached and cached.get("fingerprint") == fp and fs.exists(f"{root}/{SCAN}"):
-        table = _read_parquet(fs, f"{root}/{SCAN}", storage)
+        table = read_parquet(fs, f"{root}/{SCAN}", storage)
         log.info("dedup: reusing the hash scan of an earlier run (%d images)", table.num_rows)
     else:
-        read = _read_stage(timer, "scan", None, config)
-        scan = _front_stages(_source_rows(units, config, storage).map_batches(read), config, timer, "scan: ")
+        read = read_stage(timer, "scan", None, config)
+        scan = front_stages(source_rows(units, config, storage).map_batches(read), config, timer, "scan: ")
 
         def hashes(batch: dict) -> dict:
             rows = [hashes_row(row) for row in rows_of(batch) if not is_rejected(row)]
@@ -320,7 +320,7 @@ def build_dataset(
     except Exception as err:
         raise InputError(f"cannot write to output {output_uri}: {type(err).__name__}: {err}") from err
     fp = fingerprint(input_uri, config, preset)
-    manifest = _read_json(out_fs, f"{root}/{MANIFEST}", storage)
+    manifest = read_json(out_fs, f"{root}/{MANIFEST}", storage)
     if manifest and manifest.get("fingerprint") not in (None, fp):
         raise InputError(f"{output_uri} holds a build of another input or config; choose a new --output or remove it")
     if retry_rejected:
@@ -332,7 +332,7 @@ def build_dataset(
             manifest = None
     if manifest and manifest.get("complete") and manifest.get("fingerprint") == fp:
         return _summary_from_manifest(output_uri, manifest)
-    _write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
+    write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
     _check_resources(config)
     # A UDF's own exception (StorageError, BuildStopped) reaches the driver as itself, not as a UserCodeException.
@@ -356,11 +356,11 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     if done or partial_ids:
         log.info("resuming: %d sources already written, %d sample ids of partly written sources", len(done), len(partial_ids))
 
-    rows = _source_rows(units, config, storage).map_batches(_read_stage(timer, "read", _broadcast(done) if done else None, config))
-    rows = _front_stages(rows, config, timer)
+    rows = source_rows(units, config, storage).map_batches(read_stage(timer, "read", broadcast(done) if done else None, config))
+    rows = front_stages(rows, config, timer)
     if decisions:
-        decisions_ref = _broadcast(decisions)
-        rows = rows.map_batches(row_stage("dedup", lambda row: dedup_row(row, _get_cached(decisions_ref)), timer), batch_size=8)
+        decisions_ref = broadcast(decisions)
+        rows = rows.map_batches(row_stage("dedup", lambda row: dedup_row(row, get_cached(decisions_ref)), timer), batch_size=8)
     # Model stages are imported only when used: torch and transformers cost every Ray worker seconds to import.
     if config.embed.enabled:
         from pipelines.stages.embed import ClipScoreStage, EmbedStage
@@ -401,7 +401,7 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
         "started": started,
         "finished": time.time(),
     }
-    _write_json(out_fs, f"{root}/{MANIFEST}", manifest)
+    write_json(out_fs, f"{root}/{MANIFEST}", manifest)
     return summary
 
 
@@ -411,7 +411,7 @@ def _generate_negatives(config: DataBuildConfig, preset: str, storage: StorageCo
     from restoration.prompts import NEGATIVE_QUALITY_PROMPT
 
     negatives = config.negatives
-    shards = _read_table(fs, root, "shards", ["id", "kind"], storage)
+    shards = read_table(fs, root, "shards", ["id", "kind"], storage)
     written = set(shards.filter(pc.equal(shards.column("kind"), "negative")).column("id").to_pylist()) if shards is not None else set()
     todo = [i for i in range(negatives.count) if negative_id(NEGATIVE_QUALITY_PROMPT, negative_seed(config.seed, i)) not in written]
     if not todo:
@@ -470,8 +470,8 @@ def _check_resources(config: DataBuildConfig) -> None:
 
 
 def _summarise(fs, root: str, output_uri: str, totals: dict, started: float, storage: StorageConfig) -> BuildSummary:
-    shards = _read_table(fs, root, "shards", ["source", "id", "kind"], storage)
-    rejects = _read_table(fs, root, "rejects", ["source", "reason"], storage)
+    shards = read_table(fs, root, "shards", ["source", "id", "kind"], storage)
+    rejects = read_table(fs, root, "rejects", ["source", "reason"], storage)
     # Generated negatives are samples without a source: they stay out of the source accounting.
     kinds = shards.column("kind").to_pylist() if shards is not None else []
     sources = shards.column("source").to_pylist() if shards is not None else []
@@ -523,7 +523,7 @@ def _summary_from_manifest(output_uri: str, manifest: dict) -> BuildSummary:
     )
 
 
-def _write_json(fs, path: str, payload: dict) -> None:
+def write_json(fs, path: str, payload: dict) -> None:
     partial = f"{path}.partial"
     with fs.open(partial, "wb") as handle:
         handle.write(json.dumps(payload, indent=2, sort_keys=True).encode())

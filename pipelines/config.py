@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ByteSize, Field, model_validator
 
 from restoration.config_model import StrictModel
 from restoration.degradations import CompositeConfig, NegativeConfig, ParameterizedConfig, RealESRGANConfig
@@ -134,3 +134,30 @@ class DataBuildConfig(StrictModel):
     degrade: DegradeConfig = Field(default_factory=DegradeConfig, description="Degraded variants.")
     negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="SDXL-generated negative-quality samples.")
     write: WriteConfig = Field(default_factory=WriteConfig, description="Shard writing.")
+
+
+class IndexEmbedConfig(StrictModel):
+    batch_size: int = Field(16, ge=1, description="Images per open-clip call.")
+    actors: int = Field(1, ge=1, description="Actor pool size (each holds the preset's open-clip model).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor.")
+
+
+class IndexConfig(StrictModel):
+    """`restoray index build`: sources -> open-clip embeddings, reference store, faiss index tuned to a recall target.
+
+    Sources are read, decoded and checked with the run's `data.source`, `data.decode` and `data.quality` settings
+    (references should be high-quality images, as the training sources)."""
+
+    embed: IndexEmbedConfig = Field(default_factory=IndexEmbedConfig, description="The embedding actor pool.")
+    index_type: Literal["flat", "hnsw", "ivf", "ivf_pq"] | None = Field(
+        None, description="Force an index type; unset: chosen from the vector count and max_memory (autofaiss's rules)."
+    )
+    max_memory: ByteSize = Field(ByteSize(16 * 2**30), description="Resident memory the loaded index may take (e.g. '1GB', '512MiB').")
+    on_disk: bool | None = Field(None, description="IVF lists on disk (faiss.contrib.ondisk); unset: when they do not fit max_memory.")
+    target_recall: float = Field(0.95, gt=0, le=1, description="10-recall@10 the search parameters are tuned to reach.")
+    tuning_queries: int = Field(1000, ge=10, description="Held-out queries (embeddings not in the training sample) for tuning.")
+    opq_iterations: int = Field(50, ge=1, description="OPQ rotation training iterations (faiss's default 50).")
+    add_batch: int = Field(100_000, ge=1, description="Vectors per Ray task adding to a copy of the trained empty index.")
+    reference_format: Literal["jpeg", "png"] = Field("jpeg", description="Encoding of the reference store's images (jpeg at quality 95).")
+    max_rows_per_shard: int = Field(1000, ge=1, description="Rows per embeddings/references parquet file at most.")

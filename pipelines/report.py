@@ -10,7 +10,7 @@ import json
 import cv2
 import numpy as np
 
-from pipelines.build_dataset import MANIFEST, _read_json, _read_table
+from pipelines.build_dataset import MANIFEST, read_json, read_table
 from restoration.images import decode_image, encode_png
 from runtime.config import StorageConfig
 from runtime.storage import filesystem
@@ -55,9 +55,9 @@ def _histogram(values: list[float], title: str) -> str:
 def write_report(output_uri: str, report_path: str, storage: StorageConfig | None = None, examples: int = 12) -> None:
     storage = storage or StorageConfig()
     fs, root = filesystem(output_uri, storage)
-    manifest = _read_json(fs, f"{root}/{MANIFEST}", storage) or {}
-    shards = _read_table(fs, root, "shards", ["source", "kind", "hq", "lq", "mask", "restoration_prompt", "caption", "quality"], storage)
-    rejects = _read_table(fs, root, "rejects", ["source", "stage", "reason", "detail"], storage)
+    manifest = read_json(fs, f"{root}/{MANIFEST}", storage) or {}
+    shards = read_table(fs, root, "shards", ["source", "kind", "hq", "lq", "mask", "restoration_prompt", "caption", "quality"], storage)
+    rejects = read_table(fs, root, "rejects", ["source", "stage", "reason", "detail"], storage)
     parts = [
         "<!doctype html><meta charset='utf-8'><title>restoray dataset report</title>",
         "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:4px;font-size:12px}img{display:block}</style>",

@@ -64,24 +64,29 @@ class ShardSink(Datasink):
         return {"samples": len(samples), "rejects": len(rejects)}
 
     def _commit(self, table_name: str, table: pa.Table) -> None:
-        fs, root = filesystem(self.output, self.storage)
-        # Named by content (the samples' LQ bytes; a reject table by its sources): the same build writes the same
-        # files wherever it runs, so the shards' order, and a training run that reads them in order, reproduce;
-        # a retried write overwrites its own file.
-        digest = hashlib.sha256()
-        for value in table.column("lq" if "lq" in table.column_names else "source").to_pylist():
-            digest.update(hashlib.sha256(value if isinstance(value, bytes) else str(value).encode()).digest())
-        name = f"part-{digest.hexdigest()[:24]}.parquet"
-        final = f"{root}/{table_name}/{name}"
-        partial = f"{root}/{table_name}/.{name}.partial"
+        commit_table(self.output, self.storage, table_name, table, "lq" if "lq" in table.column_names else "source")
 
-        def write() -> None:  # idempotent: a retry rewrites the same partial file
-            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
-            with fs.open(partial, "wb") as handle:
-                pq.write_table(table, handle, compression="zstd")
-            fs.mv(partial, final)
 
-        retrying(write, f"{self.output}/{table_name}/{name}", self.storage, "write")
+def commit_table(output: str, storage: StorageConfig, table_name: str, table: pa.Table, key_column: str, row_group_size=None) -> str:
+    """Write `table` as OUTPUT/table_name/part-<hash of its key column>.parquet through a temporary name; returns the
+    file's name. Named by content: the same rows give the same file wherever they were built (a build's shards,
+    and a training run reading them in order, reproduce), and a retried write overwrites its own file."""
+    fs, root = filesystem(output, storage)
+    digest = hashlib.sha256()
+    for value in table.column(key_column).to_pylist():
+        digest.update(hashlib.sha256(value if isinstance(value, bytes) else str(value).encode()).digest())
+    name = f"part-{digest.hexdigest()[:24]}.parquet"
+    final = f"{root}/{table_name}/{name}"
+    partial = f"{root}/{table_name}/.{name}.partial"
+
+    def write() -> None:  # idempotent: a retry rewrites the same partial file
+        fs.makedirs(f"{root}/{table_name}", exist_ok=True)
+        with fs.open(partial, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd", row_group_size=row_group_size)
+        fs.mv(partial, final)
+
+    retrying(write, f"{output}/{table_name}/{name}", storage, "write")
+    return name
 
 
 def _none_for_nan(value):

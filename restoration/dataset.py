@@ -3,6 +3,9 @@ reads, and of the rejects table (docs/architecture.md, "Dataset layout")."""
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pyarrow as pa
 
 SAMPLE_SCHEMA = pa.schema(
@@ -42,5 +45,28 @@ REASONS = (
     "near_duplicate",
     "caption_error",
 )
+# CLIP image embeddings, one row per source: `data build`'s embeddings/ and `index build`'s embeddings/.
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # source_id(source)
+        ("source", pa.string()),
+        ("embedding", pa.binary()),  # L2-normalised float32, little-endian (the preset's open-clip width)
+    ]
+)
+
+
+def source_id(source: str) -> str:
+    """The stable id of a source URI (embeddings and the reference store key by it)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
+def embedding_matrix(column) -> np.ndarray:
+    """An embeddings table's `embedding` column (bytes per row) as an (N, dim) float32 array."""
+    values = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
+    if not values:
+        return np.zeros((0, 0), np.float32)
+    return np.frombuffer(b"".join(values), dtype="<f4").reshape(len(values), -1)
+
+
 # What training reads of a sample.
 TRAINING_COLUMNS = ("id", "caption", "hq", "lq", "kind", "degradation", "restoration_prompt", "mask")

@@ -261,17 +261,23 @@ class Restorer:
         self,
         image: Image.Image,
         prompt: str | None = None,
-        references: Sequence[Image.Image | ReferenceUsed] = (),
+        references: Sequence[Image.Image | ReferenceUsed] | str = (),
         sampler: SamplerConfig | None = None,
         options: RestoreConfig | None = None,
         *,
+        index=None,
+        k: int | None = None,
+        min_similarity: float | None = None,
         restoration_prompt: str | None = None,
         seed: int | None = None,
         expert_weights: str | dict[str, float] | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> Restoration:
         """Restore one image. `prompt` None: caption the stage-1 image. `references`: ReFIR references (images, or
-        `ReferenceUsed` with the index's similarity). `sampler` (the [sampler] section) and `options` (the [restore]
+        `ReferenceUsed` with the index's similarity), or "auto": the `k` nearest of the stage-1 image in `index` (a
+        retrieval.references.ReferenceIndex) at or above `min_similarity` (defaults: options.retrieval_k and
+        options.min_similarity; below it the image is restored without a reference and `result.retrieval` says so).
+        `sampler` (the [sampler] section) and `options` (the [restore]
         section) default to their defaults; `restoration_prompt`, `seed` and `expert_weights` override `options`.
         `on_step(info)` runs after every step; `info.cancel()` stops with RestorationCancelled."""
         sampler = sampler or SamplerConfig()
@@ -279,7 +285,10 @@ class Restorer:
         restoration_prompt = options.restoration_prompt if restoration_prompt is None else restoration_prompt
         seed = options.seed if seed is None else seed
         expert_weights = options.expert_weights if expert_weights is None else expert_weights
-        references = [ref if isinstance(ref, ReferenceUsed) else ReferenceUsed(ref) for ref in references]
+        retrieve = isinstance(references, str)
+        if retrieve and (references != "auto" or index is None):
+            raise InputError(f"references={references!r}: give images, or 'auto' with an index to retrieve them from")
+        references = [] if retrieve else [ref if isinstance(ref, ReferenceUsed) else ReferenceUsed(ref) for ref in references]
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -288,6 +297,17 @@ class Restorer:
         if self.experts:
             set_expert_weights(self.model.adaptor, self.expert_weights_for(stage1.lq, expert_weights))
         seconds["stage1"], clock = _lap(clock)
+
+        retrieval = None
+        if retrieve:
+            retrieval = Retrieval.search(
+                index,
+                stage1.image,
+                options.retrieval_k if k is None else k,
+                options.min_similarity if min_similarity is None else min_similarity,
+            )
+            references = retrieval.used
+            seconds["retrieval"], clock = _lap(clock)
 
         caption = prompt if prompt is not None else self.caption(stage1.image)
         seconds["caption"], clock = _lap(clock)
@@ -346,6 +366,7 @@ class Restorer:
             model=self.identity(),
             sampler=sampler,
             seconds=seconds,
+            retrieval=retrieval,
         )
 
     @property
@@ -437,7 +458,30 @@ class Restoration:
     seed: int
     model: dict[str, Any]  # Restorer.identity()
     sampler: SamplerConfig
-    seconds: dict[str, float]  # per phase: stage1, caption, conditioning, references, sampling, decode, total
+    seconds: dict[str, float]  # per phase: stage1, (retrieval,) caption, conditioning, references, sampling, decode, total
+    retrieval: Retrieval | None = None  # with references="auto": what the index returned and what was kept
+
+
+@dataclass
+class Retrieval:
+    """references="auto": the index's candidates for the stage-1 image, and those at or above the threshold."""
+
+    k: int
+    min_similarity: float
+    candidates: list[tuple[str, float]]  # (source, similarity), best first
+    used: list[ReferenceUsed]
+    index: str  # the index directory
+
+    @property
+    def fell_back(self) -> bool:
+        """True when no candidate reached min_similarity: the image was restored without a reference."""
+        return not self.used
+
+    @classmethod
+    def search(cls, index, image: Image.Image, k: int, min_similarity: float) -> Retrieval:
+        found = index.query([image], k)[0]
+        used = [ReferenceUsed(ref.image, ref.similarity, ref.source) for ref in found if ref.similarity >= min_similarity]
+        return cls(k, min_similarity, [(ref.source, ref.similarity) for ref in found], used, str(index.directory))
 
 
 @dataclass

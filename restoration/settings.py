@@ -59,6 +59,14 @@ class RestoreConfig(StrictModel):
         description="ReFIR under CFG: 'paired' runs the references on both passes (upstream); 'shared' only on the conditional "
         "one, whose record the unconditional pass reuses (one reference pass per step instead of two).",
     )
+    retrieval_k: int = Field(1, ge=1, description="References taken from the index with references='auto' (ReFIR uses one).")
+    min_similarity: float = Field(
+        0.8,
+        ge=-1,
+        le=1,
+        description="Retrieved references below this cosine similarity are not used (unrelated references hurt, ReFIR "
+        "shows); with none left the image is restored without a reference, and the result says so.",
+    )
     reference_range: list[float] = Field(
         [0.0, 1.0],
         description="Part of the denoising [start, end] (0 = pure noise, 1 = done) in which ReFIR references are injected.",

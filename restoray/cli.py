@@ -88,6 +88,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(build)
     build.set_defaults(handler=_run_data_build)
 
+    index = commands.add_parser("index", help="reference index jobs (build, query)", description="The ReFIR reference index.")
+    index_commands = index.add_subparsers(dest="index_command", metavar="JOB", required=True)
+    index_build = index_commands.add_parser(
+        "build",
+        help="corpus or dataset -> open-clip embeddings, reference store, faiss index tuned to a recall target",
+        description="Embed every source of a corpus (any source `data build` reads; local or s3://) or of a dataset built by "
+        "`data build` (its accepted sources, once each) with the preset's open-clip model on Ray Data, store each image at the "
+        "restoration model's size, and build a faiss index chosen by the vector count and index.max_memory, with search "
+        "parameters tuned to index.target_recall (10-recall@10). Writes OUTPUT/index.faiss, vectors.npy, embeddings/, "
+        "references/, rejects/ and manifest.json. Re-running resumes the embedding; a completed build is a no-op. Every "
+        "[index] key: `restoray list config`.",
+        epilog="example: restoray index build --input data/samples --output data/index\n"
+        "         restoray index build --input data/demo/dataset --embeddings data/demo/dataset --output data/index",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index_build.add_argument("--input", required=True, metavar="URI", help="corpus (folder, parquet, webdataset) or a data build output")
+    index_build.add_argument("--output", required=True, metavar="URI", help="index directory, local or s3://")
+    index_build.add_argument(
+        "--embeddings", metavar="URI", default=None, help="reuse the embeddings a data build stored (the dataset or its embeddings/)"
+    )
+    index_build.add_argument(
+        "--index-type", choices=("flat", "hnsw", "ivf", "ivf_pq"), default=None, help="force an index type (default: by count and memory)"
+    )
+    _add_config_arguments(index_build)
+    index_build.set_defaults(handler=_run_index_build)
+    index_query = index_commands.add_parser(
+        "query",
+        help="the nearest references of an image",
+        description="Embed IMAGE with the index's open-clip model and print the k nearest sources with their cosine similarity.",
+        epilog="example: restoray index query photo.png --index data/index -k 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index_query.add_argument("image", metavar="IMAGE", help="query image file")
+    index_query.add_argument("--index", required=True, metavar="URI", help="index directory (local or s3://)")
+    index_query.add_argument("-k", type=int, default=5, help="references to return (default 5)")
+    _add_config_arguments(index_query)
+    index_query.set_defaults(handler=_run_index_query)
+
     train = commands.add_parser(
         "train",
         help="train a stage (adaptor, encoder, experts, estimator) on Ray Train + DeepSpeed, tracked in MLflow",
@@ -121,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="SPIRE restoration prompt (default: restore.restoration_prompt, 'Remove all degradation')",
     )
     restore.add_argument("--reference", action="append", default=[], metavar="PATH", help="ReFIR reference image (repeatable)")
+    restore.add_argument(
+        "--references",
+        choices=("none", "auto"),
+        default=None,
+        help="auto: retrieve ReFIR references from --index (the nearest to the stage-1 image, kept only at or above "
+        "--min-similarity; below it the image is restored without one)",
+    )
+    restore.add_argument("--index", metavar="URI", default=None, help="reference index for --references auto (local or s3://)")
+    restore.add_argument(
+        "--retrieval-k", type=int, default=None, metavar="N", help="references to retrieve (default: restore.retrieval_k, 1)"
+    )
+    restore.add_argument(
+        "--min-similarity",
+        type=float,
+        default=None,
+        metavar="F",
+        help="cosine threshold of retrieved references (default: restore.min_similarity)",
+    )
     restore.add_argument("--tau-r", type=float, default=None, help="restoration-guidance exponent, 0 or less: off (default: sampler.tau_r)")
     restore.add_argument(
         "--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`: supir-paper, supir-release)"
@@ -257,6 +313,22 @@ def _run_data_build(args: argparse.Namespace) -> int:
 
     retry = tuple(reason.strip() for reason in args.retry_rejected.split(",") if reason.strip())
     return run_data_build(config, args.input, args.output, args.report, retry)
+
+
+def _run_index_build(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.index import run_index_build
+
+    return run_index_build(config, args.input, args.output, args.embeddings, args.index_type)
+
+
+def _run_index_query(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise InputError(f"-k {args.k}: give at least 1")
+    config = load_config(args.config, args.overrides)
+    from restoray.index import run_index_query
+
+    return run_index_query(config, args.image, args.index, args.k)
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pipelines.config import DataBuildConfig
+from pipelines.config import DataBuildConfig, IndexConfig
 from restoration.config_model import StrictModel
 from restoration.errors import ConfigError
 from restoration.settings import RestoreConfig, SamplerConfig
@@ -59,6 +59,7 @@ class RunConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Caches and S3 access.")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="The bundled sample corpus.")
     data: DataBuildConfig = Field(default_factory=DataBuildConfig, description="`restoray data build`.")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="`restoray index build`: the reference index.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration-guided EDM sampler.")
     restore: RestoreConfig = Field(default_factory=RestoreConfig, description="Restore defaults.")

@@ -14,7 +14,7 @@ from restoray.config import RunConfig
 from runtime.resolve import resolve
 
 
-def _read_image(path: str):
+def read_image(path: str):
     from PIL import Image
 
     from restoration.images import ImageDecodeError, decode_image
@@ -61,6 +61,7 @@ def restore_settings(config: RunConfig, args: argparse.Namespace) -> tuple[Sampl
     restore = config.restore.model_dump()
     shortcuts = (("seed", args.seed), ("restoration_prompt", args.restoration_prompt))
     shortcuts += (("upscale", getattr(args, "upscale", None)), ("min_size", getattr(args, "min_size", None)))
+    shortcuts += (("retrieval_k", getattr(args, "retrieval_k", None)), ("min_similarity", getattr(args, "min_similarity", None)))
     for key, value in shortcuts:
         if value is not None:
             restore[key] = value
@@ -81,18 +82,41 @@ def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InputError(f"--output {args.output!r}: use a .png, .jpg or .webp file name")
     sampler, options = restore_settings(config, args)
-    image = _read_image(args.input)
-    references = tuple(_read_image(path) for path in args.reference)
+    image = read_image(args.input)
+    auto = args.references == "auto"
+    if auto and args.reference:
+        raise InputError("--references auto retrieves the references: give it or --reference PATH, not both")
+    if auto != (args.index is not None):
+        raise InputError("--references auto needs --index URI (and --index is only used with --references auto)")
+    references = "auto" if auto else tuple(read_image(path) for path in args.reference)
     source = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
     restorer = Restorer.from_pretrained(source)
+    index = None
+    if auto:
+        from restoray.index import load_index
+
+        index = load_index(args.index, config)
     # A bar on a terminal; a CI log gets the one summary line below instead of carriage-return noise.
     with tqdm(total=sampler.steps, desc="restoring", unit="step", disable=not sys.stderr.isatty()) as progress:
         restoration = restorer.restore(
-            image, prompt=args.prompt, references=references, sampler=sampler, options=options, on_step=lambda info: progress.update(1)
+            image,
+            prompt=args.prompt,
+            references=references,
+            sampler=sampler,
+            options=options,
+            index=index,
+            on_step=lambda info: progress.update(1),
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     restoration.image.save(args.output)
     width, height = restoration.image.size
+    if restoration.retrieval is not None:
+        retrieval = restoration.retrieval
+        found = ", ".join(f"{source} ({similarity:.4f})" for source, similarity in retrieval.candidates) or "nothing"
+        if retrieval.fell_back:
+            print(f"references: none at or above {retrieval.min_similarity:g} (found {found}): restored without a reference")
+        else:
+            print(f"references: {', '.join(f'{ref.source} ({ref.similarity:.4f})' for ref in retrieval.used)}")
     print(
         f"restored {args.input} -> {args.output} ({width}x{height}, {sampler.steps} steps, seed {restoration.seed}, "
         f"{restoration.seconds['total']:.1f}s); caption{' (VLM)' if restoration.captioned else ''}: {restoration.caption!r}"

@@ -37,8 +37,7 @@ class EmbedStage(_ClipActor):
 
     @torch.no_grad()
     def _embed(self, live: list[dict]) -> None:
-        pixels = torch.stack([self.scorer.preprocess(Image.fromarray(image_of(row))) for row in live]).to(self.device)
-        embeddings = torch.nn.functional.normalize(self.scorer.model.encode_image(pixels).float(), dim=-1).cpu()
+        embeddings = self.scorer.embed_images([Image.fromarray(image_of(row)) for row in live])
         aesthetics = self.aesthetic_head(embeddings).squeeze(-1) if self.aesthetic_head is not None else None
         for index, row in enumerate(live):
             row["embedding"] = embeddings[index].numpy().astype(np.float32).tobytes()

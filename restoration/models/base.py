@@ -51,6 +51,21 @@ def load_unet(spec: NetworkSpec, seed: int = 0):
     return _build_random(lambda: UNet2DConditionModel(**spec.config), seed, "unet")
 
 
+def _network_config(spec: NetworkSpec, model_class) -> dict:
+    if spec.config is not None:
+        return spec.config
+    return model_class.load_config(spec.source, **_pretrained_kwargs(spec))
+
+
+def native_size(preset: Preset) -> int:
+    """The short side the preset's base was trained at (8 x the UNet's sample size: 1024 for SDXL), from the
+    networks' configs alone (no weights loaded); `Restorer.native_size` of the same preset."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae_factor = 2 ** (len(_network_config(preset.vae, AutoencoderKL)["block_out_channels"]) - 1)
+    return vae_factor * int(_network_config(preset.unet, UNet2DConditionModel)["sample_size"])
+
+
 def load_vae(spec: NetworkSpec, seed: int = 0):
     from diffusers import AutoencoderKL
 
@@ -232,6 +247,19 @@ class ClipScorer:
     model: Any
     preprocess: Any
     tokenizer: Any
+
+    @property
+    def dim(self) -> int:
+        """Width of the image embedding."""
+        return int(self.model.visual.output_dim)
+
+    @torch.no_grad()
+    def embed_images(self, images: list) -> torch.Tensor:
+        """L2-normalised image embeddings (N, dim), float32 on the CPU, of PIL images: the one embedding the build,
+        the index and its queries share."""
+        device = next(self.model.parameters()).device
+        pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(device)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
 
 
 def load_clip_scorer(spec: ClipScorerSpec, seed: int = 0) -> ClipScorer:
