@@ -376,6 +376,8 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     samples = rows.map_batches(DegradeStage(config.degrade, config.seed, timer).__call__, batch_size=4)
     fail_after_rows = faults.fault("build.fail_after_rows")
     samples.write_datasink(ShardSink(output_uri, storage, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
+    if config.embed.enabled and config.dedup.clip_threshold is not None:
+        _clip_dedup(out_fs, root, output_uri, config.dedup.clip_threshold, storage)
     if config.negatives.count:
         _generate_negatives(config, preset, storage, out_fs, root, output_uri, timer)
 
@@ -403,6 +405,47 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     }
     write_json(out_fs, f"{root}/{MANIFEST}", manifest)
     return summary
+
+
+def _clip_dedup(fs, root: str, output_uri: str, threshold: float, storage: StorageConfig) -> None:
+    """The second global pass: CLIP near-duplicates among the written sources (pipelines/stages/dedup.py) become
+    clip_duplicate rejects, then every rejected source's rows leave shards/ and embeddings/. Idempotent: a rerun after
+    an interruption finds the same decisions and finishes the removal."""
+    from pipelines.sink import commit_table
+    from pipelines.stages.dedup import find_clip_duplicates
+    from restoration.dataset import REJECT_SCHEMA, embedding_matrix
+
+    embeddings = read_table(fs, root, "embeddings", ["source", "embedding"], storage)
+    if embeddings is None:
+        return
+    rejects = read_table(fs, root, "rejects", ["source"], storage)
+    rejected = set(rejects.column("source").to_pylist()) if rejects is not None else set()
+    latest: dict[str, bytes] = {}
+    for source, value in zip(embeddings.column("source").to_pylist(), embeddings.column("embedding").to_pylist(), strict=True):
+        if source not in rejected:
+            latest[source] = value
+    sources = sorted(latest)
+    dropped = find_clip_duplicates(sources, embedding_matrix([latest[s] for s in sources]), threshold) if sources else {}
+    if dropped:
+        log.info("CLIP near-duplicates: %d sources (cosine >= %g)", len(dropped), threshold)
+        rows = [{"source": s, "stage": "clip_dedup", "reason": "clip_duplicate", "detail": detail} for s, detail in sorted(dropped.items())]
+        commit_table(output_uri.rstrip("/"), storage, "rejects", pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), "source")
+        rejected |= set(dropped)
+    for table_name in ("shards", "embeddings"):
+        for path in parquet_files(fs, root, table_name):
+            table = read_parquet(fs, path, storage)
+            keep = pc.invert(pc.is_in(table.column("source"), pa.array(sorted(rejected), pa.string())))
+            if pc.all(keep).as_py():
+                continue
+            kept = table.filter(keep)
+            if kept.num_rows == 0:
+                fs.rm(path)
+                continue
+            directory, name = path.rsplit("/", 1)
+            partial = f"{directory}/.{name}.partial"
+            with fs.open(partial, "wb") as handle:
+                pq.write_table(kept, handle, compression="zstd")
+            fs.mv(partial, path)  # keeps its name: a rerun of the same build rewrites it the same way
 
 
 def _generate_negatives(config: DataBuildConfig, preset: str, storage: StorageConfig, fs, root: str, output_uri: str, timer) -> None:

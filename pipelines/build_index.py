@@ -66,6 +66,7 @@ class IndexSummary:
     output: str
     sources_in: int = 0
     embedded: int = 0
+    embedded_now: int = 0  # sources this run embedded (a resumed run skips those already done)
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
@@ -78,7 +79,8 @@ class IndexSummary:
         lines = [
             f"reference index: {self.output}" + ("  (already complete: nothing to do)" if self.already_complete else ""),
             f"  sources in        {self.sources_in:>8}",
-            f"  embedded          {self.embedded:>8}",
+            f"  embedded          {self.embedded:>8}"
+            + (f"  ({self.embedded_now} in this run)" if self.embedded_now != self.embedded else ""),
             f"  rejected          {self.rejected:>8}",
         ]
         lines += [f"    {reason:<16}{count:>8}" for reason, count in sorted(self.rejected_by_reason.items())]
@@ -237,7 +239,8 @@ def build_index(
         if cause is not None and cause is not err:
             raise cause from None
         raise
-    reads = ray.get(timer.totals.remote()).get("read", (0, 0.0))[0]
+    totals = ray.get(timer.totals.remote())
+    reads, embedded_now = totals.get("read", (0, 0.0))[0], totals.get("embed", (0, 0.0))[0]
     embeddings = _read_embeddings(out_fs, root, storage)
     rejects = read_table(out_fs, root, "rejects", ["source", "reason"], storage)
     by_reason: dict[str, int] = {}
@@ -301,7 +304,9 @@ def build_index(
             f"{output_uri}: {reads} sources read but {len(vectors)} embedded + {rejected} rejected; the output is inconsistent"
         )
     write_json(out_fs, f"{root}/{MANIFEST_FILE}", manifest)
-    return _summary_from_manifest(output_uri, manifest, already_complete=False)
+    summary = _summary_from_manifest(output_uri, manifest, already_complete=False)
+    summary.embedded_now = embedded_now
+    return summary
 
 
 def _embed_sources(
@@ -428,4 +433,5 @@ def _summary_from_manifest(output_uri: str, manifest: dict, already_complete: bo
         seconds=manifest["seconds"],
         peak_memory_bytes=manifest["peak_memory_bytes"],
         already_complete=already_complete,
+        embedded_now=0 if already_complete else manifest["embedded"],
     )

@@ -49,6 +49,13 @@ class DedupConfig(StrictModel):
     exact: bool = Field(True, description="Drop byte-identical images (duplicate).")
     perceptual: bool = Field(True, description="Drop perceptual-hash near-duplicates (near_duplicate).")
     max_hamming: int = Field(6, ge=0, le=32, description="64-bit pHash distance up to which images count as near-duplicates.")
+    clip_threshold: float | None = Field(
+        0.96,
+        gt=0,
+        le=1,
+        description="After the build, drop sources whose CLIP image embedding has cosine >= this with a kept source of "
+        "smaller URI (clip_duplicate); unset = no CLIP pass (also off without data.embed.enabled).",
+    )
 
 
 class EmbedConfig(StrictModel):

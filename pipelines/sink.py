@@ -1,4 +1,5 @@
-"""One Datasink for both tables: accepted samples to `shards/`, rejected sources to `rejects/`.
+"""One Datasink for the build's tables: accepted samples to `shards/`, their sources' CLIP embeddings to
+`embeddings/`, rejected sources to `rejects/`.
 
 Each write task sorts its rows by source and writes files of at most `max_rows_per_shard` rows, cutting only
 between sources, each to a temporary name renamed into place once written: a source's rows become visible
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from restoration.dataset import REJECT_SCHEMA, SAMPLE_SCHEMA
+from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, SAMPLE_SCHEMA, source_id
 from runtime.config import StorageConfig
 from runtime.storage import filesystem, retrying
 
@@ -36,6 +37,7 @@ class ShardSink(Datasink):
     def write(self, blocks, ctx) -> dict[str, int]:
         samples: list[dict] = []
         rejects: list[dict] = []
+        embeddings: dict[str, bytes] = {}
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
             for row in table.to_pylist():
@@ -49,8 +51,11 @@ class ShardSink(Datasink):
                             "detail": row["reject_detail"],
                         }
                     )
-                elif row["id"] not in self.existing_ids:
-                    samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
+                else:
+                    if row["id"] not in self.existing_ids:
+                        samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
+                    if row.get("embedding") is not None:
+                        embeddings[row["source"]] = row["embedding"]
         fail_after = self.fail_after_rows
         committed = 0
         for table, rows, schema in (("shards", samples, SAMPLE_SCHEMA), ("rejects", rejects, REJECT_SCHEMA)):
@@ -61,6 +66,18 @@ class ShardSink(Datasink):
                 committed += len(part)
                 if fail_after and committed >= fail_after:
                     raise RuntimeError(f"fault build.fail_after_rows={fail_after}: stopping after {committed} rows")
+        if embeddings:
+            # After the shards: a source's embedding is written once its samples are (a resumed build may write it twice).
+            rows = [{"id": source_id(source), "source": source, "embedding": value} for source, value in embeddings.items()]
+            rows.sort(key=lambda row: row["id"])
+            for start in range(0, len(rows), self.max_rows):
+                commit_table(
+                    self.output,
+                    self.storage,
+                    "embeddings",
+                    pa.Table.from_pylist(rows[start : start + self.max_rows], schema=EMBEDDING_SCHEMA),
+                    "id",
+                )
         return {"samples": len(samples), "rejects": len(rejects)}
 
     def _commit(self, table_name: str, table: pa.Table) -> None:

@@ -43,6 +43,7 @@ REASONS = (
     "low_clip_score",
     "duplicate",
     "near_duplicate",
+    "clip_duplicate",
     "caption_error",
 )
 # CLIP image embeddings, one row per source: `data build`'s embeddings/ and `index build`'s embeddings/.

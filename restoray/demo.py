@@ -2,9 +2,11 @@
 
 Stages: connect to Ray (the embedded local instance unless a cluster is named), materialise the sample corpus,
 list the presets, build the run's preset networks (offline for `tiny`), build a training dataset from the
-sample corpus with Ray Data (with an HTML report), train the adaptor for a few steps on it with Ray Train +
+sample corpus with Ray Data (with an HTML report), build the ReFIR reference index from its sources (the
+embeddings the build stored, faiss), train the adaptor for a few steps on it with Ray Train +
 DeepSpeed (tracked in MLflow, registered as restoray-adaptor), restore one sample photo with the registered
-model. The demo's training lives in OUTPUT/train and starts afresh on every demo (a new MLflow run).
+model and a reference retrieved from the index. The demo's training lives in OUTPUT/train and starts afresh on
+every demo (a new MLflow run).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from restoray.samples import materialise
 from runtime.resolve import resolve
 
 log = logging.getLogger(__name__)
-STEPS = 7
+STEPS = 8
 
 
 def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
@@ -63,9 +65,18 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     write_report(str(dataset), str(report))
     print(f"[5/{STEPS}] dataset build (report: {report}):")
     print("\n".join("      " + line for line in summary.table().splitlines()))
+    from pipelines.build_index import build_index
+
+    index_dir = Path(output_dir) / "index"
+    index_summary = build_index(
+        str(dataset), str(index_dir), config.index, config.data, config.preset, config.storage, embeddings_uri=str(dataset)
+    )
+    print(f"[6/{STEPS}] reference index from the dataset's sources (its stored CLIP embeddings):")
+    print("\n".join("      " + line for line in index_summary.table().splitlines()))
     from PIL import Image
 
     from restoration.restorer import Restorer
+    from restoration.retrieval.references import ReferenceIndex
     from restoray.train import print_summary, train_from_config
 
     train_started = time.monotonic()
@@ -76,7 +87,7 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
         update={"train": config.train.model_copy(update={"data": str(dataset), "storage_path": str(train_dir)})}
     )
     trained = train_from_config(train_config)
-    print(f"[6/{STEPS}] trained the {config.train.stage} for {config.train.steps} steps in {time.monotonic() - train_started:.1f}s:")
+    print(f"[7/{STEPS}] trained the {config.train.stage} for {config.train.steps} steps in {time.monotonic() - train_started:.1f}s:")
     print_summary(train_config, trained, indent="      ")
 
     restore_started = time.monotonic()
@@ -85,10 +96,16 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     photo = Image.open(images[0]).convert("RGB")
     photo = photo.resize((photo.width // 4, photo.height // 4))  # a quick restore on CPU
     sampler = config.sampler.model_copy(update={"steps": 4})  # a quick restore on CPU
-    restored = restorer.restore(photo, sampler=sampler, options=config.restore)
+    index = ReferenceIndex.load(index_dir)
+    restored = restorer.restore(photo, references="auto", index=index, sampler=sampler, options=config.restore)
     restored_path = Path(output_dir) / f"restored-{images[0].stem}.png"
     restored.image.save(restored_path)
     took = time.monotonic() - restore_started
-    print(f"[7/{STEPS}] restored {images[0].name} with {trained['model'] or config.preset} -> {restored_path} in {took:.1f}s")
+    print(f"[8/{STEPS}] restored {images[0].name} with {trained['model'] or config.preset} -> {restored_path} in {took:.1f}s")
+    retrieval = restored.retrieval
+    if retrieval.fell_back:
+        print(f"      reference: none at or above min_similarity {retrieval.min_similarity:g}: restored without one")
+    else:
+        print("      reference: " + ", ".join(f"{Path(ref.source).name} (cosine {ref.similarity:.4f})" for ref in retrieval.used))
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0

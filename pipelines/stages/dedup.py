@@ -10,6 +10,8 @@ may miss pairs that share no band, which is the usual trade of banding.
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipelines.config import DedupConfig
 from pipelines.rows import image_of, quality_of, reject, set_quality
 from restoration.measures import hamming, perceptual_hash
@@ -63,6 +65,32 @@ def find_duplicates(sources: list[str], sha256: list[str], phash: list[int], con
                 distance = hamming(phash[index], phash[keeper])
                 decisions[sources[index]] = ("near_duplicate", f"perceptual hash {distance} bits from {sources[keeper]}")
     return decisions
+
+
+def find_clip_duplicates(sources: list[str], vectors: np.ndarray, threshold: float) -> dict[str, str]:
+    """{dropped source: detail}: in URI order, a source whose embedding has cosine >= threshold with an earlier kept
+    source is dropped (each dropped source names the kept one it repeats, so a chain of near-duplicates does not drop
+    an image unlike every kept one). Candidates come from faiss range search over the normalised embeddings."""
+    import faiss
+
+    if len(sources) < 2:
+        return {}
+    order = sorted(range(len(sources)), key=lambda i: sources[i])
+    ordered = np.ascontiguousarray(vectors[order], dtype=np.float32)
+    index = faiss.IndexFlatIP(ordered.shape[1])
+    index.add(ordered)
+    # Inner-product range search returns scores above the radius; nudge it so equality counts.
+    limits, scores, neighbours = index.range_search(ordered, float(np.nextafter(np.float32(threshold), np.float32(-1))))
+    kept = np.ones(len(order), dtype=bool)
+    dropped: dict[str, str] = {}
+    for position in range(len(order)):
+        span = slice(limits[position], limits[position + 1])
+        earlier = [(int(n), float(c)) for n, c in zip(neighbours[span], scores[span], strict=True) if n < position and kept[n]]
+        if earlier:
+            keeper, cosine = min(earlier)
+            kept[position] = False
+            dropped[sources[order[position]]] = f"CLIP cosine {cosine:.4f} with {sources[order[keeper]]}"
+    return dropped
 
 
 def dedup_row(row: dict, decisions: dict[str, tuple[str, str]]) -> dict:

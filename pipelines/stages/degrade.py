@@ -29,7 +29,8 @@ from restoration.degradations.realesrgan import usm_source
 from restoration.images import encode_jpeg, encode_mask_png, encode_png
 from restoration.seeding import numpy_generator
 
-OUTPUT_COLUMNS = (*SAMPLE_COLUMNS, "reject_stage", "reject_reason", "reject_detail")
+# The source's CLIP embedding rides along for the sink's embeddings/ table (it is not a shard column).
+OUTPUT_COLUMNS = (*SAMPLE_COLUMNS, "embedding", "reject_stage", "reject_reason", "reject_detail")
 
 
 def sample_id(content_sha256: str, source: str, variant: int) -> str:
@@ -102,6 +103,7 @@ class DegradeStage:
                         "restoration_prompt": sample.restoration_prompt,
                         "mask": encode_mask_png(sample.mask) if sample.mask is not None else None,
                         "quality": row.get("quality"),
+                        "embedding": row.get("embedding"),
                     }
                 )
         if self.timer is not None:

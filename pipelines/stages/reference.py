@@ -72,5 +72,5 @@ class ReferenceStage:
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
             row["id"] = source_id(row["source"])
         if self.timer is not None:
-            ray.get(self.timer.add.remote("embed", len(rows), time.perf_counter() - started))
+            ray.get(self.timer.add.remote("embed", len(live), time.perf_counter() - started))
         return {column: np.array([row.get(column) for row in rows] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

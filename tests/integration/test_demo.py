@@ -72,11 +72,18 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert ("Rejected sources" in report) == (manifest["sources_rejected"] > 0)
     assert "dataset build" in out and "samples written" in out
     # Training on the demo dataset: Ray Train + DeepSpeed, tracked in MLflow, the model registered ...
-    assert "[6/7] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
+    # The reference index from the dataset's accepted sources, on the embeddings the build stored.
+    index = json.loads((tmp_path / "data" / "demo" / "index" / "manifest.json").read_text())
+    assert index["complete"] and index["count"] == manifest["sources_accepted"] == index["embedded"]
+    assert index["embeddings_from"] and index["search"]["recall"] >= 0.95
+    assert "[6/8] reference index" in out
+    assert "[7/8] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
     export = next((tmp_path / "data" / "demo" / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
     assert export.stat().st_size > 0 and (tmp_path / "mlflow.db").is_file()
     # The run reproduces the checked-in loss curve.
     check_golden_loss(tmp_path / "mlflow.db")
     # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
-    assert len(restored) == 1 and "[7/7] restored" in out and "with models:/restoray-adaptor/1" in out
+    assert len(restored) == 1 and "[8/8] restored" in out and "with models:/restoray-adaptor/1" in out
+    # ... with a reference the index returned (the tiny CLIP's similarities are near 1: above min_similarity 0.8).
+    assert "      reference: " in out and "(cosine 0." in out
