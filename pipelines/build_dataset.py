@@ -126,6 +126,8 @@ def read_json(fs, path: str, storage: StorageConfig) -> dict | None:
 
 def parquet_files(fs, root: str, name: str) -> list[str]:
     directory = f"{root}/{name}"
+    # Write tasks add files behind this process's back; s3fs would answer from the listing it cached earlier.
+    fs.invalidate_cache(directory)
     if not fs.exists(directory):
         return []
     return sorted(p for p in fs.find(directory) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))

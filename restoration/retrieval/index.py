@@ -59,11 +59,11 @@ class IndexPlan:
 
 
 def list_count(count: int) -> int:
-    """About 4√N inverted lists, a power of two, at least 16 and at most 2^16, and no more than N / 39 (faiss wants
-    39 training points per list)."""
+    """About 4√N inverted lists, a power of two, at most 2^16, and no more than N / 39 (faiss wants 39 training
+    points per list; a forced IVF over a handful of vectors gets one list)."""
     target = 4 * math.sqrt(max(count, 1))
-    nlist = 2 ** max(4, min(16, round(math.log2(target))))
-    while nlist > 16 and nlist * 39 > count:
+    nlist = 2 ** max(0, min(16, round(math.log2(target))))
+    while nlist > 1 and nlist * 39 > count:
         nlist //= 2
     return nlist
 
@@ -270,7 +270,8 @@ def _ranges(index: faiss.Index) -> list[tuple[str, list[float]]]:
     for position in range(space.parameter_ranges.size()):
         parameter = space.parameter_ranges.at(position)
         values = faiss.vector_to_array(parameter.values).tolist()
-        if parameter.name != "ht":  # polysemous Hamming threshold: codes are not trained for it
+        # "ht": the polysemous Hamming threshold (codes are not trained for it); an empty range (nprobe of one list).
+        if parameter.name != "ht" and values:
             ranges.append((parameter.name, values))
     return ranges
 

@@ -43,3 +43,11 @@ def test_training_bench_prints_both_comparisons():
         assert row in result.stdout
     ratio = float(result.stdout.split("ZeRO-2 / DDP moment bytes: ")[1].split("x")[0])
     assert 0.4 < ratio < 0.6  # ZeRO-2 shards Adam's moments over the 2 ranks
+
+
+def test_index_bench_prints_every_type_and_the_embedding_comparison():
+    result = _run_bench(
+        "bench/index.py", "--count", "3000", "--dim", "16", "--queries", "20", "--types", "flat,ivf", "--embed-images", "32"
+    )
+    for row in ("flat ", "ivf ", "auto @ 1 GB", "one process, 1 thread", "Ray Data ReferenceStage", "goal Ray overhead"):
+        assert row in result.stdout

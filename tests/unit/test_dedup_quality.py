@@ -69,3 +69,18 @@ def test_sharpness_is_resolution_normalised_and_catches_blur(photos):
     assert sharpness(cv2.resize(upscaled, (512, 512), interpolation=cv2.INTER_AREA)) == pytest.approx(sharpness(upscaled), rel=0.35)
     assert sharpness(cv2.GaussianBlur(photos[0], (0, 0), 4)) < sharp / 10
     assert entropy(np.full((32, 32, 3), 9, np.uint8)) == 0.0 and entropy(photos[0]) > 5
+
+
+def test_clip_duplicates_keep_the_smallest_uri_and_a_chain_drops_only_what_repeats_a_kept_image():
+    from pipelines.stages.dedup import find_clip_duplicates
+
+    angle = np.deg2rad(14)  # neighbours 14 degrees apart: cosine 0.970; two steps apart: 0.883
+    vectors = np.array([[np.cos(i * angle), np.sin(i * angle), 0.0] for i in range(3)] + [[0.0, 0.0, 1.0]], np.float32)
+    sources = ["s3://b/c.png", "s3://b/b.png", "s3://b/a.png", "s3://b/z.png"]  # a~b, b~c, a and c apart; z alone
+    dropped = find_clip_duplicates(sources, vectors, threshold=0.96)
+    # In URI order: a kept; b repeats a (dropped); c repeats only b, which is gone, so c stays (connected components
+    # would have dropped it too); z is unrelated.
+    assert dropped.keys() == {"s3://b/b.png"} and "0.9703 with s3://b/a.png" in dropped["s3://b/b.png"]
+    # Equality counts; below every cosine nothing is dropped.
+    assert set(find_clip_duplicates(sources[:2], vectors[:2], threshold=float(vectors[0] @ vectors[1]))) == {"s3://b/c.png"}
+    assert find_clip_duplicates(sources, vectors, threshold=0.99) == {}
