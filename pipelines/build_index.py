@@ -46,7 +46,7 @@ from pipelines.build_dataset import (
     write_json,
 )
 from pipelines.config import DataBuildConfig, IndexConfig
-from pipelines.sink import commit_table
+from pipelines.sink import block_rows, commit_table, reject_row
 from pipelines.sources import list_units
 from pipelines.timer import StageTimer
 from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix
@@ -113,20 +113,11 @@ class IndexSink(Datasink):
 
     def write(self, blocks, ctx) -> dict[str, int]:
         rows, rejects = [], []
-        for block in blocks:
-            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
-            for row in table.to_pylist():
-                if row.get("reject_reason"):
-                    rejects.append(
-                        {
-                            "source": row["source"],
-                            "stage": row["reject_stage"],
-                            "reason": row["reject_reason"],
-                            "detail": row["reject_detail"],
-                        }
-                    )
-                else:
-                    rows.append(row)
+        for row in block_rows(blocks):
+            if row.get("reject_reason"):
+                rejects.append(reject_row(row))
+            else:
+                rows.append(row)
         rows.sort(key=lambda row: row["id"])
         committed = 0
         for start in range(0, len(rows), self.max_rows):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,24 +39,14 @@ class ShardSink(Datasink):
         samples: list[dict] = []
         rejects: list[dict] = []
         embeddings: dict[str, bytes] = {}
-        for block in blocks:
-            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
-            for row in table.to_pylist():
-                row = {key: _none_for_nan(value) for key, value in row.items()}
-                if row.get("reject_reason"):
-                    rejects.append(
-                        {
-                            "source": row["source"],
-                            "stage": row["reject_stage"],
-                            "reason": row["reject_reason"],
-                            "detail": row["reject_detail"],
-                        }
-                    )
-                else:
-                    if row["id"] not in self.existing_ids:
-                        samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
-                    if row.get("embedding") is not None:
-                        embeddings[row["source"]] = row["embedding"]
+        for row in block_rows(blocks):
+            if row.get("reject_reason"):
+                rejects.append(reject_row(row))
+            else:
+                if row["id"] not in self.existing_ids:
+                    samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
+                if row.get("embedding") is not None:
+                    embeddings[row["source"]] = row["embedding"]
         fail_after = self.fail_after_rows
         committed = 0
         for table, rows, schema in (("shards", samples, SAMPLE_SCHEMA), ("rejects", rejects, REJECT_SCHEMA)):
@@ -82,6 +73,19 @@ class ShardSink(Datasink):
 
     def _commit(self, table_name: str, table: pa.Table) -> None:
         commit_table(self.output, self.storage, table_name, table, "lq" if "lq" in table.column_names else "source")
+
+
+def block_rows(blocks) -> Iterator[dict]:
+    """The rows of a write task's blocks as plain dicts (None where pandas blocks carry NaN)."""
+    for block in blocks:
+        table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+        for row in table.to_pylist():
+            yield {key: _none_for_nan(value) for key, value in row.items()}
+
+
+def reject_row(row: dict) -> dict:
+    """A rejected row as a rejects-table row (REJECT_SCHEMA)."""
+    return {"source": row["source"], "stage": row["reject_stage"], "reason": row["reject_reason"], "detail": row["reject_detail"]}
 
 
 def commit_table(output: str, storage: StorageConfig, table_name: str, table: pa.Table, key_column: str, row_group_size=None) -> str:
