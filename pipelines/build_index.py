@@ -49,7 +49,7 @@ from pipelines.config import DataBuildConfig, IndexConfig
 from pipelines.sink import block_rows, commit_table, reject_row
 from pipelines.sources import list_units
 from pipelines.timer import StageTimer
-from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix
+from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix, one_row_per_id
 from restoration.errors import InputError, RestorayError
 from restoration.retrieval import index as faiss_index
 from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENCE_ROW_GROUP, REFERENCE_SCHEMA, VECTORS_FILE
@@ -346,10 +346,7 @@ def _read_embeddings(fs, root: str, storage: StorageConfig) -> pa.Table:
     files = parquet_files(fs, root, "embeddings")
     if not files:
         return EMBEDDING_SCHEMA.empty_table()
-    table = pa.concat_tables([read_parquet(fs, path, storage) for path in files]).sort_by("id")
-    ids = table.column("id").to_pylist()
-    keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]  # a resumed write may repeat a source
-    return table.filter(pa.array(keep))
+    return one_row_per_id(pa.concat_tables([read_parquet(fs, path, storage) for path in files]))
 
 
 @ray.remote(num_cpus=1)

@@ -7,6 +7,7 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -59,6 +60,17 @@ EMBEDDING_SCHEMA = pa.schema(
 def source_id(source: str) -> str:
     """The stable id of a source URI (embeddings and the reference store key by it)."""
     return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
+def one_row_per_id(table: pa.Table) -> pa.Table:
+    """An embeddings table sorted by id with one row per id (a source written twice by a resumed run counts once):
+    row i is position i of the index built from it."""
+    table = table.sort_by("id")
+    ids = table.column("id")
+    if len(ids) < 2:
+        return table
+    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).combine_chunks()
+    return table.filter(pa.concat_arrays([pa.array([True]), first]))
 
 
 def embedding_matrix(column) -> np.ndarray:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from restoration.dataset import EMBEDDING_SCHEMA
+from restoration.dataset import EMBEDDING_SCHEMA, one_row_per_id
 from restoration.errors import InputError
 from restoration.retrieval.index import Searcher, SearchParameters, read_index
 
@@ -50,18 +49,11 @@ def parquet_files(directory: Path) -> list[Path]:
 
 
 def read_embeddings(directory: Path, columns: list[str] | None = None) -> pa.Table:
-    """The embeddings table of a directory of parquet parts, one row per id (a source written twice by a resumed
-    run counts once), sorted by id: row i is position i."""
+    """The embeddings table of a directory of parquet parts (dataset.one_row_per_id)."""
     files = parquet_files(directory)
     if not files:
         return EMBEDDING_SCHEMA.empty_table().select(columns or EMBEDDING_SCHEMA.names)
-    table = pa.concat_tables([pq.read_table(path, columns=columns) for path in files])
-    table = table.sort_by("id")
-    ids = table.column("id")
-    if len(ids) > 1:
-        first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).combine_chunks()
-        table = table.filter(pa.concat_arrays([pa.array([True]), first]))
-    return table
+    return one_row_per_id(pa.concat_tables([pq.read_table(path, columns=columns) for path in files]))
 
 
 class ReferenceIndex:
