@@ -40,7 +40,7 @@ from restoration.captioning import caption_images
 from restoration.degradations.registry import REGISTRY
 from restoration.errors import InputError
 from restoration.models.adaptor import AdaptedUNet, AdaptorConfig
-from restoration.models.base import encode_prompt, load_captioner, load_noise_schedule, load_sdxl, size_crop_time_ids
+from restoration.models.base import SDXLNetworks, encode_prompt, load_captioner, load_noise_schedule, load_sdxl, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import add_expert, expert_names, set_expert_weights
@@ -48,7 +48,7 @@ from restoration.models.presets import load_preset
 from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install, uninstall
 from restoration.sampling.colorfix import wavelet_color_fix
-from restoration.sampling.edm import StepInfo, restoration_guided_sample, schedule_sigmas
+from restoration.sampling.edm import PerSample, StepInfo, restoration_guided_sample, schedule_sigmas
 from restoration.sampling.tiled_vae import tiled_decode, tiled_encode
 from restoration.sampling.tiling import tiled
 from restoration.seeding import torch_seeded
@@ -90,10 +90,14 @@ class Restorer:
         adaptor_config: AdaptorConfig | None = None,
         experts: dict[str, Any] | None = None,
         estimator: dict[str, Any] | None = None,
+        networks: SDXLNetworks | None = None,
     ):
+        """`networks`: a frozen SDXL base built for this preset, shared with other Restorers (serving holds one base
+        per replica for every model version on it; only adaptors, connectors, encoders and experts differ). The
+        base is only read, except while a ReFIR chain runs (its attention processors): one restore at a time."""
         self.preset_name = preset_name
         self.preset = load_preset(preset_name)
-        self.networks = load_sdxl(self.preset).frozen()
+        self.networks = networks.frozen() if networks is not None else load_sdxl(self.preset).frozen()
         self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
         with torch_seeded(self.preset.seed, "adaptor"):
             self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
@@ -184,16 +188,28 @@ class Restorer:
         save_file(self.trained_state(), str(directory / WEIGHTS_FILE))
         return directory
 
-    @classmethod
-    def from_pretrained(cls, path_or_preset: str | Path) -> Restorer:
+    @staticmethod
+    def preset_of(path_or_preset: str | Path) -> str:
+        """The preset a weights directory (or a preset name/file) runs on, read from restorer.json alone."""
         path = weights_directory(path_or_preset)
         if path is None:
-            return cls(str(path_or_preset))  # a preset name or preset file: untrained adaptor
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        preset = config["preset"]
+            return str(path_or_preset)
+        preset = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["preset"]
         if preset.endswith(".toml") and not Path(preset).is_absolute():
             preset = str(path / preset)  # a preset shipped with the weights (restoray convert): relative to them
-        restorer = cls(preset, AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"))
+        return preset
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | Path, networks: SDXLNetworks | None = None) -> Restorer:
+        """`networks`: a shared frozen SDXL base of the same preset (see `__init__`)."""
+        path = weights_directory(path_or_preset)
+        if path is None:
+            return cls(str(path_or_preset), networks=networks)  # a preset name or preset file: untrained adaptor
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        preset = cls.preset_of(path)
+        restorer = cls(
+            preset, AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"), networks=networks
+        )
         restorer.load_trained_state(load_file(str(path / WEIGHTS_FILE)), str(path))
         restorer.weights = str(path)
         return restorer
@@ -351,9 +367,7 @@ class Restorer:
             latent = latent[0]
         seconds["sampling"], clock = _lap(clock)
 
-        restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
-        if restored.size != output_size:
-            restored = restored.resize(output_size, Image.BICUBIC)
+        restored = self._finish(latent, stage1, output_size, options)
         seconds["decode"], clock = _lap(clock)
         seconds["total"] = sum(seconds.values())
         return Restoration(
@@ -369,6 +383,118 @@ class Restorer:
             retrieval=retrieval,
         )
 
+    def _finish(self, latent: torch.Tensor, stage1: Stage1, output_size: tuple[int, int], options: RestoreConfig) -> Image.Image:
+        """Decode one sampled latent (1, 4, h, w), colour-fix it against its stage-1 image, resize to the output size."""
+        restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
+        return restored if restored.size == output_size else restored.resize(output_size, Image.BICUBIC)
+
+    def batch_key(self, image_size: tuple[int, int], options: RestoreConfig) -> tuple[int, int]:
+        """The working size `restore` runs an image of this size at: images with the same key (and the same sampler,
+        options and expert weights) can share one `restore_batch`."""
+        output_size = (max(1, round(image_size[0] * options.upscale)), max(1, round(image_size[1] * options.upscale)))
+        return self._working_size(output_size, options)
+
+    def _working_size(self, output_size: tuple[int, int], options: RestoreConfig) -> tuple[int, int]:
+        min_size = options.min_size or self.native_size
+        scale = max(1.0, min_size / min(output_size))
+        return self._snap(output_size[0] * scale, output_size[1] * scale)  # one bicubic resize, as SUPIR's PIL2Tensor
+
+    @torch.no_grad()
+    def restore_batch(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str | None] | None = None,
+        sampler: SamplerConfig | None = None,
+        options: RestoreConfig | None = None,
+        *,
+        restoration_prompts: Sequence[str | None] | None = None,
+        seeds: Sequence[int | None] | None = None,
+        expert_weights: str | dict[str, float] | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> list[Restoration]:
+        """Restore several images with one model call per pass and step: what `restore` gives each image with the
+        same prompt and seed (each sample draws its noise and churn from its own seed; stage 1, captioning and
+        decoding run per image), up to the rounding of a batched forward. Every image must have the same working
+        size (`batch_key`) and the same expert weights; there are no references (ReFIR runs through `restore`).
+        Per-sample `prompts` (None: caption), `restoration_prompts` and `seeds` default as in `restore`."""
+        count = len(images)
+        if count == 0:
+            return []
+        sampler = sampler or SamplerConfig()
+        options = options or RestoreConfig()
+        prompts = list(prompts) if prompts is not None else [None] * count
+        restoration_prompts = list(restoration_prompts) if restoration_prompts is not None else [None] * count
+        seeds = list(seeds) if seeds is not None else [None] * count
+        if not len(prompts) == len(restoration_prompts) == len(seeds) == count:
+            sizes = f"{len(prompts)} prompts, {len(restoration_prompts)} restoration prompts, {len(seeds)} seeds"
+            raise InputError(f"restore_batch: {count} images but {sizes}")
+        restoration_prompts = [options.restoration_prompt if p is None else p for p in restoration_prompts]
+        seeds = [options.seed if seed is None else seed for seed in seeds]
+        expert_weights = options.expert_weights if expert_weights is None else expert_weights
+        keys = {self.batch_key(image.size, options) for image in images}
+        if len(keys) > 1:
+            raise InputError(f"restore_batch: the images work at different sizes {sorted(keys)}; batch images of one size")
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        output_sizes = [(max(1, round(im.width * options.upscale)), max(1, round(im.height * options.upscale))) for im in images]
+        stages = [self.stage1(self.working_image(im, size, options), options) for im, size in zip(images, output_sizes, strict=True)]
+        if self.experts:
+            weights = [self.expert_weights_for(stage.lq, expert_weights) for stage in stages]
+            if any(w != weights[0] for w in weights[1:]):
+                raise InputError("restore_batch: the estimator gives these images different expert weights; restore them apart")
+            set_expert_weights(self.model.adaptor, weights[0])
+        seconds["stage1"], clock = _lap(clock)
+
+        captions = [prompt if prompt is not None else self.caption(stage.image) for prompt, stage in zip(prompts, stages, strict=True)]
+        seconds["caption"], clock = _lap(clock)
+
+        parts = [
+            self._conditioning(caption, restoration, stage.lq.shape[2:], sampler.schedule)
+            for caption, restoration, stage in zip(captions, restoration_prompts, stages, strict=True)
+        ]
+        conditioning = Conditioning.stack(parts)
+        seconds["conditioning"], clock = _lap(clock)
+
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        # Each sample's initial noise from its own seed, drawn on the CPU as `restore` draws it.
+        noise = torch.cat([torch.randn(stage.latent.shape, generator=g) for stage, g in zip(stages, generators, strict=True)])
+        x_center = torch.cat([self._guidance_target(stage, sampler, options) for stage in stages])
+        z_lq = torch.cat([stage.latent for stage in stages])
+        denoiser = AdaptedDenoiser(self, z_lq, conditioning, None, options)
+        latents = restoration_guided_sample(
+            denoiser,
+            noise.to(self.device),
+            self.train_sigmas,
+            sampler,
+            conditioning.semantic,
+            conditioning.negative,
+            x_center,
+            PerSample(tuple(generators)),
+            on_step=on_step,
+        )
+        seconds["sampling"], clock = _lap(clock)
+
+        restored = [
+            self._finish(latents[i : i + 1], stage, size, options) for i, (stage, size) in enumerate(zip(stages, output_sizes, strict=True))
+        ]
+        seconds["decode"], clock = _lap(clock)
+        seconds["total"] = sum(seconds.values())
+        return [
+            Restoration(
+                image=image,
+                caption=caption,
+                captioned=prompt is None,
+                restoration_prompt=restoration,
+                references=[],
+                seed=seed,
+                model=self.identity(),
+                sampler=sampler,
+                seconds=dict(seconds, batch=count),
+            )
+            for image, caption, prompt, restoration, seed in zip(restored, captions, prompts, restoration_prompts, seeds, strict=True)
+        ]
+
     @property
     def native_size(self) -> int:
         """The short side the base was trained at: 8 x the UNet's sample size (1024 for SDXL)."""
@@ -378,9 +504,7 @@ class Restorer:
         """SUPIR's super-resolution: the LQ upscaled (bicubic) to the output size, and further until its short side
         reaches `min_size`, rounded to multiples of 64 px; restoration runs at that size and the result is resized to
         the output size."""
-        min_size = options.min_size or self.native_size
-        scale = max(1.0, min_size / min(output_size))
-        size = self._snap(output_size[0] * scale, output_size[1] * scale)  # one bicubic resize, as SUPIR's PIL2Tensor
+        size = self._working_size(output_size, options)
         return image if size == image.size else image.resize(size, Image.BICUBIC)
 
     def _guidance_target(self, stage1: Stage1, sampler: SamplerConfig, options: RestoreConfig) -> torch.Tensor:
@@ -492,6 +616,20 @@ class Conditioning:
     negative: tuple[torch.Tensor, torch.Tensor]  # negative quality prompt (CFG)
     restoration: tuple[torch.Tensor, torch.Tensor]  # SPIRE restoration prompt (the adaptor)
     time_ids: torch.Tensor
+
+    @classmethod
+    def stack(cls, parts: list[Conditioning]) -> Conditioning:
+        """One batch of per-sample conditionings (each of batch 1), in order."""
+
+        def cat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([embeds for embeds, _ in pairs]), torch.cat([pooled for _, pooled in pairs])
+
+        return cls(
+            semantic=cat([part.semantic for part in parts]),
+            negative=cat([part.negative for part in parts]),
+            restoration=cat([part.restoration for part in parts]),
+            time_ids=torch.cat([part.time_ids for part in parts]),
+        )
 
 
 class ReferenceChain:

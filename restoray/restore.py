@@ -46,13 +46,10 @@ def parse_expert_weights(text: str) -> str | dict[str, float]:
 def restore_settings(config: RunConfig, args: argparse.Namespace) -> tuple[SamplerConfig, RestoreConfig]:
     """The run's [sampler] and [restore] sections (over a --sampler preset) with the command line's shortcuts
     (--steps, --cfg, --tau-r, --seed, --restoration-prompt, --experts) on top; validated like the config itself."""
-    sampler = config.sampler.model_dump()
-    if getattr(args, "sampler", None):
-        # The preset's fields, with what the run's [sampler] section or --set said explicitly on top.
-        from restoration.sampling.presets import sampler_preset
+    from restoration.sampling.presets import with_sampler_preset
 
-        explicit = config.sampler.model_dump(include=config.sampler.model_fields_set)
-        sampler = {**SamplerConfig().model_dump(), **sampler_preset(args.sampler), **explicit}
+    # The preset's fields, with what the run's [sampler] section or --set said explicitly on top.
+    sampler = with_sampler_preset(config.sampler, getattr(args, "sampler", None))
     for key, value in (("steps", args.steps), ("cfg", args.cfg)):
         if value is not None:
             sampler[key] = value

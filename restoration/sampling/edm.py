@@ -89,6 +89,22 @@ def _linear(start: float | None, end: float, index: int, steps: int) -> float:
     return start + (end - start) * index / (steps - 1)
 
 
+@dataclass(frozen=True)
+class PerSample:
+    """One generator per sample of a batched trajectory (`restore_batch`): sample i's churn noise comes from its own
+    generator, so a batch draws exactly what single-image runs with the same seeds draw."""
+
+    generators: tuple[torch.Generator, ...]
+
+
+def _randn(shape: torch.Size, generator: torch.Generator | PerSample | None, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(generator, PerSample):
+        if len(generator.generators) != shape[0]:
+            raise ValueError(f"{len(generator.generators)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator.generators])
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 @dataclass
 class StepInfo:
     """What `on_step` sees after each step; `cancel()` stops sampling (`restore` then raises RestorationCancelled)."""
@@ -116,7 +132,7 @@ def restoration_guided_sample(
     cond: Any,
     negative_cond: Any = None,
     x_center: torch.Tensor | list[torch.Tensor] | None = None,
-    generator: torch.Generator | list[torch.Generator | None] | None = None,
+    generator: torch.Generator | PerSample | list[torch.Generator | PerSample | None] | None = None,
     sigmas: torch.Tensor | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -127,6 +143,7 @@ def restoration_guided_sample(
     as lists, one entry per trajectory (their shapes may differ); `eps_model` then takes and returns lists, and the
     sampled latents come back as a list. Every trajectory gets the same step sigmas, churn, w, k and control scale;
     each draws its churn noise from its own generator, so the first one's draws do not depend on the others.
+    A batch of independent samples in one trajectory: `generator=PerSample(...)`, one generator per sample.
     `on_step` sees the first trajectory."""
     if config.tau_r is not None and x_center is None:
         raise ValueError("restoration guidance (tau_r) needs x_center, the stage-1 latent")
@@ -156,7 +173,7 @@ def restoration_guided_sample(
         if gamma > 0:
             # Drawn on the generator's device (CPU by default), so a seed gives the same noise on any device.
             xs = [
-                x + torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device) * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+                x + _randn(x.shape, g, x.dtype).to(x.device) * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
                 for x, g in zip(xs, generators, strict=True)
             ]
 

@@ -30,3 +30,12 @@ def sampler_preset(name: str) -> dict:
     except ValidationError as err:
         raise InputError(f"sampler preset {path}: {err}") from None
     return fields
+
+
+def with_sampler_preset(sampler: SamplerConfig, name: str | None) -> dict:
+    """The sampler fields for a request or command naming preset `name`: the preset's fields over the defaults, with
+    what `sampler` (a run's [sampler] section) set explicitly on top; `name` None: `sampler` as it is."""
+    if name is None:
+        return sampler.model_dump()
+    explicit = sampler.model_dump(include=sampler.model_fields_set)
+    return {**SamplerConfig().model_dump(), **sampler_preset(name), **explicit}
