@@ -19,12 +19,13 @@ from restoray.config import describe_keys, load_config
 
 log = logging.getLogger("restoray")
 
-OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
+OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime", "serving")
 EPILOG = """\
 examples:
   restoray demo                                   the embedded default end to end
   restoray list presets                           networks each preset names
   restoray list config                            every config key, its type and meaning
+  restoray serve --index data/demo/index          the HTTP API and web UI on the embedded default
   restoray submit --address http://head:8265 -- demo --set seed=1
 
 configs are TOML files (without --config: the packaged default, `restoray list config`); override any key with --set section.key=value.
@@ -200,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(restore)
     restore.set_defaults(handler=_run_restore)
 
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the Ray Serve application (HTTP API + web UI) until interrupted",
+        description="Run the restoration service on Ray Serve: a FastAPI ingress (POST /v1/restore, /v1/jobs, the web UI "
+        "at /, OpenAPI at /docs) over the Restorer (multiplexed model versions on one SDXL base, batched), Captioner and "
+        "Retriever deployments. Without a cluster (RAY_ADDRESS / ray.address) it starts the embedded local Ray with the "
+        "tiny preset by default, prints the URL and, when auth is on and no token is set, a token it generated. Every "
+        "[serve] key (limits, replicas, queues, auth): `restoray list config`.",
+        epilog="example: restoray serve --weights models:/restoray-adaptor/1 --index data/demo/index --port 8000\n"
+        "         restoray serve --write-config serving/config.yaml   (then: serve deploy serving/config.yaml)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve_parser.add_argument(
+        "--weights", metavar="URI", default=None, help="default model: path, s3:// or models:/NAME/VERSION (default: the preset)"
+    )
+    serve_parser.add_argument("--index", metavar="URI", default=None, help="reference index for references=auto (local or s3://)")
+    serve_parser.add_argument("--port", type=int, default=None, metavar="N", help="HTTP port (default: serve.port, 8000)")
+    serve_parser.add_argument(
+        "--write-config", metavar="PATH", default=None, help="write Serve's config file for these settings and exit (serve run / deploy)"
+    )
+    _add_config_arguments(serve_parser)
+    serve_parser.set_defaults(handler=_run_serve)
+
     convert = commands.add_parser("convert", help="convert released checkpoints (supir)", description="Convert released checkpoints.")
     convert_what = convert.add_subparsers(dest="convert_what", metavar="FORMAT", required=True)
     supir = convert_what.add_parser(
@@ -343,6 +367,15 @@ def _run_restore(args: argparse.Namespace) -> int:
     from restoray.restore import run_restore
 
     return run_restore(config, args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port}: give a port between 1 and 65535")
+    config = load_config(args.config, args.overrides)
+    from restoray.serve import run_serve
+
+    return run_serve(config, args)
 
 
 def _run_convert_supir(args: argparse.Namespace) -> int:

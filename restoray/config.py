@@ -25,6 +25,7 @@ from restoration.config_model import StrictModel
 from restoration.errors import ConfigError
 from restoration.settings import RestoreConfig, SamplerConfig
 from runtime.config import MlflowConfig, StorageConfig
+from serving.config import ServeConfig
 from training.config import TrainConfig
 
 # The embedded default run ships inside the package (a wheel works in an empty directory); configs/ in the
@@ -63,6 +64,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration-guided EDM sampler.")
     restore: RestoreConfig = Field(default_factory=RestoreConfig, description="Restore defaults.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`restoray serve`: the Ray Serve application.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[StrictModel] = RunConfig) -> StrictModel:

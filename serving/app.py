@@ -221,7 +221,13 @@ class Ingress:
 
     # ---- parsing ----------------------------------------------------------------------------------------------
     async def parse(self, request) -> Any:
-        """The request's body (JSON or multipart) as a checked ParsedRequest."""
+        """The request's body (JSON or multipart) as a checked ParsedRequest; the model from the `model` field or
+        Serve's multiplexing header."""
+        parsed = await self._parse_body(request)
+        parsed.model = parsed.model or request.headers.get(MODEL_HEADER) or None
+        return parsed
+
+    async def _parse_body(self, request) -> Any:
         limits = self.config.serve.limits
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
@@ -273,7 +279,7 @@ def deployment_options(settings: DeploymentSettings, config: AppConfig) -> dict[
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         "autoscaling_config": {
             "min_replicas": settings.min_replicas,
-            "initial_replicas": max(1, settings.min_replicas),
+            "initial_replicas": settings.min_replicas,  # 0: started by the first request (Serve scales up from zero)
             "max_replicas": max(settings.max_replicas, settings.min_replicas, 1),
             "target_ongoing_requests": settings.target_ongoing_requests,
         },
