@@ -27,6 +27,7 @@ demo: $(STAMP_BASE)
 	$(BIN)/restoray demo
 
 test: $(STAMP_DEV)
+	./.ci/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	OMP_NUM_THREADS=1 $(BIN)/pytest --durations=15 $(PYTEST_ARGS)

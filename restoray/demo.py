@@ -5,7 +5,8 @@ list the presets, build the run's preset networks (offline for `tiny`), build a 
 sample corpus with Ray Data (with an HTML report), build the ReFIR reference index from its sources (the
 embeddings the build stored, faiss), train the adaptor for a few steps on it with Ray Train +
 DeepSpeed (tracked in MLflow, registered as restoray-adaptor), restore one sample photo with the registered
-model and a reference retrieved from the index. The demo's training lives in OUTPUT/train and starts afresh on
+model and a reference retrieved from the index, then start the Ray Serve application with that model and index,
+send one request through its HTTP API and stop it. The demo's training lives in OUTPUT/train and starts afresh on
 every demo (a new MLflow run).
 """
 
@@ -22,7 +23,7 @@ from restoray.samples import materialise
 from runtime.resolve import resolve
 
 log = logging.getLogger(__name__)
-STEPS = 8
+STEPS = 9
 
 
 def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
@@ -107,5 +108,50 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
         print(f"      reference: none at or above min_similarity {retrieval.min_similarity:g}: restored without one")
     else:
         print("      reference: " + ", ".join(f"{Path(ref.source).name} (cosine {ref.similarity:.4f})" for ref in retrieval.used))
+    # The registered version when there is one: the Restorer replica resolves models:/ itself (and names the version).
+    serve_demo(config, trained["model"] or weights, index_dir, photo, trained["model"] or config.preset)
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def serve_demo(config: RunConfig, weights: str, index_dir: Path, photo, model_name: str) -> None:
+    """Start the service on a free loopback port, restore one image through POST /v1/restore, stop it."""
+    import base64
+    import io
+
+    import requests
+
+    from restoray.serve import app_config, free_port, start_service
+
+    serve_started = time.monotonic()
+    app = app_config(config, weights=weights, index=str(index_dir), port=free_port())
+    app = app.model_copy(update={"serve": app.serve.model_copy(update={"host": "127.0.0.1"})})
+    service = start_service(config, app)
+    try:
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        headers = {"Accept": "application/json"}
+        if service.token:
+            headers["Authorization"] = f"Bearer {service.token}"
+        response = requests.post(
+            f"{service.url}/v1/restore",
+            files={"image": ("photo.png", buffer.getvalue(), "image/png")},
+            data={"steps": "4", "references": "auto"},
+            headers=headers,
+            timeout=300,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"the demo request got {response.status_code}: {response.text[:500]}")
+        body = response.json()
+        took = time.monotonic() - serve_started
+        print(f"[9/{STEPS}] served {model_name} at {service.url} (web UI at /, API docs at /docs); one POST /v1/restore:")
+        print(
+            f"      {response.status_code}, {body['width']}x{body['height']} {body['format']}, model version "
+            f"{response.headers['X-Restoray-Model-Version']}, {len(base64.b64decode(body['image'])):,} bytes, "
+            f"restore {body['seconds']['total']:.2f}s; service up, request and stop in {took:.1f}s"
+        )
+        print(f"      caption (Captioner deployment): {body['caption']!r}")
+        if body["retrieval"] and not body["retrieval"]["fell_back"]:
+            print(f"      reference (Retriever deployment): {', '.join(Path(ref['source']).name for ref in body['references'])}")
+    finally:
+        service.stop()

@@ -40,7 +40,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -76,14 +76,18 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     index = json.loads((tmp_path / "data" / "demo" / "index" / "manifest.json").read_text())
     assert index["complete"] and index["count"] == manifest["sources_accepted"] == index["embedded"]
     assert index["embeddings_from"] and index["search"]["recall"] >= 0.95
-    assert "[6/8] reference index" in out
-    assert "[7/8] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
+    assert "[6/9] reference index" in out
+    assert "[7/9] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
     export = next((tmp_path / "data" / "demo" / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
     assert export.stat().st_size > 0 and (tmp_path / "mlflow.db").is_file()
     # The run reproduces the checked-in loss curve.
     check_golden_loss(tmp_path / "mlflow.db")
     # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
-    assert len(restored) == 1 and "[8/8] restored" in out and "with models:/restoray-adaptor/1" in out
+    assert len(restored) == 1 and "[8/9] restored" in out and "with models:/restoray-adaptor/1" in out
     # ... with a reference the index returned (the tiny CLIP's similarities are near 1: above min_similarity 0.8).
     assert "      reference: " in out and "(cosine 0." in out
+    # The service: started, one request through the HTTP API (captioned, with a retrieved reference), stopped.
+    assert "[9/9] served models:/restoray-adaptor/1 at http://127.0.0.1:" in out
+    assert "      200, 64x64 png, model version 1," in out or "      200, " in out
+    assert "caption (Captioner deployment): " in out and "reference (Retriever deployment): " in out

@@ -50,3 +50,12 @@ def test_training_does_not_import_pipelines():
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "LEAKED []" in result.stdout, result.stdout
+
+
+def test_serving_sits_over_restoration_and_runtime_only():
+    check = "import importlib, pkgutil, sys, serving\n"
+    check += "[importlib.import_module(m.name) for m in pkgutil.walk_packages(serving.__path__, 'serving.')]\n"
+    check += "print('LEAKED', sorted({m.split('.')[0] for m in sys.modules} & {'pipelines', 'restoray', 'training'}))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout, result.stdout

@@ -22,8 +22,12 @@ RUNTIME_FILES = (
     "restoration/sampling/presets/supir-paper.toml",
     "restoration/sampling/presets/supir-release.toml",
     *(f"restoration/models/base_configs/sdxl_{name}.json" for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")),
+    "serving/ui/index.html",
+    "serving/ui/app.js",
+    "serving/ui/style.css",
+    "serving/config.yaml",
 )
-PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
+PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime", "serving")
 
 
 def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
@@ -78,3 +82,8 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     )
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert Image.open(empty / "out.png").size == (64, 48)
+    # The web UI is served from the installed package, and the Serve config is written from it.
+    ui = run("-c", "from serving.app import UI_DIR; print(UI_DIR, sorted(p.name for p in UI_DIR.iterdir()))")
+    assert ui.returncode == 0 and ui.stdout.startswith(str(target)) and "'app.js', 'index.html', 'style.css'" in ui.stdout, ui.stderr
+    written = run("-m", "restoray", "serve", "--write-config", "serve.yaml")
+    assert written.returncode == 0 and "import_path: serving.app:app_builder" in (empty / "serve.yaml").read_text(), written.stderr
