@@ -89,5 +89,5 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert "      reference: " in out and "(cosine 0." in out
     # The service: started, one request through the HTTP API (captioned, with a retrieved reference), stopped.
     assert "[9/9] served models:/restoray-adaptor/1 at http://127.0.0.1:" in out
-    assert "      200, 64x64 png, model version 1," in out or "      200, " in out
+    assert "      200, 128x128 png, model version 1, " in out  # the registered version, resolved on the replica
     assert "caption (Captioner deployment): " in out and "reference (Retriever deployment): " in out
