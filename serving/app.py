@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,10 @@ from serving.requests import (
     parse_json_body,
 )
 
-log = logging.getLogger(__name__)
 UI_DIR = Path(__file__).with_name("ui")
 MODEL_HEADER = "serve_multiplexed_model_id"
 APP_NAME = "restoray"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/openapi.json", "/", "/ui")
 
 
 class BodyTooLarge(Exception):

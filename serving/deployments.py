@@ -61,6 +61,7 @@ def restorer_deployment(config: AppConfig):
             self.device = _device(self.config.serve.restorer.num_gpus)
             self.worker = _Worker("restore")
             self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # what Serve's LRU still holds
+            self.cancelled = 0  # restorations stopped by a cancel flag (a job's, or a disconnected client's)
 
         @serve.multiplexed(max_num_models_per_replica=serve_config.models_per_replica)
         async def get_model(self, model_id: str):
@@ -92,6 +93,7 @@ def restorer_deployment(config: AppConfig):
                 "models": sorted(model.uri for model in loaded),
                 # Distinct SDXL UNets among the loaded versions: one per preset when they share the base.
                 "sdxl_bases": len({id(model.restorer.networks.unet) for model in loaded}),
+                "cancelled": self.cancelled,
             }
 
         async def stage1(self, image: np.ndarray, options: dict, model_id: str) -> dict[str, Any]:
@@ -213,6 +215,7 @@ def restorer_deployment(config: AppConfig):
                         on_step=on_step,
                     )
             except RestorationCancelled as err:
+                self.cancelled += 1
                 return [_error(CANCELLED, str(err))] * len(payloads)
             except InputError as err:
                 return [_error(422, str(err))] * len(payloads)

@@ -72,6 +72,13 @@ def service(tmp_path_factory, local_ray, monkeypatch_module):  # noqa: F811
         for parameter in restorer.model.connectors.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
     restorer.save_pretrained(root / "model-b")
+    # A third with ABAIR experts whose LoRA weights are perturbed too (zero-initialised experts change nothing).
+    restorer.add_experts(["noise", "blur"])
+    with torch.no_grad():
+        for name, parameter in restorer.model.adaptor.named_parameters():
+            if "lora" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    restorer.save_pretrained(root / "model-experts")
 
     samples = materialise(str(root / "samples"))
     assert (
@@ -178,6 +185,15 @@ def test_two_model_versions_on_one_replica_share_one_sdxl_base(service):
     replica = b.json()["replica"]
     assert sorted(replica["models"]) == sorted([str(service.root / "model-a"), str(service.root / "model-b")])
     assert replica["sdxl_bases"] == 1
+
+
+def test_abair_experts_are_chosen_per_request(service):
+    model = str(service.root / "model-experts")
+    noise, blur = (restore(service, seed="2", model=model, experts=experts) for experts in ("noise=1", "blur=1"))
+    assert noise.status_code == blur.status_code == 200, (noise.text, blur.text)
+    assert not np.array_equal(decoded(noise), decoded(blur))
+    unknown = restore(service, model=model, experts="rain=1")
+    assert unknown.status_code == 422 and "unknown experts" in unknown.json()["error"]
 
 
 def test_references_auto_reports_what_the_index_returned(service):
@@ -316,6 +332,21 @@ def test_cancelling_a_job_stops_it_and_frees_the_replica(service):
     final = requests.get(f"{service.small_url}/v1/jobs/{job_id}", headers=service.auth(), timeout=10).json()
     assert final["state"] == "cancelled" and final["step"] < 100, final
     assert requests.get(f"{service.small_url}/v1/jobs/{job_id}/result", headers=service.auth(), timeout=10).status_code == 409
+
+
+def test_a_client_that_goes_away_stops_its_restoration_and_frees_the_replica(service):
+    def cancelled() -> int:
+        models = requests.get(f"{service.small_url}/v1/models", headers=service.auth(), timeout=60)
+        return models.json()["replica"]["cancelled"]
+
+    before = cancelled()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        restore(service, url=service.small_url, image=noise_image(256), steps="100", timeout=1.5)
+    deadline = time.monotonic() + 120
+    while cancelled() == before:  # the sampler saw the flag Serve's cancellation set, and stopped
+        assert time.monotonic() < deadline, "the abandoned restoration was not cancelled"
+        time.sleep(0.1)
+    assert restore(service, url=service.small_url).status_code == 200
 
 
 def test_a_finished_job_reports_its_steps_and_serves_its_result(service):
