@@ -59,6 +59,7 @@ def free_port() -> int:
 class Service:
     url: str
     token: str | None  # the token this process generated (None: tokens came from the environment or a file)
+    metrics_url: str | None  # Ray's Prometheus export on this node (Serve's metrics are among Ray's)
 
     def stop(self) -> None:
         from ray import serve
@@ -101,7 +102,18 @@ def start_service(config: RunConfig, app) -> Service:
     host = "127.0.0.1" if app.serve.host in ("0.0.0.0", "::") else app.serve.host
     url = f"http://{host}:{app.serve.port}"
     wait_ready(url)
-    return Service(url, token)
+    return Service(url, token, metrics_url())
+
+
+def metrics_url() -> str | None:
+    """Where this node's Ray exports Prometheus metrics (ray_serve_* among them), from the public node table."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") == here and node.get("MetricsExportPort"):
+            return f"http://{here}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 def run_serve(config: RunConfig, args: argparse.Namespace) -> int:
@@ -121,6 +133,8 @@ def run_serve(config: RunConfig, args: argparse.Namespace) -> int:
         print(f'  curl -H "Authorization: Bearer {service.token}" -F image=@photo.png {service.url}/v1/restore -o restored.png')
     elif app.serve.auth:
         print(f"auth: the tokens in ${app.serve.tokens_env} / serve.token_file")
+    if service.metrics_url:
+        print(f"metrics (Prometheus, Serve's among Ray's): {service.metrics_url}")
     print("Ctrl-C stops it.", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

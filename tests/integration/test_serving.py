@@ -401,6 +401,13 @@ def test_sixteen_clients_for_thirty_seconds_get_no_5xx(service, capsys):
         thread.join()
     assert statuses and all(status == 200 for status in statuses), sorted(set(statuses))
     p50, p99 = np.percentile(latencies, [50, 99])
+    # Serve's own Prometheus metrics stay exposed (Ray's export on this node) and count this traffic.
+    from restoray.serve import metrics_url
+
+    deadline = time.monotonic() + 60
+    while "ray_serve_deployment_request_counter" not in requests.get(metrics_url(), timeout=10).text:
+        assert time.monotonic() < deadline, "no ray_serve_deployment_request_counter in Ray's metrics export"
+        time.sleep(2)
     with capsys.disabled():
         print(f"\nload: 16 clients x 30 s: {len(statuses)} requests, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
