@@ -168,3 +168,15 @@ class IndexConfig(StrictModel):
     add_batch: int = Field(100_000, ge=1, description="Vectors per Ray task adding to a copy of the trained empty index.")
     reference_format: Literal["jpeg", "png"] = Field("jpeg", description="Encoding of the reference store's images (jpeg at quality 95).")
     max_rows_per_shard: int = Field(1000, ge=1, description="Rows per embeddings/references parquet file at most.")
+
+
+class RestoreBatchConfig(StrictModel):
+    """`restoray restore-batch`: the Restorer actor pool and the outputs (the restore settings are [sampler] and
+    [restore], as for `restoray restore`)."""
+
+    actors: int = Field(1, ge=1, description="Restorer actors (each holds one model).")
+    batch_size: int = Field(4, ge=1, description="Images an actor takes at once; those of one working size share a restore_batch.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per Restorer actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per Restorer actor (fractions share a GPU).")
+    output_format: Literal["png", "jpeg"] = Field("png", description="Format of the restored images.")
+    max_rows_per_shard: int = Field(256, ge=1, description="Rows per results parquet part.")

@@ -46,6 +46,7 @@ REASONS = (
     "near_duplicate",
     "clip_duplicate",
     "caption_error",
+    "restore_error",
 )
 # CLIP image embeddings, one row per source: `data build`'s embeddings/ and `index build`'s embeddings/.
 EMBEDDING_SCHEMA = pa.schema(

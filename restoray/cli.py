@@ -201,6 +201,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(restore)
     restore.set_defaults(handler=_run_restore)
 
+    batch = commands.add_parser(
+        "restore-batch",
+        help="restore every image of a corpus with a Restorer actor pool on Ray Data",
+        description="Restore every image of a corpus (any source `data build` reads: folder, parquet, webdataset; local or "
+        "s3://) with a pool of Restorer actors ([restore_batch]: actors, batch_size, num_cpus, num_gpus, output_format; "
+        "images of one working size share a batched forward pass). Writes OUTPUT/images/<name> (named after the source), "
+        "OUTPUT/results/*.parquet (source, output, caption, references, seed, model, seconds), OUTPUT/rejects/*.parquet "
+        "and OUTPUT/manifest.json. Re-running resumes; a completed job is a no-op. Sampler and restore flags as for "
+        "`restoray restore`.",
+        epilog="example: restoray restore-batch --input data/samples --output /tmp/restored --steps 10 --set restore.upscale=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument("--input", required=True, metavar="URI", help="corpus: a folder, .parquet file(s), .tar shards; local or s3://")
+    batch.add_argument("--output", required=True, metavar="URI", help="output directory, local or s3://")
+    batch.add_argument("--weights", metavar="URI", default=None, help="trained weights: path, s3:// or models:/NAME/VERSION")
+    batch.add_argument("--preset", default=None, help="model preset when no --weights are given (default: the config's)")
+    batch.add_argument("--references", choices=("none", "auto"), default=None, help="auto: a ReFIR reference per image from --index")
+    batch.add_argument("--index", metavar="URI", default=None, help="reference index for --references auto (local or s3://)")
+    batch.add_argument("--prompt", default=None, help="one semantic prompt for every image (default: caption each stage-1 image)")
+    batch.add_argument("--restoration-prompt", default=None, help="SPIRE restoration prompt (default: restore.restoration_prompt)")
+    batch.add_argument("--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`)")
+    batch.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
+    batch.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale >= 1 (default: sampler.cfg)")
+    batch.add_argument("--tau-r", type=float, default=None, help="restoration-guidance exponent, 0 or less: off")
+    batch.add_argument("--seed", type=int, default=None, help="random seed of every image (default: restore.seed)")
+    batch.add_argument("--upscale", type=float, default=None, help="super-resolution factor (default 1)")
+    batch.add_argument("--experts", default=None, metavar="MODE", help="ABAIR experts: soft, one_hot or name=weight[,...]")
+    _add_config_arguments(batch)
+    batch.set_defaults(handler=_run_restore_batch)
+
     serve_parser = commands.add_parser(
         "serve",
         help="run the Ray Serve application (HTTP API + web UI) until interrupted",
@@ -367,6 +397,13 @@ def _run_restore(args: argparse.Namespace) -> int:
     from restoray.restore import run_restore
 
     return run_restore(config, args)
+
+
+def _run_restore_batch(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.restore_batch import run_restore_batch
+
+    return run_restore_batch(config, args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

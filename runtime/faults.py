@@ -5,6 +5,7 @@ what they need through the job's own arguments, so the variable does not have to
 
 - `build.fail_after_rows=N`: each dataset-build write task raises once it has committed N rows (an interruption);
 - `index.fail_after_rows=N`: each index-build write task raises once it has committed N embedded sources;
+- `restore.fail_after_rows=N`: each restore-batch write task raises once it has committed N restored sources;
 - `train.fail_at_step=N`: the last training rank raises once at step N (a worker failure, recovered from the last
   checkpoint; a marker file in the run's storage makes it fire only once).
 
@@ -18,7 +19,7 @@ import os
 from restoration.errors import InputError
 
 VARIABLE = "RESTORAY_FAULTS"
-KNOWN = {"build.fail_after_rows", "index.fail_after_rows", "train.fail_at_step"}
+KNOWN = {"build.fail_after_rows", "index.fail_after_rows", "restore.fail_after_rows", "train.fail_at_step"}
 
 
 def active() -> dict[str, int]:

@@ -1,0 +1,114 @@
+"""`restore-batch`'s model stage: a Ray Data actor holding one Restorer (and the index for references=auto) that
+restores its batch, images of one working size together through `Restorer.restore_batch`, the others one by one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import ray
+from PIL import Image
+
+from pipelines.rows import image_of, is_rejected, reject, rows_of
+from restoration.errors import InputError
+from restoration.images import encode_jpeg, encode_png
+
+OUTPUT_COLUMNS = (
+    "source", "output", "image", "width", "height", "caption", "references", "seed", "model", "seconds",
+    "reject_stage", "reject_reason", "reject_detail",
+)  # fmt: skip
+
+
+def output_name(source: str, input_root: str, extension: str) -> str:
+    """The output's path under images/: the source's path relative to the input (folders), `file#row=N` or
+    `tar#key` made file-safe (parquet, webdataset), with the output format's extension."""
+    relative = source[len(input_root) :].lstrip("/") if source.startswith(input_root) else source.split("://", 1)[-1]
+    container, _, inner = relative.partition("#")
+    if inner:
+        relative = f"{container}__{inner}"
+    safe = "".join(char if char.isalnum() or char in "-_./" else "_" for char in relative).replace("..", "_")
+    stem = safe.rsplit(".", 1)[0] if not inner and "." in safe.rsplit("/", 1)[-1] else safe
+    return f"{stem}.{extension}"
+
+
+class RestoreStage:
+    def __init__(
+        self,
+        weights: str,
+        index: str | None,
+        sampler: dict,
+        options: dict,
+        prompt: str | None,
+        expert_weights,
+        num_gpus: float,
+        input_root: str,
+        output_format: str,
+        timer=None,
+    ):
+        self.weights, self.index_path = weights, index
+        self.sampler, self.options = sampler, options
+        self.prompt, self.expert_weights = prompt, expert_weights
+        self.num_gpus, self.input_root, self.output_format = num_gpus, input_root, output_format
+        self.timer = timer
+        self.restorer = self.index = None
+
+    def _load(self):
+        if self.restorer is None:
+            import torch
+
+            from restoration.restorer import Restorer
+
+            self.restorer = Restorer.from_pretrained(self.weights)
+            self.restorer.to("cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+            if self.index_path:
+                from restoration.retrieval.references import ReferenceIndex
+
+                self.index = ReferenceIndex.load(self.index_path)
+        return self.restorer
+
+    def __call__(self, batch: dict) -> dict:
+        from restoration.settings import RestoreConfig, SamplerConfig
+
+        started = time.perf_counter()
+        restorer = self._load()
+        sampler, options = SamplerConfig.model_validate(self.sampler), RestoreConfig.model_validate(self.options)
+        rows = rows_of(batch)
+        live = [row for row in rows if not is_rejected(row)]
+        groups: dict[object, list[dict]] = {}
+        blended = restorer.experts and not isinstance(self.expert_weights or options.expert_weights, dict)
+        for position, row in enumerate(live):
+            alone = self.index is not None or blended
+            key = ("alone", position) if alone else restorer.batch_key((int(row["width"]), int(row["height"])), options)
+            groups.setdefault(key, []).append(row)
+        for group in groups.values():
+            images = [Image.fromarray(image_of(row)) for row in group]
+            try:
+                if len(group) == 1:
+                    references = "auto" if self.index is not None else ()
+                    results = [
+                        restorer.restore(
+                            images[0], self.prompt, references, sampler, options, index=self.index, expert_weights=self.expert_weights
+                        )
+                    ]
+                else:
+                    results = restorer.restore_batch(
+                        images, [self.prompt] * len(group), sampler, options, expert_weights=self.expert_weights
+                    )
+            except InputError as err:
+                for row in group:
+                    reject(row, "restore", "restore_error", str(err))
+                continue
+            for row, result in zip(group, results, strict=True):
+                pixels = np.asarray(result.image)
+                row["image"] = encode_png(pixels) if self.output_format == "png" else encode_jpeg(pixels, 95)
+                row["output"] = "images/" + output_name(row["source"], self.input_root, "png" if self.output_format == "png" else "jpg")
+                row["width"], row["height"] = result.image.size
+                row["caption"] = result.caption
+                row["references"] = json.dumps([{"source": ref.source, "similarity": ref.similarity} for ref in result.references])
+                row["seed"] = result.seed
+                row["model"] = restorer.weights or restorer.preset_name
+                row["seconds"] = json.dumps(result.seconds)
+        if self.timer is not None:
+            ray.get(self.timer.add.remote("restore", len(live), time.perf_counter() - started))
+        return {column: np.array([row.get(column) for row in rows] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}
