@@ -1,0 +1,1 @@
+"""Evaluation of restorations: full-reference metrics under the papers' conventions (metrics.py)."""
