@@ -180,3 +180,11 @@ class RestoreBatchConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per Restorer actor (fractions share a GPU).")
     output_format: Literal["png", "jpeg"] = Field("png", description="Format of the restored images.")
     max_rows_per_shard: int = Field(256, ge=1, description="Rows per results parquet part.")
+
+
+class EvalConfig(StrictModel):
+    """`restoray eval`: the test set's workers, the metrics, the prompt of the restorations."""
+
+    workers: int = Field(2, ge=1, description="Ray tasks building a protocol's test set (the same set for any number).")
+    metrics: list[str] = Field(["psnr", "ssim"], description="Metrics to score (psnr, ssim; the others need local weights).")
+    prompt: str | None = Field(None, description="One semantic prompt for every case; unset: the VLM captions each stage-1 image.")

@@ -231,6 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(batch)
     batch.set_defaults(handler=_run_restore_batch)
 
+    evaluation = commands.add_parser(
+        "eval",
+        help="evaluate a model on a protocol (PSNR/SSIM per image, MLflow run); eval compare RUN_A RUN_B",
+        description="Build a protocol's test set from --data (a seeded degradation of each HQ image, or paired LQ/ and HQ/ "
+        "folders; `restoray list protocols`), restore it with the restore-batch job, score every case against its "
+        "original HQ in the protocol's convention (colour space, border crop), write OUTPUT/scores.parquet and log an "
+        "MLflow run (experiment restoray-eval). `restoray eval compare RUN_A RUN_B` prints two runs' metrics with deltas.",
+        epilog="example: restoray eval --weights models:/restoray-adaptor/1 --protocol realesrgan-x4 --data data/samples --output /tmp/e\n"
+        "         restoray eval compare 3f2a... 9c1b...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluation.add_argument("compare", nargs="*", metavar="compare RUN_A RUN_B", help="compare two eval runs instead")
+    evaluation.add_argument("--weights", metavar="URI", default=None, help="trained weights: path, s3:// or models:/NAME/VERSION")
+    evaluation.add_argument("--preset", default=None, help="model preset when no --weights are given (default: the config's)")
+    evaluation.add_argument("--protocol", metavar="NAME", default=None, help="evaluation protocol (`restoray list protocols`)")
+    evaluation.add_argument("--data", metavar="URI", default=None, help="HQ images (synthetic protocols) or a folder with LQ/ and HQ/")
+    evaluation.add_argument("--output", metavar="URI", default=None, help="where the test set, restorations and scores go")
+    evaluation.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
+    evaluation.add_argument("--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`)")
+    evaluation.add_argument("--seed", type=int, default=None, help="random seed of the restorations (default: restore.seed)")
+    _add_config_arguments(evaluation)
+    evaluation.set_defaults(handler=_run_eval, cfg=None, tau_r=None, restoration_prompt=None, experts=None)
+
     serve_parser = commands.add_parser(
         "serve",
         help="run the Ray Serve application (HTTP API + web UI) until interrupted",
@@ -293,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     degradations.set_defaults(handler=_list_degradations)
     samplers = what.add_parser("samplers", help="sampler presets (restore --sampler NAME)", description="List the sampler presets.")
     samplers.set_defaults(handler=_list_samplers)
+    protocols = what.add_parser("protocols", help="evaluation protocols (restoray eval --protocol NAME)", description="List the protocols.")
+    protocols.set_defaults(handler=_list_protocols)
     config_keys = what.add_parser("config", help="every config key with its type and description", description="List every config key.")
     config_keys.set_defaults(handler=_list_config)
 
@@ -355,6 +380,14 @@ def _list_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_protocols(args: argparse.Namespace) -> int:
+    from restoration.evaluation.protocols import list_protocols
+
+    for name, description in list_protocols().items():
+        print(f"{name:<20} {description}")
+    return 0
+
+
 def _list_config(args: argparse.Namespace) -> int:
     for key, type_name, description in describe_keys():
         print(f"{key:<24} {type_name:<22} {description}")
@@ -404,6 +437,22 @@ def _run_restore_batch(args: argparse.Namespace) -> int:
     from restoray.restore_batch import run_restore_batch
 
     return run_restore_batch(config, args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.compare:
+        if len(args.compare) != 3 or args.compare[0] != "compare":
+            raise InputError(f"eval: unexpected {' '.join(args.compare)!r}; use `restoray eval compare RUN_A RUN_B` or the options")
+        from restoray.evaluate import run_compare
+
+        return run_compare(config, args.compare[1], args.compare[2])
+    missing = [flag for flag, value in (("--protocol", args.protocol), ("--data", args.data), ("--output", args.output)) if not value]
+    if missing:
+        raise InputError(f"eval: give {', '.join(missing)} (or `restoray eval compare RUN_A RUN_B`)")
+    from restoray.evaluate import run_eval
+
+    return run_eval(config, args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

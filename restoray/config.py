@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pipelines.config import DataBuildConfig, IndexConfig, RestoreBatchConfig
+from pipelines.config import DataBuildConfig, EvalConfig, IndexConfig, RestoreBatchConfig
 from restoration.config_model import StrictModel
 from restoration.errors import ConfigError
 from restoration.settings import RestoreConfig, SamplerConfig
@@ -65,6 +65,7 @@ class RunConfig(StrictModel):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration-guided EDM sampler.")
     restore: RestoreConfig = Field(default_factory=RestoreConfig, description="Restore defaults.")
     restore_batch: RestoreBatchConfig = Field(default_factory=RestoreBatchConfig, description="`restoray restore-batch`.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="`restoray eval`: protocols and metrics.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`restoray serve`: the Ray Serve application.")
 
 

@@ -1,5 +1,7 @@
-"""`restoray restore-batch` on local Ray (tiny preset): outputs named after the sources, results and rejects, a run
-stopped by the test-only fault and resumed (the same outputs, nothing twice), a finished job a no-op."""
+"""`restoray restore-batch` and `restoray eval` on local Ray (tiny preset): outputs named after the sources, results
+and rejects, a run stopped by the test-only fault and resumed (the same outputs, nothing twice), a finished job a
+no-op; a protocol's seeded test set (the same for any number of workers), scores, the MLflow runs and their
+comparison, bad input."""
 
 from __future__ import annotations
 
@@ -73,3 +75,67 @@ def test_restore_batch_refuses_bad_input_before_work(tmp_path, local_ray, capsys
     assert main(["restore-batch", "--input", str(source), "--output", str(tmp_path / "o"), "--references", "auto"]) == 2
     assert "needs --index" in capsys.readouterr().err
     assert main(["restore-batch", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 2
+
+
+def hq_folder(root, count: int = 3):
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(root / f"hq{index}.png")
+    return root
+
+
+def test_a_protocols_test_set_is_the_same_on_every_run_and_any_number_of_workers(tmp_path, local_ray):  # noqa: F811
+    from pipelines.evaluate import build_testset
+    from restoration.evaluation.protocols import load_protocol
+    from runtime.config import StorageConfig
+
+    data = hq_folder(tmp_path / "hq")
+    protocol = load_protocol("abair-5task")
+    runs = {}
+    for name, workers in (("one", 1), ("two", 2), ("again", 2)):
+        cases = build_testset(protocol, str(data), str(tmp_path / name), StorageConfig(), workers)
+        files = sorted((tmp_path / name / "testset").rglob("*.png"))
+        runs[name] = (cases, {str(f.relative_to(tmp_path / name)): f.read_bytes() for f in files})
+    assert len(runs["one"][0]) == 3 * 5 and {case["type"] for case in runs["one"][0]} == set(protocol.types)
+    assert runs["one"] == runs["two"] == runs["again"]
+
+
+def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local_ray, capsys):  # noqa: F811
+    import mlflow
+
+    data = hq_folder(tmp_path / "hq")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--data", str(data), "--steps", "1", "--set", "eval.prompt=a photo", "--set", f"mlflow.tracking_uri={tracking}",
+              "--set", "restore_batch.num_cpus=0.5", "--preset", "tiny"]  # fmt: skip
+    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "a"), *common]) == 0
+    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "b"), "--seed", "7", *common]) == 0
+    out = capsys.readouterr().out
+    assert "eval realesrgan-x4 of tiny: 3 cases" in out and "psnr" in out and "ssim" in out
+    scores = pq.read_table(tmp_path / "a" / "scores.parquet").to_pylist()
+    assert len(scores) == 3 and all(0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 for row in scores)
+    for row in scores:  # the output is scored at the HQ's size (x4 from the LQ), against the original HQ
+        assert Image.open(tmp_path / "a" / row["output"]).size == Image.open(tmp_path / "a" / row["hq"]).size == (96, 64)
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
+    assert len(runs) == 2 and all(run.data.params["protocol"] == "realesrgan-x4" and "psnr" in run.data.metrics for run in runs)
+    assert runs[0].data.params["testset_hash"] == runs[1].data.params["testset_hash"]  # the same seeded test set
+    a, b = sorted(runs, key=lambda run: run.info.start_time)
+    assert main(["eval", "compare", a.info.run_id, b.info.run_id, "--set", f"mlflow.tracking_uri={tracking}"]) == 0
+    table = capsys.readouterr().out
+    delta = b.data.metrics["psnr"] - a.data.metrics["psnr"]
+    assert "psnr" in table and f"{delta:+.4f}" in table
+
+
+def test_eval_bad_input_exits_2_naming_it(tmp_path, local_ray, capsys):  # noqa: F811
+    data = hq_folder(tmp_path / "hq", 1)
+    assert main(["eval", "--protocol", "sharpest", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "unknown protocol 'sharpest'" in capsys.readouterr().err
+    paired = tmp_path / "paired"
+    hq_folder(paired / "HQ", 2)
+    hq_folder(paired / "LQ", 1)
+    assert main(["eval", "--protocol", "paired", "--data", str(paired), "--output", str(tmp_path / "p"), "--preset", "tiny"]) == 2
+    assert "LQ/ and HQ/ hold different images" in capsys.readouterr().err
+    lpips = ["--set", 'eval.metrics=["psnr", "lpips"]', "--preset", "tiny"]
+    assert main(["eval", "--protocol", "realesrgan-x4", "--data", str(data), "--output", str(tmp_path / "l"), *lpips]) == 2
+    assert "lpips" in capsys.readouterr().err

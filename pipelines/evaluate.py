@@ -1,0 +1,246 @@
+"""`restoray eval`: a protocol's test set (Ray tasks), restored by the restore-batch job, scored per image, tracked in
+MLflow; `restoray eval compare RUN_A RUN_B`.
+
+Layout of OUTPUT: testset/lq/<case>.png and testset/hq/<case>.png (<case>: the source's path relative to the data,
+without extension, + `__<type>` for protocols with several cases per source), testset/cases.json, restored/ (the
+restore-batch output), scores.parquet (case, type, source, lq, output, hq, one column per metric), summary.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
+from restoration.errors import InputError
+from restoration.evaluation.metrics import psnr, ssim
+from restoration.evaluation.protocols import Protocol, load_protocol
+from restoration.images import ImageDecodeError, decode_image, encode_png
+from restoration.settings import RestoreConfig, SamplerConfig
+from runtime.config import MlflowConfig, StorageConfig, tracking_uri
+from runtime.storage import filesystem, read_bytes, retrying
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+METRICS = {"psnr": psnr, "ssim": ssim}  # computed without weights; the others need local weights (not yet wired)
+WEIGHTED_METRICS = ("lpips", "dists", "fid", "clipiqa", "musiq", "maniqa", "niqe")
+EXPERIMENT = "restoray-eval"
+
+
+@dataclass
+class EvalSummary:
+    protocol: str
+    weights: str
+    output: str
+    cases: int
+    means: dict[str, float]
+    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        names = list(self.means)
+        lines = [
+            f"eval {self.protocol} of {self.weights}: {self.cases} cases -> {self.output}",
+            f"  {'':<12}" + "".join(f"{n:>10}" for n in names),
+        ]
+        lines.append(f"  {'all':<12}" + "".join(f"{self.means[n]:>10.4f}" for n in names))
+        for kind, means in sorted(self.by_type.items()):
+            lines.append(f"  {kind:<12}" + "".join(f"{means[n]:>10.4f}" for n in names))
+        lines.append(f"  MLflow run {self.run_id} (experiment {EXPERIMENT}), {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def _images_under(uri: str, storage: StorageConfig) -> dict[str, str]:
+    """{name relative to uri (posix, with extension): full path} of the image files under a folder."""
+    fs, root = filesystem(uri, storage)
+    if not fs.exists(root) or not fs.isdir(root):
+        raise InputError(f"--data {uri}: no such folder of images")
+    root = root.rstrip("/")
+    found = {}
+    for path in sorted(fs.find(root)):
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            found[path[len(root) :].lstrip("/")] = path if "://" not in uri else f"{uri.split('://', 1)[0]}://{path}"
+    return found
+
+
+def _decode(uri: str, storage: StorageConfig) -> np.ndarray:
+    try:
+        return decode_image(read_bytes(uri, storage))
+    except ImageDecodeError as err:
+        raise InputError(f"{uri}: not a usable test image ({err})") from None
+
+
+def _write(uri: str, data: bytes, storage: StorageConfig) -> None:
+    fs, path = filesystem(uri, storage)
+
+    def put() -> None:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
+    retrying(put, uri, storage, "write")
+
+
+def case_name(relative: str, case: str) -> str:
+    stem = str(PurePosixPath(relative).with_suffix(""))
+    return f"{stem}__{case}" if case else stem
+
+
+def _build_cases(protocol: Protocol, items: list[tuple[str, str]], output: str, storage: StorageConfig) -> list[dict]:
+    """One chunk of the test set (a Ray task): each source's cases, written as testset/lq and testset/hq PNGs."""
+    rows = []
+    for relative, uri in items:
+        hq_source = _decode(uri, storage)
+        for case in protocol.cases():
+            hq, lq, ops = protocol.degrade(hq_source, relative, case)
+            name = case_name(relative, case)
+            _write(f"{output}/testset/lq/{name}.png", encode_png(lq), storage)
+            _write(f"{output}/testset/hq/{name}.png", encode_png(hq), storage)
+            rows.append({"case": name, "type": case or protocol.name, "source": uri, "ops": json.dumps(ops)})
+    return rows
+
+
+_build_task = ray.remote(_build_cases)
+
+
+def build_testset(protocol: Protocol, data_uri: str, output_uri: str, storage: StorageConfig, workers: int) -> list[dict]:
+    """The protocol's cases, made by `workers` Ray tasks (the same files for any number of workers)."""
+    output = output_uri.rstrip("/")
+    if protocol.kind == "paired":
+        return _paired_cases(protocol, data_uri, output, storage)
+    items = sorted(_images_under(data_uri, storage).items())
+    if not items:
+        raise InputError(f"--data {data_uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    chunks = [items[i::workers] for i in range(min(workers, len(items)))]
+    rows = [row for chunk in ray.get([_build_task.remote(protocol, chunk, output, storage) for chunk in chunks]) for row in chunk]
+    return sorted(rows, key=lambda row: row["case"])
+
+
+def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
+    lq, hq = (_images_under(f"{data_uri.rstrip('/')}/{part}", storage) for part in ("LQ", "HQ"))
+    lq_names, hq_names = {case_name(n, ""): n for n in lq}, {case_name(n, ""): n for n in hq}
+    if set(lq_names) != set(hq_names):
+        only_lq, only_hq = sorted(set(lq_names) - set(hq_names)), sorted(set(hq_names) - set(lq_names))
+        raise InputError(f"--data {data_uri}: LQ/ and HQ/ hold different images (only in LQ: {only_lq[:5]}, only in HQ: {only_hq[:5]})")
+    rows = []
+    for name in sorted(lq_names):
+        low, high = _decode(lq[lq_names[name]], storage), _decode(hq[hq_names[name]], storage)
+        expected = (round(low.shape[0] * protocol.upscale), round(low.shape[1] * protocol.upscale))
+        if high.shape[:2] != expected:
+            raise InputError(f"{name}: HQ is {high.shape[1]}x{high.shape[0]}, LQ x {protocol.upscale:g} is {expected[1]}x{expected[0]}")
+        _write(f"{output}/testset/lq/{name}.png", encode_png(low), storage)
+        _write(f"{output}/testset/hq/{name}.png", encode_png(high), storage)
+        rows.append({"case": name, "type": protocol.name, "source": lq[lq_names[name]], "ops": "[]"})
+    return rows
+
+
+def evaluate(
+    weights: str,
+    weights_uri: str,
+    protocol_name: str,
+    data_uri: str,
+    output_uri: str,
+    config: EvalConfig,
+    restore_config: RestoreBatchConfig,
+    data: DataBuildConfig,
+    sampler: SamplerConfig,
+    options: RestoreConfig,
+    storage: StorageConfig,
+    mlflow_config: MlflowConfig,
+) -> EvalSummary:
+    """Run a protocol on a model; Ray must be initialised. `weights`: its local directory or a preset name;
+    `weights_uri`: what the user named (recorded)."""
+    from pipelines.restore_batch import restore_batch
+
+    started = time.perf_counter()
+    protocol = load_protocol(protocol_name)
+    unknown = [name for name in config.metrics if name not in METRICS]
+    if unknown:
+        needs = [name for name in unknown if name in WEIGHTED_METRICS]
+        detail = f"{needs} need local weights files that this version does not load yet; " if needs else ""
+        raise InputError(f"eval.metrics: {detail}unknown or unavailable {unknown}; available: {', '.join(METRICS)}")
+    output = output_uri.rstrip("/")
+    cases = build_testset(protocol, data_uri, output, storage, config.workers)
+    _write(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
+    options = options.model_copy(update={"upscale": protocol.upscale})
+    restored = f"{output}/restored"
+    restore_batch(f"{output}/testset/lq", restored, restore_config, data, weights, sampler, options, storage, prompt=config.prompt)
+    fs, root = filesystem(restored, storage)
+    marker = "/testset/lq/"
+    results = {row["source"].split(marker, 1)[-1].rsplit(".", 1)[0]: row for row in _results(fs, root)}
+    rows = []
+    for case in cases:
+        result = results.get(case["case"])
+        if result is None:
+            raise InputError(f"case {case['case']}: the restore-batch job did not restore it (see {restored}/rejects)")
+        out = _decode(f"{restored}/{result['output']}", storage)
+        hq = _decode(f"{output}/testset/hq/{case['case']}.png", storage)
+        if out.shape != hq.shape:
+            raise InputError(f"case {case['case']}: output {out.shape[1]}x{out.shape[0]} but HQ {hq.shape[1]}x{hq.shape[0]}")
+        scores = {name: METRICS[name](out, hq, protocol.convention) for name in config.metrics}
+        rows.append({"case": case["case"], "type": case["type"], "source": case["source"], "lq": f"testset/lq/{case['case']}.png",
+                     "output": f"restored/{result['output']}", "hq": f"testset/hq/{case['case']}.png", **scores})  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    local_scores = f"{output}/scores.parquet"
+    fs_out, path = filesystem(local_scores, storage)
+    with fs_out.open(path, "wb") as handle:
+        pq.write_table(table, handle)
+    means = {name: float(np.mean([row[name] for row in rows])) for name in config.metrics}
+    by_type = {}
+    if len({row["type"] for row in rows}) > 1:
+        for kind in sorted({row["type"] for row in rows}):
+            picked = [row for row in rows if row["type"] == kind]
+            by_type[kind] = {name: float(np.mean([row[name] for row in picked])) for name in config.metrics}
+    data_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
+    run_id = _track(protocol, weights_uri, data_uri, data_hash, means, by_type, local_scores, storage, mlflow_config)
+    summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, run_id, time.perf_counter() - started)
+    _write(f"{output}/summary.json", json.dumps(summary.__dict__, indent=1).encode(), storage)
+    return summary
+
+
+def _results(fs, root: str) -> list[dict]:
+    files = [p for p in fs.find(f"{root}/results") if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
+    return [row for path in sorted(files) for row in pq.read_table(fs.open(path, "rb"), columns=["source", "output"]).to_pylist()]
+
+
+def _track(protocol, weights_uri, data_uri, data_hash, means, by_type, scores_uri, storage, mlflow_config) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(mlflow_config))
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"{protocol.name} {weights_uri}") as run:
+        mlflow.log_params({"protocol": protocol.name, "model": weights_uri, "data": data_uri, "testset_hash": data_hash,
+                           "color_space": protocol.metrics.color_space, "crop_border": protocol.metrics.crop_border,
+                           "upscale": protocol.upscale})  # fmt: skip
+        mlflow.log_metrics(means)
+        mlflow.log_metrics({f"{name}/{kind}": value for kind, values in by_type.items() for name, value in values.items()})
+        if "://" not in scores_uri:
+            mlflow.log_artifact(scores_uri)
+        return run.info.run_id
+
+
+def compare(run_a: str, run_b: str, mlflow_config: MlflowConfig) -> str:
+    """The metrics of two eval runs side by side with B - A."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri(mlflow_config))
+    try:
+        runs = [client.get_run(run_id) for run_id in (run_a, run_b)]
+    except MlflowException as err:
+        raise InputError(f"eval compare: {err.message}") from None
+    metrics = [run.data.metrics for run in runs]
+    names = sorted(set(metrics[0]) | set(metrics[1]))
+    lines = [f"{'metric':<16}{'A':>12}{'B':>12}{'B - A':>12}", f"{'':<16}{run_a[:10]:>12}{run_b[:10]:>12}"]
+    for name in names:
+        a, b = metrics[0].get(name), metrics[1].get(name)
+        delta = f"{b - a:>+12.4f}" if a is not None and b is not None else f"{'':>12}"
+        lines.append(f"{name:<16}{a if a is None else f'{a:.4f}':>12}{b if b is None else f'{b:.4f}':>12}{delta}")
+    return "\n".join(lines)

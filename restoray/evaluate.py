@@ -1,0 +1,45 @@
+"""`restoray eval` and `restoray eval compare`: resolve the model, run the protocol on Ray, print the table."""
+
+from __future__ import annotations
+
+import argparse
+
+from restoray.config import RunConfig
+from restoray.ray_env import cluster_address, connect, loopback_only
+from restoray.restore import restore_settings
+from runtime.resolve import resolve
+
+
+def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
+    if not cluster_address(config.ray):
+        loopback_only()  # before Ray is imported
+    from pipelines.evaluate import evaluate
+    from restoration.evaluation.protocols import load_protocol
+
+    load_protocol(args.protocol)  # an unknown protocol is bad input: before Ray starts
+    sampler, options = restore_settings(config, args)
+    weights = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
+    print(f"Ray: {connect(config.ray)}")
+    summary = evaluate(
+        weights,
+        args.weights or weights,
+        args.protocol,
+        args.data,
+        args.output,
+        config.eval,
+        config.restore_batch,
+        config.data,
+        sampler,
+        options,
+        config.storage,
+        config.mlflow,
+    )
+    print(summary.table())
+    return 0
+
+
+def run_compare(config: RunConfig, run_a: str, run_b: str) -> int:
+    from pipelines.evaluate import compare
+
+    print(compare(run_a, run_b, config.mlflow))
+    return 0
