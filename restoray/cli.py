@@ -14,12 +14,11 @@ import time
 
 from restoration.dataset import REASONS
 from restoration.errors import InputError, RestorayError
-from restoray import __version__
+from restoray import OUR_PACKAGES, __version__
 from restoray.config import describe_keys, load_config
 
 log = logging.getLogger("restoray")
 
-OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime", "serving")
 EPILOG = """\
 examples:
   restoray demo                                   the embedded default end to end

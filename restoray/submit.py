@@ -15,14 +15,15 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from restoration.errors import InputError, RestorayError
+from restoray import OUR_PACKAGES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-OUR_PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime")
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 FORWARDED_PREFIXES = ("RESTORAY_",)
 # Never uploaded: environments, local data and run outputs. Ray refuses working_dirs over 500 MiB.
@@ -102,6 +103,22 @@ def code_runtime_env() -> dict:
     return {"py_modules": [str(Path(importlib.import_module(name).__file__).parent) for name in OUR_PACKAGES]}
 
 
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+def _submit_job(client, entrypoint: str, runtime_env: dict, patience_s: float = 60.0) -> str:
+    """Submit; a head that has just started answers 500 "No available agent" until its job agent is up: retried
+    for `patience_s` (a cluster still starting is not a failed job)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if AGENT_NOT_READY not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def submit(command: list[str], address: str | None = None, env: dict[str, str] | None = None, wait: bool = True) -> int:
     from ray.job_submission import JobStatus
 
@@ -112,7 +129,7 @@ def submit(command: list[str], address: str | None = None, env: dict[str, str] |
     client = _client(address)
     entrypoint = "python -m restoray " + shlex.join(command)
     runtime_env = {**code_runtime_env(), "env_vars": job_environment(env or {})}
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = _submit_job(client, entrypoint, runtime_env)
     print(f"submitted job {job_id} to {address}: {entrypoint}", file=sys.stderr)
     if not wait:
         print(job_id)
