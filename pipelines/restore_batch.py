@@ -163,7 +163,7 @@ def restore_batch(
     if manifest and manifest.get("complete"):
         return _summary(output_uri, manifest, already_complete=True)
     write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
-    check_cpus_left(config.actors * config.num_cpus, 0.5, "the Restorer actor pool", "lower restore_batch.num_cpus or actors")
+    check_cpus_left(config.actors * config.num_cpus, 1.0, "the Restorer actor pool", "lower restore_batch.num_cpus or actors")
 
     done: set[str] = set()
     for table_name in ("results", "rejects"):
