@@ -43,19 +43,19 @@ def test_runtime_sits_below_the_job_layers():
     assert "LEAKED []" in result.stdout, result.stdout
 
 
-def test_training_does_not_import_pipelines():
-    check = "import importlib, pkgutil, sys, training\n"
-    check += "[importlib.import_module(m.name) for m in pkgutil.walk_packages(training.__path__, 'training.')]\n"
-    check += "print('LEAKED', sorted({m.split('.')[0] for m in sys.modules} & {'pipelines', 'restoray', 'serving'}))"
+def _assert_imports_none_of(package: str, forbidden: set[str]) -> None:
+    """Import every module of `package` in a fresh interpreter; none of `forbidden` may end up loaded."""
+    check = f"import importlib, pkgutil, sys, {package}\n"
+    check += f"[importlib.import_module(m.name) for m in pkgutil.walk_packages({package}.__path__, '{package}.')]\n"
+    check += f"print('LEAKED', sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(forbidden)!r})))"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "LEAKED []" in result.stdout, result.stdout
+
+
+def test_training_does_not_import_pipelines():
+    _assert_imports_none_of("training", {"pipelines", "restoray", "serving"})
 
 
 def test_serving_sits_over_restoration_and_runtime_only():
-    check = "import importlib, pkgutil, sys, serving\n"
-    check += "[importlib.import_module(m.name) for m in pkgutil.walk_packages(serving.__path__, 'serving.')]\n"
-    check += "print('LEAKED', sorted({m.split('.')[0] for m in sys.modules} & {'pipelines', 'restoray', 'training'}))"
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "LEAKED []" in result.stdout, result.stdout
+    _assert_imports_none_of("serving", {"pipelines", "restoray", "training"})
