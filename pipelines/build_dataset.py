@@ -28,6 +28,8 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -195,6 +197,19 @@ def _existing_output(fs, root: str, variants: int, storage: StorageConfig) -> tu
 _object_cache: dict[str, Any] = {}
 
 
+@contextmanager
+def plain_job_errors() -> Iterator[None]:
+    """Ray wraps what a task raised (posing as it): a storage failure or a stopped build inside is raised as its plain
+    self, not as a remote traceback (every job of this package runs its Ray Data work inside this)."""
+    try:
+        yield
+    except Exception as err:
+        cause = storage_cause(err) or find_cause(err, BuildStopped)
+        if cause is not None and cause is not err:
+            raise cause from None
+        raise
+
+
 def get_cached(ref_holder: dict) -> Any:
     key = ref_holder["key"]
     if key not in _object_cache:
@@ -339,13 +354,8 @@ def build_dataset(
     _check_resources(config)
     # A UDF's own exception (StorageError, BuildStopped) reaches the driver as itself, not as a UserCodeException.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    try:
+    with plain_job_errors():
         summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
-    except Exception as err:  # Ray wraps what a task raised (posing as it): raise the plain cause, not a remote traceback
-        cause = storage_cause(err) or find_cause(err, BuildStopped)
-        if cause is not None and cause is not err:
-            raise cause from None
-        raise
     return summary
 
 

@@ -33,11 +33,11 @@ import ray
 from ray.data import Datasink
 
 from pipelines.build_dataset import (
-    BuildStopped,
     broadcast,
     front_stages,
     get_cached,
     parquet_files,
+    plain_job_errors,
     read_json,
     read_parquet,
     read_stage,
@@ -56,7 +56,7 @@ from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENC
 from runtime import faults
 from runtime.config import StorageConfig
 from runtime.resources import check_cpus_left
-from runtime.storage import filesystem, find_cause, is_remote, retrying, storage_cause
+from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,10 @@ def build_index(
 
     ray.data.DataContext.get_current().raise_original_map_exception = True
     timer = StageTimer.remote()
-    try:
+    with plain_job_errors():
         embed_started = time.perf_counter()
         _embed_sources(units, wanted, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)
         embed_seconds = time.perf_counter() - embed_started
-    except Exception as err:
-        cause = storage_cause(err) or find_cause(err, BuildStopped)
-        if cause is not None and cause is not err:
-            raise cause from None
-        raise
     totals = ray.get(timer.totals.remote())
     reads, embedded_now = totals.get("read", (0, 0.0))[0], totals.get("embed", (0, 0.0))[0]
     embeddings = _read_embeddings(out_fs, root, storage)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 from ray.data import Datasink
 
-from pipelines.build_dataset import BuildStopped, broadcast, read_json, read_stage, read_table, source_rows, write_json
+from pipelines.build_dataset import broadcast, plain_job_errors, read_json, read_stage, read_table, source_rows, write_json
 from pipelines.config import DataBuildConfig, RestoreBatchConfig
 from pipelines.rows import batch_of, is_rejected, rows_of
 from pipelines.sink import block_rows, commit_table, reject_row
@@ -33,7 +33,7 @@ from restoration.settings import RestoreConfig, SamplerConfig
 from runtime import faults
 from runtime.config import StorageConfig
 from runtime.resources import check_cpus_left
-from runtime.storage import filesystem, find_cause, is_remote, retrying, storage_cause
+from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -203,13 +203,8 @@ def restore_batch(
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
     )
-    try:
+    with plain_job_errors():
         rows.write_datasink(RestoreSink(output_uri, storage, config.max_rows_per_shard, faults.fault("restore.fail_after_rows")))
-    except Exception as err:
-        cause = storage_cause(err) or find_cause(err, BuildStopped)
-        if cause is not None and cause is not err:
-            raise cause from None
-        raise
     totals = ray.get(timer.totals.remote())
     results = read_table(out_fs, root, "results", ["source"], storage)
     rejects = read_table(out_fs, root, "rejects", ["source", "reason"], storage)
