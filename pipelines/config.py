@@ -182,9 +182,30 @@ class RestoreBatchConfig(StrictModel):
     max_rows_per_shard: int = Field(256, ge=1, description="Rows per results parquet part.")
 
 
+class MetricWeights(StrictModel):
+    """Local weights of the learned metrics (restoration.evaluation.learned says which file each needs); a metric
+    without its file is skipped, never downloaded."""
+
+    lpips: str | None = Field(None, description="torchvision ImageNet weights of the LPIPS backbone (eval.lpips_net).")
+    dists: str | None = Field(None, description="torchvision ImageNet VGG16 weights.")
+    fid: str | None = Field(None, description="torch-fidelity's InceptionV3 weights.")
+    clipiqa: str | None = Field(None, description="A local Hugging Face CLIP folder.")
+    musiq: str | None = Field(None, description="pyiqa's MUSIQ weights (needs the iqa extra).")
+    maniqa: str | None = Field(None, description="pyiqa's MANIQA weights (needs the iqa extra).")
+    niqe: str | None = Field(None, description="pyiqa's NIQE parameters file (needs the iqa extra).")
+
+
 class EvalConfig(StrictModel):
-    """`restoray eval`: the test set's workers, the metrics, the prompt of the restorations."""
+    """`restoray eval`: the test set's workers, the metrics and their weights, the prompt of the restorations."""
 
     workers: int = Field(2, ge=1, description="Ray tasks building a protocol's test set (the same set for any number).")
-    metrics: list[str] = Field(["psnr", "ssim"], description="Metrics to score (psnr, ssim; the others need local weights).")
+    metrics: list[str] | None = Field(
+        None,
+        description="Metrics to score; unset: psnr, ssim and every learned metric whose eval.weights file is set (the others "
+        "are listed as skipped). A metric named here must be usable (its weights set): otherwise exit 2.",
+    )
+    weights: MetricWeights = Field(default_factory=MetricWeights)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = Field("alex", description="LPIPS backbone (eval.weights.lpips holds its weights).")
     prompt: str | None = Field(None, description="One semantic prompt for every case; unset: the VLM captions each stage-1 image.")
+    report: bool = Field(True, description="Write OUTPUT/report.html: LQ / output / HQ side by side with the scores.")
+    report_cases: int = Field(24, ge=0, description="Cases shown in the report (the first N by name).")

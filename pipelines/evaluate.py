@@ -9,18 +9,24 @@ restore-batch output), scores.parquet (case, type, source, lq, output, hq, one c
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 
+from pipelines.build_dataset import MANIFEST
 from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
+from pipelines.report import thumbnail_cell
 from restoration.errors import InputError
+from restoration.evaluation.learned import LEARNED, build_scorer, plan_metrics
 from restoration.evaluation.metrics import psnr, ssim
 from restoration.evaluation.protocols import Protocol, load_protocol
 from restoration.images import ImageDecodeError, decode_image, encode_png
@@ -29,8 +35,7 @@ from runtime.config import MlflowConfig, StorageConfig, tracking_uri
 from runtime.storage import filesystem, read_bytes, retrying
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-METRICS = {"psnr": psnr, "ssim": ssim}  # computed without weights; the others need local weights (not yet wired)
-WEIGHTED_METRICS = ("lpips", "dists", "fid", "clipiqa", "musiq", "maniqa", "niqe")
+PLAIN_METRICS = {"psnr": psnr, "ssim": ssim}  # need no weights; the learned ones: restoration.evaluation.learned
 EXPERIMENT = "restoray-eval"
 
 
@@ -44,6 +49,8 @@ class EvalSummary:
     by_type: dict[str, dict[str, float]] = field(default_factory=dict)
     run_id: str | None = None
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         names = list(self.means)
@@ -52,9 +59,10 @@ class EvalSummary:
             f"  {'':<12}" + "".join(f"{n:>10}" for n in names),
         ]
         lines.append(f"  {'all':<12}" + "".join(f"{self.means[n]:>10.4f}" for n in names))
-        for kind, means in sorted(self.by_type.items()):
-            lines.append(f"  {kind:<12}" + "".join(f"{means[n]:>10.4f}" for n in names))
-        lines.append(f"  MLflow run {self.run_id} (experiment {EXPERIMENT}), {self.seconds:.1f}s")
+        for kind, means in sorted(self.by_type.items()):  # set metrics (fid) have no per-type value
+            lines.append(f"  {kind:<12}" + "".join(f"{means[n]:>10.4f}" if n in means else f"{'-':>10}" for n in names))
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines.append(f"  MLflow run {self.run_id} (experiment {EXPERIMENT}), {self.seconds:.1f}s; report: {self.output}/report.html")
         return "\n".join(lines)
 
 
@@ -115,12 +123,26 @@ def build_testset(protocol: Protocol, data_uri: str, output_uri: str, storage: S
     output = output_uri.rstrip("/")
     if protocol.kind == "paired":
         return _paired_cases(protocol, data_uri, output, storage)
+    if protocol.kind == "no_reference":
+        return _no_reference_cases(protocol, data_uri, output, storage)
     items = sorted(_images_under(data_uri, storage).items())
     if not items:
         raise InputError(f"--data {data_uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
     chunks = [items[i::workers] for i in range(min(workers, len(items)))]
     rows = [row for chunk in ray.get([_build_task.remote(protocol, chunk, output, storage) for chunk in chunks]) for row in chunk]
     return sorted(rows, key=lambda row: row["case"])
+
+
+def _no_reference_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
+    images = _images_under(data_uri, storage)
+    if not images:
+        raise InputError(f"--data {data_uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    rows = []
+    for relative, uri in sorted(images.items()):
+        name = case_name(relative, "")
+        _write(f"{output}/testset/lq/{name}.png", encode_png(_decode(uri, storage)), storage)
+        rows.append({"case": name, "type": protocol.name, "source": uri, "ops": "[]"})
+    return rows
 
 
 def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
@@ -161,11 +183,8 @@ def evaluate(
 
     started = time.perf_counter()
     protocol = load_protocol(protocol_name)
-    unknown = [name for name in config.metrics if name not in METRICS]
-    if unknown:
-        needs = [name for name in unknown if name in WEIGHTED_METRICS]
-        detail = f"{needs} need local weights files that this version does not load yet; " if needs else ""
-        raise InputError(f"eval.metrics: {detail}unknown or unavailable {unknown}; available: {', '.join(METRICS)}")
+    plan = plan_metrics(config.metrics, config.weights.model_dump(), protocol.has_reference)
+    scorers = {name: build_scorer(name, getattr(config.weights, name), config.lpips_net) for name in plan.names if name in LEARNED}
     output = output_uri.rstrip("/")
     cases = build_testset(protocol, data_uri, output, storage, config.workers)
     _write(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
@@ -175,34 +194,101 @@ def evaluate(
     fs, root = filesystem(restored, storage)
     marker = "/testset/lq/"
     results = {row["source"].split(marker, 1)[-1].rsplit(".", 1)[0]: row for row in _results(fs, root)}
-    rows = []
-    for case in cases:
+    rows, outputs, references = [], [], []
+    crop = protocol.convention.crop_border
+    for case in tqdm(cases, desc="scoring", unit="case", disable=not sys.stderr.isatty()):
         result = results.get(case["case"])
         if result is None:
             raise InputError(f"case {case['case']}: the restore-batch job did not restore it (see {restored}/rejects)")
         out = _decode(f"{restored}/{result['output']}", storage)
-        hq = _decode(f"{output}/testset/hq/{case['case']}.png", storage)
-        if out.shape != hq.shape:
+        hq = _decode(f"{output}/testset/hq/{case['case']}.png", storage) if protocol.has_reference else None
+        if hq is not None and out.shape != hq.shape:
             raise InputError(f"case {case['case']}: output {out.shape[1]}x{out.shape[0]} but HQ {hq.shape[1]}x{hq.shape[0]}")
-        scores = {name: METRICS[name](out, hq, protocol.convention) for name in config.metrics}
+        scores = {name: PLAIN_METRICS[name](out, hq, protocol.convention) for name in plan.full if name in PLAIN_METRICS}
+        scores |= {name: scorers[name](_cropped(out, crop), _cropped(hq, crop)) for name in plan.full if name in scorers}
+        scores |= {name: scorers[name](_cropped(out, crop)) for name in plan.no_reference}
+        if plan.sets:
+            outputs.append(_cropped(out, crop))
+            references.append(_cropped(hq, crop))
         rows.append({"case": case["case"], "type": case["type"], "source": case["source"], "lq": f"testset/lq/{case['case']}.png",
-                     "output": f"restored/{result['output']}", "hq": f"testset/hq/{case['case']}.png", **scores})  # fmt: skip
+                     "output": f"restored/{result['output']}", "hq": f"testset/hq/{case['case']}.png" if hq is not None else None,
+                     **scores})  # fmt: skip
+    per_image = [*plan.full, *plan.no_reference]
+    means = {name: float(np.mean([row[name] for row in rows])) for name in per_image}
+    means |= {name: scorers[name](outputs, references) for name in plan.sets}
+    by_type = {}
+    if len({row["type"] for row in rows}) > 1:
+        for kind in sorted({row["type"] for row in rows}):
+            picked = [row for row in rows if row["type"] == kind]
+            by_type[kind] = {name: float(np.mean([row[name] for row in picked])) for name in per_image}
     table = pa.Table.from_pylist(rows)
     local_scores = f"{output}/scores.parquet"
     fs_out, path = filesystem(local_scores, storage)
     with fs_out.open(path, "wb") as handle:
         pq.write_table(table, handle)
-    means = {name: float(np.mean([row[name] for row in rows])) for name in config.metrics}
-    by_type = {}
-    if len({row["type"] for row in rows}) > 1:
-        for kind in sorted({row["type"] for row in rows}):
-            picked = [row for row in rows if row["type"] == kind]
-            by_type[kind] = {name: float(np.mean([row[name] for row in picked])) for name in config.metrics}
-    data_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
-    run_id = _track(protocol, weights_uri, data_uri, data_hash, means, by_type, local_scores, storage, mlflow_config)
-    summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, run_id, time.perf_counter() - started)
+    testset_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
+    lineage = model_lineage(weights, storage)
+    summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage)
+    report = f"{output}/report.html" if config.report else None
+    if report:
+        _write(report, render_report(summary, protocol, rows, per_image, output, storage, config.report_cases).encode(), storage)
+    params = {"protocol": protocol.name, "model": weights_uri, "data": data_uri, "testset_hash": testset_hash,
+              "color_space": protocol.metrics.color_space, "crop_border": protocol.metrics.crop_border,
+              "upscale": protocol.upscale, "skipped_metrics": ", ".join(plan.skipped) or "none", **lineage}  # fmt: skip
+    summary.run_id = _track(protocol, params, means, by_type, [local_scores, report], mlflow_config)
+    summary.seconds = time.perf_counter() - started
     _write(f"{output}/summary.json", json.dumps(summary.__dict__, indent=1).encode(), storage)
     return summary
+
+
+def _cropped(image: np.ndarray | None, border: int) -> np.ndarray | None:
+    return image[border:-border, border:-border] if border and image is not None else image
+
+
+def model_lineage(weights: str, storage: StorageConfig) -> dict[str, str]:
+    """Where the scored model came from: its training run and data (training.json, written by `restoray train`'s
+    export) and the SHA-256 of that dataset's manifest.json: the line from corpus to model to score. Presets and
+    converted weights have no training record: 'none'."""
+    record = Path(weights) / "training.json"
+    if not record.is_file():
+        return {"train_run_id": "none", "train_data": "none", "train_data_manifest_sha256": "none"}
+    training = json.loads(record.read_text(encoding="utf-8"))
+    data_uri = training.get("data") or "none"
+    digest = "unavailable"
+    if data_uri != "none":
+        try:
+            digest = hashlib.sha256(read_bytes(f"{data_uri.rstrip('/')}/{MANIFEST}", storage)).hexdigest()
+        except FileNotFoundError:
+            digest = "unavailable (no manifest.json at the training data)"
+    return {"train_run_id": str(training.get("run_id") or "none"), "train_data": data_uri, "train_data_manifest_sha256": digest}
+
+
+def render_report(summary: EvalSummary, protocol: Protocol, rows: list[dict], metrics: list[str], output: str,
+                  storage: StorageConfig, cases: int) -> str:  # fmt: skip
+    """A self-contained HTML page: the metric table, then LQ / output / HQ side by side per case with its scores."""
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in summary.means)
+    means = [f"<tr><td>all</td>{''.join(f'<td>{value:.4f}</td>' for value in summary.means.values())}</tr>"]
+    for kind, values in sorted(summary.by_type.items()):
+        cells = "".join(f"<td>{values[n]:.4f}</td>" if n in values else "<td>-</td>" for n in summary.means)
+        means.append(f"<tr><td>{html.escape(kind)}</td>{cells}</tr>")
+    skipped = "".join(f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in summary.skipped.items())
+    lines = []
+    for row in rows[:cases]:
+        images = [read_bytes(f"{output}/{row[key]}", storage) if row[key] else None for key in ("lq", "output", "hq")]
+        scores = "<br>".join(f"{name} {row[name]:.4f}" for name in metrics)
+        cells = "".join(thumbnail_cell(image, 256) for image in images)
+        lines.append(f"<tr><td>{html.escape(row['case'])}</td>{cells}<td>{scores}</td></tr>")
+    lineage = "".join(f"<li>{html.escape(key)}: {html.escape(value)}</li>" for key, value in summary.lineage.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>restoray eval {html.escape(protocol.name)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;
+vertical-align:top}}img{{image-rendering:pixelated}}</style></head><body>
+<h1>eval {html.escape(protocol.name)} of {html.escape(summary.weights)}</h1><p>{html.escape(protocol.description)}</p>
+<p>{summary.cases} cases; metric convention: {protocol.metrics.color_space}, border crop {protocol.metrics.crop_border}</p>
+<table><tr><th></th>{header}</tr>{"".join(means)}</table>
+{f"<h2>Skipped metrics</h2><ul>{skipped}</ul>" if skipped else ""}<h2>Lineage</h2><ul>{lineage}</ul>
+<h2>Cases (first {min(cases, len(rows))} of {len(rows)})</h2>
+<table><tr><th>case</th><th>LQ</th><th>output</th><th>HQ</th><th>scores</th></tr>{"".join(lines)}</table></body></html>
+"""
 
 
 def _results(fs, root: str) -> list[dict]:
@@ -210,19 +296,18 @@ def _results(fs, root: str) -> list[dict]:
     return [row for path in sorted(files) for row in pq.read_table(fs.open(path, "rb"), columns=["source", "output"]).to_pylist()]
 
 
-def _track(protocol, weights_uri, data_uri, data_hash, means, by_type, scores_uri, storage, mlflow_config) -> str:
+def _track(protocol: Protocol, params: dict, means: dict, by_type: dict, artifacts: list[str | None], mlflow_config: MlflowConfig) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(mlflow_config))
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"{protocol.name} {weights_uri}") as run:
-        mlflow.log_params({"protocol": protocol.name, "model": weights_uri, "data": data_uri, "testset_hash": data_hash,
-                           "color_space": protocol.metrics.color_space, "crop_border": protocol.metrics.crop_border,
-                           "upscale": protocol.upscale})  # fmt: skip
+    with mlflow.start_run(run_name=f"{protocol.name} {params['model']}") as run:
+        mlflow.log_params(params)
         mlflow.log_metrics(means)
         mlflow.log_metrics({f"{name}/{kind}": value for kind, values in by_type.items() for name, value in values.items()})
-        if "://" not in scores_uri:
-            mlflow.log_artifact(scores_uri)
+        for artifact in artifacts:
+            if artifact and "://" not in artifact:  # local outputs; an s3:// output is already where it lives
+                mlflow.log_artifact(artifact)
         return run.info.run_id
 
 
@@ -241,6 +326,7 @@ def compare(run_a: str, run_b: str, mlflow_config: MlflowConfig) -> str:
     lines = [f"{'metric':<16}{'A':>12}{'B':>12}{'B - A':>12}", f"{'':<16}{run_a[:10]:>12}{run_b[:10]:>12}"]
     for name in names:
         a, b = metrics[0].get(name), metrics[1].get(name)
-        delta = f"{b - a:>+12.4f}" if a is not None and b is not None else f"{'':>12}"
-        lines.append(f"{name:<16}{a if a is None else f'{a:.4f}':>12}{b if b is None else f'{b:.4f}':>12}{delta}")
+        delta = f"{b - a:+.4f}" if a is not None and b is not None else "-"
+        shown = ["-" if value is None else f"{value:.4f}" for value in (a, b)]  # a metric only one run scored
+        lines.append(f"{name:<16}{shown[0]:>12}{shown[1]:>12}{delta:>12}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from runtime.storage import filesystem
 SCORES = ("sharpness", "entropy", "jpeg_quality", "aesthetic", "clip_score")
 
 
-def _thumbnail(data: bytes | None, size: int = 160, mask: bool = False) -> str:
+def thumbnail_cell(data: bytes | None, size: int = 160, mask: bool = False) -> str:
     if data is None:
         return "<td>-</td>"
     if mask:
@@ -75,9 +75,8 @@ def write_report(output_uri: str, report_path: str, storage: StorageConfig | Non
             prompt = html.escape(row["restoration_prompt"] or "(no restoration prompt)")
             caption = html.escape((row["caption"] or "")[:200])
             description = f"<b>{html.escape(row['kind'])}</b><br>{prompt}<br><i>{caption}</i><br>{html.escape(row['source'])}"
-            parts.append(
-                f"<tr>{_thumbnail(row['hq'])}{_thumbnail(row['lq'])}{_thumbnail(row['mask'], mask=True)}<td>{description}</td></tr>"
-            )
+            cells = thumbnail_cell(row["hq"]) + thumbnail_cell(row["lq"]) + thumbnail_cell(row["mask"], mask=True)
+            parts.append(f"<tr>{cells}<td>{description}</td></tr>")
         parts.append("</table><h2>Quality scores of accepted images</h2>")
         qualities = [json.loads(q) for q in shards.column("quality").to_pylist() if q]
         for score in SCORES:

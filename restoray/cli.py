@@ -232,11 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser(
         "eval",
-        help="evaluate a model on a protocol (PSNR/SSIM per image, MLflow run); eval compare RUN_A RUN_B",
-        description="Build a protocol's test set from --data (a seeded degradation of each HQ image, or paired LQ/ and HQ/ "
-        "folders; `restoray list protocols`), restore it with the restore-batch job, score every case against its "
-        "original HQ in the protocol's convention (colour space, border crop), write OUTPUT/scores.parquet and log an "
-        "MLflow run (experiment restoray-eval). `restoray eval compare RUN_A RUN_B` prints two runs' metrics with deltas.",
+        help="evaluate a model on a protocol (PSNR/SSIM, learned metrics, MLflow run, HTML report); eval compare RUN_A RUN_B",
+        description="Build a protocol's test set from --data (a seeded degradation of each HQ image, paired LQ/ and HQ/ "
+        "folders, or real LQ images without a reference; `restoray list protocols`), restore it with the restore-batch "
+        "job, score every case against its original HQ in the protocol's convention (colour space, border crop), write "
+        "OUTPUT/scores.parquet and OUTPUT/report.html and log an MLflow run (experiment restoray-eval). PSNR and SSIM need "
+        "no weights; LPIPS, DISTS, FID and CLIP-IQA (and MUSIQ, MANIQA, NIQE with the iqa extra) take local files "
+        "(--set eval.weights.lpips=PATH ...) and are listed as skipped without them. "
+        "`restoray eval compare RUN_A RUN_B` prints two runs' metrics with deltas.",
         epilog="example: restoray eval --weights models:/restoray-adaptor/1 --protocol realesrgan-x4 --data data/samples --output /tmp/e\n"
         "         restoray eval compare 3f2a... 9c1b...",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -5,9 +5,10 @@ list the presets, build the run's preset networks (offline for `tiny`), build a 
 sample corpus with Ray Data (with an HTML report), build the ReFIR reference index from its sources (the
 embeddings the build stored, faiss), train the adaptor for a few steps on it with Ray Train +
 DeepSpeed (tracked in MLflow, registered as restoray-adaptor), restore one sample photo with the registered
-model and a reference retrieved from the index, then start the Ray Serve application with that model and index,
-send one request through its HTTP API and stop it. The demo's training lives in OUTPUT/train and starts afresh on
-every demo (a new MLflow run).
+model and a reference retrieved from the index, evaluate it on the sample photos (realesrgan-x4: PSNR, SSIM and
+the learned metrics whose weights are configured, an MLflow run, an HTML report), then start the Ray Serve
+application with that model and index, send one request through its HTTP API and stop it. The demo's training
+lives in OUTPUT/train and starts afresh on every demo (a new MLflow run).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from restoray.samples import materialise
 from runtime.resolve import resolve
 
 log = logging.getLogger(__name__)
-STEPS = 9
+STEPS = 10
 
 
 def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
@@ -108,10 +109,39 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
         print(f"      reference: none at or above min_similarity {retrieval.min_similarity:g}: restored without one")
     else:
         print("      reference: " + ", ".join(f"{Path(ref.source).name} (cosine {ref.similarity:.4f})" for ref in retrieval.used))
+    eval_demo(config, weights, trained["model"] or config.preset, images, Path(output_dir))
     # The registered version when there is one: the Restorer replica resolves models:/ itself (and names the version).
     serve_demo(config, trained["model"] or weights, index_dir, photo, trained["model"] or config.preset)
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def eval_demo(config: RunConfig, weights: str, model_name: str, images: list[Path], output_dir: Path) -> None:
+    """`restoray eval` of the trained model: the realesrgan-x4 protocol on the sample photos, scaled to 128 px on
+    the long side (a quick CPU run: 32 px LQ restored to 128 px)."""
+    from PIL import Image
+
+    from pipelines.evaluate import evaluate
+
+    started = time.monotonic()
+    hq, output = output_dir / "eval-hq", output_dir / "eval"
+    for folder in (hq, output):  # the previous demo's model and restorations: this demo trained a new one
+        if folder.exists():
+            shutil.rmtree(folder)
+    hq.mkdir(parents=True)
+    for path in images:
+        photo = Image.open(path).convert("RGB")
+        scale = 128 / max(photo.size)
+        photo.resize((max(4, round(photo.width * scale)), max(4, round(photo.height * scale))), Image.LANCZOS).save(hq / path.name)
+    sampler = config.sampler.model_copy(update={"steps": 4})
+    summary = evaluate(
+        weights, model_name, "realesrgan-x4", str(hq), str(output), config.eval, config.restore_batch, config.data, sampler,
+        config.restore, config.storage, config.mlflow,
+    )  # fmt: skip
+    print(
+        f"[9/{STEPS}] evaluated {model_name} on the sample photos at 128 px (protocol realesrgan-x4) in {time.monotonic() - started:.1f}s:"
+    )
+    print("\n".join("      " + line for line in summary.table().splitlines()))
 
 
 def serve_demo(config: RunConfig, weights: str, index_dir: Path, photo, model_name: str) -> None:
@@ -144,7 +174,7 @@ def serve_demo(config: RunConfig, weights: str, index_dir: Path, photo, model_na
             raise RuntimeError(f"the demo request got {response.status_code}: {response.text[:500]}")
         body = response.json()
         took = time.monotonic() - serve_started
-        print(f"[9/{STEPS}] served {model_name} at {service.url} (web UI at /, API docs at /docs); one POST /v1/restore:")
+        print(f"[10/{STEPS}] served {model_name} at {service.url} (web UI at /, API docs at /docs); one POST /v1/restore:")
         print(
             f"      {response.status_code}, {body['width']}x{body['height']} {body['format']}, model version "
             f"{response.headers['X-Restoray-Model-Version']}, {len(base64.b64decode(body['image'])):,} bytes, "

@@ -14,9 +14,11 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
     if not cluster_address(config.ray):
         loopback_only()  # before Ray is imported
     from pipelines.evaluate import evaluate
+    from restoration.evaluation.learned import plan_metrics
     from restoration.evaluation.protocols import load_protocol
 
-    load_protocol(args.protocol)  # an unknown protocol is bad input: before Ray starts
+    protocol = load_protocol(args.protocol)  # bad input (an unknown protocol, an unusable metric): before Ray starts
+    plan_metrics(config.eval.metrics, config.eval.weights.model_dump(), protocol.has_reference)
     sampler, options = restore_settings(config, args)
     weights = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
     print(f"Ray: {connect(config.ray)}")

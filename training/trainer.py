@@ -133,7 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("rank %d resumed at step %d", rank, step)
     tracker = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), enabled=rank == 0)
     data = _batches(ray.train.get_dataset_shard("train"), config.batch_size)
-    validation_image = None
+    validation_image = validation_target = None
     fail_marker = Path(loop_config["fail_marker"]) if loop_config.get("fail_marker") else None
 
     while step < config.steps:
@@ -145,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if validation_image is None:
                 from PIL import Image
 
-                validation_image = Image.fromarray(raw["lq"][0])
+                validation_image, validation_target = Image.fromarray(raw["lq"][0]), raw["hq"][0]
             inputs = stage.prepare(batch, torch_generator(seed, "step", rank, step, micro))
             inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             loss = engine(**inputs)
@@ -177,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )  # fmt: skip
         final = step == config.steps
         if (config.validate_every and step % config.validate_every == 0) or final:
-            _validate(engine, restorer, config, tracker, step, validation_image, rank)
+            _validate(engine, restorer, config, tracker, step, validation_image, validation_target, rank)
         if step % config.checkpoint_every == 0 or final:
             with tempfile.TemporaryDirectory() as directory:
                 engine.save_checkpoint(directory, tag=STATE_TAG, client_state={"step": step})
@@ -197,10 +197,13 @@ def _gathered(engine, config: TrainConfig):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
-def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, rank: int) -> None:
-    """One restoration of a training LQ crop, logged as an image artifact (diffusion stages only). Every rank
-    restores (its own crop, same size): under ZeRO-3 each module call gathers its parameters collectively, so a
-    restore on rank 0 alone would wait forever for the others."""
+def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, target, rank: int) -> None:
+    """One restoration of a training LQ crop, logged as an image artifact and scored with `restoray eval`'s code and
+    metric names (psnr, ssim; ReFIR's convention) against the crop's HQ (diffusion stages only). That HQ is the
+    shard's training target (Real-ESRGAN's USM-sharpened one when the build sharpens): a training signal, not an
+    evaluation score, which `restoray eval` makes against the original HQ. Every rank restores (its own crop, same
+    size): under ZeRO-3 each module call gathers its parameters collectively, so a restore on rank 0 alone would wait
+    forever for the others."""
     if config.stage not in ("adaptor", "experts") or image is None:
         return
     import contextlib
@@ -218,6 +221,13 @@ def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, 
     engine.module.train(was_training)
     if rank == 0:
         tracker.image(step, restored)
+        output = np.asarray(restored.convert("RGB"))
+        if output.shape == target.shape:
+            from restoration.evaluation.metrics import REFIR, psnr, ssim
+
+            tracker.metrics(step, {"psnr": psnr(output, target, REFIR), "ssim": ssim(output, target, REFIR)})
+        else:
+            log.warning("validation at step %d: restored %s, HQ %s: not scored", step, output.shape, target.shape)
 
 
 def _export(engine, restorer, config: TrainConfig, directory: Path, rank: int, step: int, loop_config: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Evaluation protocols as packaged data (`protocols/*.toml`, `restoray list protocols`): how the test set is made
-from the data given (a seeded degradation recipe applied to HQ images, or paired LQ/ + HQ/ folders), the upscale
+from the data given (a seeded degradation recipe applied to HQ images, paired LQ/ + HQ/ folders, or real LQ images
+scored without a reference), the upscale
 the restoration runs with, and the metric convention (colour space, border crop) it is scored in.
 
 Each case's degradation is drawn from its own generator, seeded by (protocol seed, protocol name, the source's name
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from restoration.config_model import StrictModel
 from restoration.errors import InputError
 from restoration.evaluation.metrics import MetricConvention
 from restoration.seeding import numpy_generator
+
+FULL_REFERENCE_KINDS = ("synthetic", "paired")
 
 PROTOCOL_DIR = Path(__file__).with_name("protocols")
 
@@ -31,13 +34,28 @@ class ConventionSpec(StrictModel):
 class Protocol(StrictModel):
     name: str
     description: str
-    kind: Literal["synthetic", "paired"]
+    kind: Literal["synthetic", "paired", "no_reference"]
     recipe: Literal["realesrgan", "parameterized", "single"] | None = None
     recipe_config: dict[str, Any] = Field(default_factory=dict)
-    types: list[str] | None = None  # recipe "single": one case per degradation type
+    # recipe "single": one case per entry, a degradation type or several joined by "+" (applied in turn, whole image)
+    types: list[str] | None = None
     seed: int = 0
     upscale: float = Field(1.0, gt=0)
     metrics: ConventionSpec = Field(default_factory=ConventionSpec)
+
+    @model_validator(mode="after")
+    def _known_types(self) -> Protocol:
+        from restoration.degradations import REGISTRY
+
+        known = {kind.name for kind in REGISTRY.all()}
+        unknown = sorted({part for case in self.types or [] for part in case.split("+")} - known)
+        if unknown:
+            raise ValueError(f"types: unknown degradations {unknown}; known: {sorted(known)}")
+        return self
+
+    @property
+    def has_reference(self) -> bool:
+        return self.kind in FULL_REFERENCE_KINDS
 
     @property
     def convention(self) -> MetricConvention:
@@ -68,7 +86,11 @@ class Protocol(StrictModel):
         elif self.recipe == "parameterized":
             sample = parameterized_degrade(hq, rng, ParameterizedConfig.model_validate(self.recipe_config))
         elif self.recipe == "single":
-            sample = single_degrade(hq, rng, case)
+            lq, applied = hq, []
+            for name in case.split("+"):
+                sample = single_degrade(lq, rng, name)
+                lq, applied = sample.lq, applied + sample.ops
+            return hq, lq, applied
         else:
             raise InputError(f"protocol {self.name} ({self.kind}) has no degradation recipe")
         return hq, sample.lq, sample.ops

@@ -31,6 +31,12 @@ def check_golden_loss(tracking_db) -> None:
         assert abs(got - expected) <= 1e-3 * abs(expected) + 1e-5, f"step {step}: loss {got} != golden {expected} ({curve})"
 
 
+def sha256_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_demo_runs_on_the_embedded_default(tmp_path):
     env = subprocess_env()
     env.pop("RAY_ADDRESS", None)
@@ -76,18 +82,30 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     index = json.loads((tmp_path / "data" / "demo" / "index" / "manifest.json").read_text())
     assert index["complete"] and index["count"] == manifest["sources_accepted"] == index["embedded"]
     assert index["embeddings_from"] and index["search"]["recall"] >= 0.95
-    assert "[6/9] reference index" in out
-    assert "[7/9] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
+    assert "[6/10] reference index" in out
+    assert "[7/10] trained the adaptor for 4 steps" in out and "model: models:/restoray-adaptor/1" in out
     export = next((tmp_path / "data" / "demo" / "train" / "restoray-adaptor").glob("checkpoint_*/export/model.safetensors"))
     assert export.stat().st_size > 0 and (tmp_path / "mlflow.db").is_file()
     # The run reproduces the checked-in loss curve.
     check_golden_loss(tmp_path / "mlflow.db")
     # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
-    assert len(restored) == 1 and "[8/9] restored" in out and "with models:/restoray-adaptor/1" in out
+    assert len(restored) == 1 and "[8/10] restored" in out and "with models:/restoray-adaptor/1" in out
     # ... with a reference the index returned (the tiny CLIP's similarities are near 1: above min_similarity 0.8).
     assert "      reference: " in out and "(cosine 0." in out
     # The service: started, one request through the HTTP API (captioned, with a retrieved reference), stopped.
-    assert "[9/9] served models:/restoray-adaptor/1 at http://127.0.0.1:" in out
+    # The trained model evaluated on the sample photos: the metric table, an MLflow run with the model's lineage.
+    assert "[9/10] evaluated models:/restoray-adaptor/1 on the sample photos" in out and "eval realesrgan-x4 of" in out
+    scores = pq.read_table(tmp_path / "data" / "demo" / "eval" / "scores.parquet").to_pylist()
+    assert len(scores) == len(list(samples.glob("*.png"))) and all(0 < row["psnr"] < 100 for row in scores)
+    assert (tmp_path / "data" / "demo" / "eval" / "report.html").is_file() and "skipped lpips" in out
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
+    (training,) = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
+    assert evaluation.data.params["train_run_id"] == training.info.run_id and "psnr" in evaluation.data.metrics
+    assert evaluation.data.params["train_data_manifest_sha256"] == sha256_of(tmp_path / "data" / "demo" / "dataset" / "manifest.json")
+    assert "[10/10] served models:/restoray-adaptor/1 at http://127.0.0.1:" in out
     assert "      200, 128x128 png, model version 1, " in out  # the registered version, resolved on the replica
     assert "caption (Captioner deployment): " in out and "reference (Retriever deployment): " in out

@@ -101,30 +101,71 @@ def test_a_protocols_test_set_is_the_same_on_every_run_and_any_number_of_workers
     assert runs["one"] == runs["two"] == runs["again"]
 
 
+def trained_looking_weights(root):
+    """The tiny preset saved as a weights folder with the training record `restoray train` exports, pointing at a
+    dataset folder with a manifest: the lineage an eval run records."""
+    import json
+
+    from restoration.restorer import Restorer
+
+    dataset = root / "dataset"
+    dataset.mkdir(parents=True)
+    (dataset / "manifest.json").write_text('{"complete": true, "samples_written": 3}')
+    weights = root / "weights"
+    Restorer.from_pretrained("tiny").save_pretrained(weights)
+    (weights / "training.json").write_text(json.dumps({"stage": "adaptor", "step": 4, "run_id": "abc123", "data": str(dataset)}))
+    return weights, dataset
+
+
 def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local_ray, capsys):  # noqa: F811
+    import hashlib
+
     import mlflow
 
+    from tests.metric_weights import clip_folder, inception_weights, squeezenet_weights
+
     data = hq_folder(tmp_path / "hq")
+    weights, dataset = trained_looking_weights(tmp_path / "model")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    learned = ["--set", "eval.lpips_net=squeeze", "--set", f"eval.weights.lpips={squeezenet_weights(tmp_path / 'sq.safetensors')}",
+               "--set", f"eval.weights.fid={inception_weights(tmp_path / 'inception.pth')}",
+               "--set", f"eval.weights.clipiqa={clip_folder(tmp_path / 'clip')}"]  # fmt: skip
     common = ["--data", str(data), "--steps", "1", "--set", "eval.prompt=a photo", "--set", f"mlflow.tracking_uri={tracking}",
-              "--set", "restore_batch.num_cpus=0.5", "--preset", "tiny"]  # fmt: skip
-    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "a"), *common]) == 0
-    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "b"), "--seed", "7", *common]) == 0
+              "--set", "restore_batch.num_cpus=0.5"]  # fmt: skip
+    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "a"), "--weights", str(weights), *common, *learned]) == 0
+    assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "b"), "--seed", "7", "--preset", "tiny", *common]) == 0
     out = capsys.readouterr().out
-    assert "eval realesrgan-x4 of tiny: 3 cases" in out and "psnr" in out and "ssim" in out
+    assert f"eval realesrgan-x4 of {weights}: 3 cases" in out and "psnr" in out and "ssim" in out and "lpips" in out
+    assert "skipped lpips: needs eval.weights.lpips" in out and "skipped dists: needs eval.weights.dists" in out  # run b
     scores = pq.read_table(tmp_path / "a" / "scores.parquet").to_pylist()
     assert len(scores) == 3 and all(0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 for row in scores)
+    assert all(row["lpips"] > 0 and 0 <= row["clipiqa"] <= 1 for row in scores) and "fid" not in scores[0]  # fid: the set's
     for row in scores:  # the output is scored at the HQ's size (x4 from the LQ), against the original HQ
         assert Image.open(tmp_path / "a" / row["output"]).size == Image.open(tmp_path / "a" / row["hq"]).size == (96, 64)
+    report = (tmp_path / "a" / "report.html").read_text()
+    assert report.count("<img") == 3 * 3 and "lpips" in report and "fid" in report and "abc123" in report  # LQ, output, HQ
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
     assert len(runs) == 2 and all(run.data.params["protocol"] == "realesrgan-x4" and "psnr" in run.data.metrics for run in runs)
     assert runs[0].data.params["testset_hash"] == runs[1].data.params["testset_hash"]  # the same seeded test set
     a, b = sorted(runs, key=lambda run: run.info.start_time)
+    # Lineage: the scored model's training run and data, and the hash of that dataset's manifest.
+    manifest_hash = hashlib.sha256((dataset / "manifest.json").read_bytes()).hexdigest()
+    assert (a.data.params["train_run_id"], a.data.params["train_data_manifest_sha256"]) == ("abc123", manifest_hash)
+    assert b.data.params["train_run_id"] == "none" and "lpips" in b.data.params["skipped_metrics"]
+    assert {"lpips", "fid", "clipiqa"} <= set(a.data.metrics) and "lpips" not in b.data.metrics
+    artifacts = {item.path for item in client.list_artifacts(a.info.run_id)}
+    assert {"scores.parquet", "report.html"} <= artifacts
     assert main(["eval", "compare", a.info.run_id, b.info.run_id, "--set", f"mlflow.tracking_uri={tracking}"]) == 0
     table = capsys.readouterr().out
     delta = b.data.metrics["psnr"] - a.data.metrics["psnr"]
-    assert "psnr" in table and f"{delta:+.4f}" in table
+    assert "psnr" in table and f"{delta:+.4f}" in table and "lpips" in table
+    # No reference: real LQ images restored and scored by the no-reference metrics alone.
+    clip = ["--set", f"eval.weights.clipiqa={tmp_path / 'clip'}", "--preset", "tiny"]
+    assert main(["eval", "--protocol", "no-reference", "--output", str(tmp_path / "n"), *common, *clip]) == 0
+    no_reference = pq.read_table(tmp_path / "n" / "scores.parquet").to_pylist()
+    assert len(no_reference) == 3 and all(0 <= row["clipiqa"] <= 1 and row["hq"] is None and "psnr" not in row for row in no_reference)
+    assert "skipped psnr: needs an HQ reference" in capsys.readouterr().out
 
 
 def test_eval_bad_input_exits_2_naming_it(tmp_path, local_ray, capsys):  # noqa: F811
@@ -138,4 +179,7 @@ def test_eval_bad_input_exits_2_naming_it(tmp_path, local_ray, capsys):  # noqa:
     assert "LQ/ and HQ/ hold different images" in capsys.readouterr().err
     lpips = ["--set", 'eval.metrics=["psnr", "lpips"]', "--preset", "tiny"]
     assert main(["eval", "--protocol", "realesrgan-x4", "--data", str(data), "--output", str(tmp_path / "l"), *lpips]) == 2
-    assert "lpips" in capsys.readouterr().err
+    assert "asks for lpips, which needs eval.weights.lpips" in capsys.readouterr().err
+    missing = ["--set", f"eval.weights.fid={tmp_path / 'inception.pth'}", "--preset", "tiny"]
+    assert main(["eval", "--protocol", "realesrgan-x4", "--data", str(data), "--output", str(tmp_path / "f"), *missing]) == 2
+    assert "eval.weights.fid" in capsys.readouterr().err and not (tmp_path / "f").exists()  # refused before any work

@@ -104,6 +104,9 @@ def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlf
     assert sorted(steps) == [1, 2, 3, 4]  # steps 1-2 before the failure, 3-4 after the restart: none twice
     assert {"lr", "samples_per_s", "memory_mb"} <= set(run.data.metrics)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000004.png"]
+    # The validation restoration scored with `restoray eval`'s code under its metric names.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "psnr")] == [4] and 0 < run.data.metrics["psnr"] < 100
+    assert -1 <= run.data.metrics["ssim"] <= 1
     version = client.get_model_version("restoray-adaptor", "1")
     assert version.run_id == run.info.run_id and version.tags["run_id"] == run.info.run_id
 

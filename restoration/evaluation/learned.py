@@ -1,0 +1,267 @@
+"""Metrics that need trained weights: LPIPS, DISTS, FID and CLIP-IQA from torchmetrics, MUSIQ, MANIQA and NIQE from
+pyiqa (an optional extra: `pip install restoray[iqa]`). Each takes a local weights file (`eval.weights.<name>`) and
+nothing is ever downloaded: a metric without its file is skipped and says which file it needs.
+
+The torchvision backbones (LPIPS's AlexNet/VGG/SqueezeNet, DISTS's VGG16) are loaded by torchmetrics through
+torchvision's own weight enums, which fetch into torch.hub's cache. We load the user's file ourselves (safetensors, or
+a state dict through `torch.load(weights_only=True)`), write the tensors under the file name torchvision looks for in
+a private hub directory, and point torch.hub there while the metric is built: torchvision finds the file and never
+downloads, and what it unpickles is a plain tensor dict we wrote. torch-fidelity's InceptionV3 (FID) is fed the same
+way: it reads its path with `weights_only=False`, so it only ever sees a file we wrote from tensors.
+
+A scorer's inputs are H x W x 3 uint8 RGB images (the borders cropped by the protocol's convention; learned metrics
+score RGB, never the Y channel)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from restoration.errors import InputError
+
+Kind = Literal["full", "no_reference", "set"]
+
+
+@dataclass(frozen=True)
+class LearnedMetric:
+    name: str
+    kind: Kind  # full: per image against the HQ; no_reference: per image alone; set: outputs against HQs as sets
+    needs: str  # the file `eval.weights.<name>` must point at
+    higher_is_better: bool
+    extra: str | None = None  # the optional dependency it needs, if any
+
+
+_METRICS = (
+    LearnedMetric(
+        "lpips", "full", "torchvision ImageNet weights of the LPIPS backbone (eval.lpips_net; alex: alexnet-owt-7be5be79.pth)", False
+    ),
+    LearnedMetric("dists", "full", "torchvision ImageNet VGG16 weights (vgg16-397923af.pth)", False),
+    LearnedMetric("fid", "set", "torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", False),
+    LearnedMetric("clipiqa", "no_reference", "a local Hugging Face CLIP folder (a snapshot of openai/clip-vit-base-patch16)", True),
+    LearnedMetric("musiq", "no_reference", "pyiqa's MUSIQ weights (musiq_koniq_ckpt-e95806b9.pth)", True, "pyiqa"),
+    LearnedMetric("maniqa", "no_reference", "pyiqa's MANIQA weights (ckpt_koniq10k.pt)", True, "pyiqa"),
+    LearnedMetric("niqe", "no_reference", "pyiqa's NIQE parameters (niqe_modelparameters.mat)", False, "pyiqa"),
+)
+LEARNED = {metric.name: metric for metric in _METRICS}
+LPIPS_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}  # torchvision enums
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    full: list[str]  # per image against the HQ (psnr, ssim first)
+    no_reference: list[str]  # per image alone
+    sets: list[str]  # over the whole test set
+    skipped: dict[str, str]  # name: why, and the file or extra it needs
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.full, *self.no_reference, *self.sets]
+
+
+PLAIN = ("psnr", "ssim")  # need no weights
+KNOWN = (*PLAIN, *LEARNED)
+
+
+def plan_metrics(requested: list[str] | None, weights: dict[str, str | None], has_reference: bool) -> MetricPlan:
+    """What a run scores. Unset `requested`: psnr and ssim, and every learned metric whose weights are set, the rest
+    skipped with the file they need. A metric named in `requested` must be usable: unknown, without its weights file,
+    needing the pyiqa extra that is not installed, or needing an HQ the protocol lacks, it is an InputError."""
+    explicit = requested is not None
+    unknown = [name for name in requested or [] if name not in KNOWN]
+    if unknown:
+        raise InputError(f"eval.metrics: unknown {unknown}; known: {', '.join(KNOWN)}")
+    full, no_reference, sets, skipped = [], [], [], {}
+    for name in requested if explicit else KNOWN:
+        metric = LEARNED.get(name)
+        kind = metric.kind if metric else "full"
+        reason = None
+        if kind != "no_reference" and not has_reference:
+            reason = "needs an HQ reference, which a no-reference protocol has not"
+        elif metric and not weights.get(name):
+            reason = f"needs eval.weights.{name}: {metric.needs}"
+        elif metric and not Path(weights[name]).exists():
+            raise InputError(f"eval.weights.{name}: {weights[name]} does not exist ({name} needs {metric.needs})")
+        elif metric and metric.extra == "pyiqa" and not pyiqa_available():
+            reason = "needs pyiqa, an optional extra: pip install 'restoray[iqa]'"
+        if reason is None:
+            {"full": full, "no_reference": no_reference, "set": sets}[kind].append(name)
+        elif explicit:
+            raise InputError(f"eval.metrics asks for {name}, which {reason}")
+        else:
+            skipped[name] = reason
+    return MetricPlan(full, no_reference, sets, skipped)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors: safetensors, or a (possibly nested under 'state_dict') torch state dict read with
+    weights_only=True."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and format errors all mean: not a plain state dict
+        raise InputError(f"weights file {path}: not a safetensors file or a plain torch state dict ({err})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"weights file {path}: not a state dict of tensors")
+    return state
+
+
+@contextlib.contextmanager
+def _staged_torchvision(weights_enum: str, path: str | Path) -> Iterator[None]:
+    """torch.hub pointed at a private directory holding `path`'s tensors under the file name torchvision expects for
+    `weights_enum` (e.g. 'AlexNet_Weights.IMAGENET1K_V1')."""
+    from torchvision.models import get_weight
+
+    file_name = get_weight(weights_enum).url.rsplit("/", 1)[-1]
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="restoray-weights-") as hub:
+        (Path(hub) / "checkpoints").mkdir()
+        torch.save(read_state_dict(path), Path(hub) / "checkpoints" / file_name)
+        torch.hub.set_dir(hub)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(previous)
+
+
+def _to_unit(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+FullScorer = Callable[[np.ndarray, np.ndarray], float]
+NoReferenceScorer = Callable[[np.ndarray], float]
+SetScorer = Callable[[list[np.ndarray], list[np.ndarray]], float]
+
+
+def build_scorer(name: str, weights: str | Path, lpips_net: str = "alex", device: str = "cpu"):
+    """The scorer of a learned metric from its local weights (InputError when the file or the extra is missing):
+    full (output, hq) -> float, no_reference (output) -> float, set (outputs, hqs) -> float."""
+    if name not in LEARNED:
+        raise InputError(f"unknown learned metric {name!r}; known: {', '.join(LEARNED)}")
+    if not Path(weights).exists():
+        raise InputError(f"eval.weights.{name}: {weights} does not exist ({name} needs {LEARNED[name].needs})")
+    return _BUILDERS[name](Path(weights), lpips_net, torch.device(device))
+
+
+def _lpips(weights: Path, lpips_net: str, device: torch.device) -> FullScorer:
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    if lpips_net not in LPIPS_WEIGHTS:
+        raise InputError(f"eval.lpips_net: {lpips_net!r}; known: {', '.join(LPIPS_WEIGHTS)}")
+    with _staged_torchvision(f"{LPIPS_WEIGHTS[lpips_net]}.IMAGENET1K_V1", weights):
+        metric = LearnedPerceptualImagePatchSimilarity(net_type=lpips_net, normalize=True).to(device)
+
+    @torch.no_grad()
+    def score(output: np.ndarray, hq: np.ndarray) -> float:
+        metric.reset()
+        return float(metric(_to_unit([output]).to(device), _to_unit([hq]).to(device)))
+
+    return score
+
+
+def _dists(weights: Path, lpips_net: str, device: torch.device) -> FullScorer:
+    from torchmetrics.functional.image.dists import DISTSNetwork
+
+    with _staged_torchvision("VGG16_Weights.IMAGENET1K_V1", weights):
+        network = DISTSNetwork().to(device).eval()  # its alpha/beta are bundled with torchmetrics
+
+    @torch.no_grad()
+    def score(output: np.ndarray, hq: np.ndarray) -> float:
+        return float(network(_to_unit([output]).to(device), _to_unit([hq]).to(device), require_grad=False).mean())
+
+    return score
+
+
+def _fid(weights: Path, lpips_net: str, device: torch.device) -> SetScorer:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    with tempfile.TemporaryDirectory(prefix="restoray-fid-") as folder:
+        plain = Path(folder) / "inception.pth"
+        torch.save(read_state_dict(weights), plain)
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(plain)).to(device)
+
+    @torch.no_grad()
+    def score(outputs: list[np.ndarray], hqs: list[np.ndarray]) -> float:
+        if len(outputs) < 2:
+            raise InputError(f"fid needs at least 2 images, the test set has {len(outputs)}")
+        metric.reset()
+        for output, hq in zip(outputs, hqs, strict=True):  # one at a time: the test images differ in size
+            metric.update(_to_unit([hq]).to(device), real=True)
+            metric.update(_to_unit([output]).to(device), real=False)
+        return float(metric.compute())
+
+    return score
+
+
+def _clipiqa(weights: Path, lpips_net: str, device: torch.device) -> NoReferenceScorer:
+    from torchmetrics.multimodal import CLIPImageQualityAssessment
+
+    if not weights.is_dir():
+        raise InputError(f"eval.weights.clipiqa: {weights} is not a folder ({LEARNED['clipiqa'].needs})")
+    from transformers import CLIPModel, CLIPProcessor
+
+    class ProjectedFeatures(CLIPModel):
+        """transformers 5 returns the projected embeddings as `pooler_output` of an output object; torchmetrics
+        (1.9) expects the tensor itself."""
+
+        def get_text_features(self, *args, **kwargs):
+            return _projected(super().get_text_features(*args, **kwargs))
+
+        def get_image_features(self, *args, **kwargs):
+            return _projected(super().get_image_features(*args, **kwargs))
+
+    def local_clip():  # torchmetrics takes a callable for a model that is not one of the hub names it knows
+        model = ProjectedFeatures.from_pretrained(weights, local_files_only=True).eval()
+        return model, CLIPProcessor.from_pretrained(weights, local_files_only=True)
+
+    metric = CLIPImageQualityAssessment(model_name_or_path=local_clip, prompts=("quality",), data_range=1.0).to(device)
+
+    @torch.no_grad()
+    def score(output: np.ndarray) -> float:
+        metric.reset()
+        return float(metric(_to_unit([output]).to(device)))
+
+    return score
+
+
+def _projected(features):
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _pyiqa(name: str):
+    def build(weights: Path, lpips_net: str, device: torch.device) -> NoReferenceScorer:
+        try:
+            import pyiqa
+        except ImportError:
+            raise InputError(f"{name} needs pyiqa, an optional extra: pip install 'restoray[iqa]'") from None
+        metric = pyiqa.create_metric(name, device=device, as_loss=False, pretrained_model_path=str(weights))
+
+        @torch.no_grad()
+        def score(output: np.ndarray) -> float:
+            return float(metric(_to_unit([output]).to(device)))
+
+        return score
+
+    return build
+
+
+def pyiqa_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyiqa") is not None
+
+
+_BUILDERS = {"lpips": _lpips, "dists": _dists, "fid": _fid, "clipiqa": _clipiqa, **{n: _pyiqa(n) for n in ("musiq", "maniqa", "niqe")}}
