@@ -227,7 +227,7 @@ def evaluate(
     with fs_out.open(path, "wb") as handle:
         pq.write_table(table, handle)
     testset_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
-    lineage = model_lineage(weights, storage)
+    lineage = model_lineage(weights, weights_uri, storage, mlflow_config)
     summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage)
     report = f"{output}/report.html" if config.report else None
     if report:
@@ -245,22 +245,31 @@ def _cropped(image: np.ndarray | None, border: int) -> np.ndarray | None:
     return image[border:-border, border:-border] if border and image is not None else image
 
 
-def model_lineage(weights: str, storage: StorageConfig) -> dict[str, str]:
-    """Where the scored model came from: its training run and data (training.json, written by `restoray train`'s
-    export) and the SHA-256 of that dataset's manifest.json: the line from corpus to model to score. Presets and
-    converted weights have no training record: 'none'."""
+def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow_config: MlflowConfig) -> dict[str, str]:
+    """Where the scored model came from: its training run and data, and the SHA-256 of that dataset's manifest.json:
+    the line from corpus to model to score. From the weights' training.json (`restoray train`'s export) or, for a
+    registered `models:/NAME/VERSION`, from the version's run (its `restoray.dataset` tag). Presets and converted
+    weights have no training record: 'none'."""
     record = Path(weights) / "training.json"
-    if not record.is_file():
-        return {"train_run_id": "none", "train_data": "none", "train_data_manifest_sha256": "none"}
-    training = json.loads(record.read_text(encoding="utf-8"))
-    data_uri = training.get("data") or "none"
-    digest = "unavailable"
+    run_id, data_uri = "none", "none"
+    if record.is_file():
+        training = json.loads(record.read_text(encoding="utf-8"))
+        run_id, data_uri = str(training.get("run_id") or "none"), training.get("data") or "none"
+    elif weights_uri.startswith("models:/"):
+        import mlflow
+
+        name, _, version = weights_uri.removeprefix("models:/").partition("/")
+        client = mlflow.MlflowClient(tracking_uri(mlflow_config))
+        run_id = client.get_model_version(name, version).run_id or "none"
+        if run_id != "none":
+            data_uri = client.get_run(run_id).data.tags.get("restoray.dataset", "none")
+    digest = "none"
     if data_uri != "none":
         try:
             digest = hashlib.sha256(read_bytes(f"{data_uri.rstrip('/')}/{MANIFEST}", storage)).hexdigest()
         except FileNotFoundError:
             digest = "unavailable (no manifest.json at the training data)"
-    return {"train_run_id": str(training.get("run_id") or "none"), "train_data": data_uri, "train_data_manifest_sha256": digest}
+    return {"train_run_id": run_id, "train_data": data_uri, "train_data_manifest_sha256": digest}
 
 
 def render_report(summary: EvalSummary, protocol: Protocol, rows: list[dict], metrics: list[str], output: str,

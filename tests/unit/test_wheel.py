@@ -22,6 +22,10 @@ RUNTIME_FILES = (
     "restoration/sampling/presets/supir-paper.toml",
     "restoration/sampling/presets/supir-release.toml",
     *(f"restoration/models/base_configs/sdxl_{name}.json" for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")),
+    *(
+        f"restoration/evaluation/protocols/{name}.toml"
+        for name in ("realesrgan-x4", "spire-parameterized", "abair-5task", "abair-heldout", "paired", "no-reference")
+    ),
     "serving/ui/index.html",
     "serving/ui/app.js",
     "serving/ui/style.css",
@@ -74,6 +78,8 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     assert all(path.startswith(str(target)) for path in json.loads(where.stdout)), where.stdout  # not the repository's
     presets = run("-m", "restoray", "list", "presets")
     assert presets.returncode == 0 and "tiny" in presets.stdout and "sdxl" in presets.stdout, presets.stderr
+    protocols = run("-m", "restoray", "list", "protocols")
+    assert protocols.returncode == 0 and "abair-heldout" in protocols.stdout and "no-reference" in protocols.stdout, protocols.stderr
     config = run("-m", "restoray", "list", "config")
     assert config.returncode == 0 and "sampler.steps" in config.stdout and "restore.gate_scale" in config.stdout, config.stderr
     Image.new("RGB", (64, 48), (90, 120, 150)).save(empty / "photo.png")
