@@ -27,7 +27,7 @@ from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
 from pipelines.report import thumbnail_cell
 from restoration.errors import InputError
 from restoration.evaluation.learned import LEARNED, build_scorer, plan_metrics
-from restoration.evaluation.metrics import psnr, ssim
+from restoration.evaluation.metrics import PLAIN_METRICS
 from restoration.evaluation.protocols import Protocol, load_protocol
 from restoration.images import ImageDecodeError, decode_image, encode_png
 from restoration.settings import RestoreConfig, SamplerConfig
@@ -35,7 +35,6 @@ from runtime.config import MlflowConfig, StorageConfig, tracking_uri
 from runtime.storage import filesystem, read_bytes, retrying
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-PLAIN_METRICS = {"psnr": psnr, "ssim": ssim}  # need no weights; the learned ones: restoration.evaluation.learned
 EXPERIMENT = "restoray-eval"
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from restoration.errors import InputError
+from restoration.evaluation.metrics import PLAIN_METRICS
 
 Kind = Literal["full", "no_reference", "set"]
 
@@ -65,8 +66,7 @@ class MetricPlan:
         return [*self.full, *self.no_reference, *self.sets]
 
 
-PLAIN = ("psnr", "ssim")  # need no weights
-KNOWN = (*PLAIN, *LEARNED)
+KNOWN = (*PLAIN_METRICS, *LEARNED)
 
 
 def plan_metrics(requested: list[str] | None, weights: dict[str, str | None], has_reference: bool) -> MetricPlan:

@@ -72,3 +72,6 @@ def ssim(output: np.ndarray, target: np.ndarray, convention: MetricConvention = 
     # torchmetrics averages the whole map, borders included (their windows reach into its reflection padding);
     # BasicSR and the papers average the valid region only: 5 px (half the window) in from each side.
     return float(ssim_map[..., 5:-5, 5:-5].mean())
+
+
+PLAIN_METRICS = {"psnr": psnr, "ssim": ssim}  # the metrics that need no weights (learned.py has the others)
