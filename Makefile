@@ -7,7 +7,7 @@ STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install clean-venv
+.PHONY: demo test lint format install clean-venv image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ lint: $(STAMP_DEV)
 format: $(STAMP_DEV)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# restoray's container image (infra/docker/Dockerfile) from the wheel; tags from restoray/templates/image.toml.
+VARIANT ?= cpu
+image: $(STAMP_BASE)
+	rm -f dist/restoray-*.whl
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+	docker build -f infra/docker/Dockerfile \
+		--build-arg BASE_IMAGE=$$($(BIN)/restoray infra image --base --variant $(VARIANT)) \
+		--build-arg EXTRAS=$(if $(filter cuda,$(VARIANT)),gpu,) \
+		-t $$($(BIN)/restoray infra image --variant $(VARIANT)) .
 
 clean-venv:
 	rm -rf $(VENV)

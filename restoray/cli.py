@@ -279,6 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(serve_parser)
     serve_parser.set_defaults(handler=_run_serve)
 
+    infra = commands.add_parser(
+        "infra",
+        help="container image tags and KubeRay manifests (image, render)",
+        description="The cluster side: restoray's container image (infra/docker/) and the KubeRay manifests of a run.",
+    )
+    infra_commands = infra.add_subparsers(dest="infra_command", metavar="JOB", required=True)
+    infra_image = infra_commands.add_parser(
+        "image",
+        help="print the image tag (or Ray's base image tag) of a variant",
+        description="Print restoray's container image tag for a variant, or with --base the Ray image it builds on "
+        "(both from restoray/templates/image.toml, the one place they are written). `make image` builds with them.",
+    )
+    infra_image.add_argument("--variant", default="cpu", metavar="cpu|cuda", help="image variant (default: cpu)")
+    infra_image.add_argument("--base", action="store_true", help="print Ray's base image tag instead")
+    infra_image.set_defaults(handler=_run_infra_image)
+    render = infra_commands.add_parser(
+        "render",
+        help="render the KubeRay manifests (RayCluster, RayJobs, RayService) of a run config",
+        description="Render the KubeRay manifests of a run: a ConfigMap with the config, a RayCluster (CPU head, CPU and "
+        "GPU worker groups, autoscaling, token auth through a Secret), RayJobs for data build, index build and train "
+        "submitted to it, and a RayService for the Serve application. Pod sizes, names, Secrets and the jobs' paths "
+        "come from the config's [infra] section (`restoray list config`), training from [train], the Serve app from "
+        "[serve]. No credential is written: pods read them from Secrets.",
+        epilog="example: restoray infra render --config configs/cluster.example.toml --output infra/kuberay\n"
+        "         kubectl apply -f infra/kuberay/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    render.add_argument("--output", required=True, metavar="DIR", help="folder the manifests are written into")
+    _add_config_arguments(render)
+    render.set_defaults(handler=_run_infra_render)
+
     convert = commands.add_parser("convert", help="convert released checkpoints (supir)", description="Convert released checkpoints.")
     convert_what = convert.add_subparsers(dest="convert_what", metavar="FORMAT", required=True)
     supir = convert_what.add_parser(
@@ -464,6 +495,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     from restoray.serve import run_serve
 
     return run_serve(config, args)
+
+
+def _run_infra_image(args: argparse.Namespace) -> int:
+    from restoray.infra import run_infra_image
+
+    return run_infra_image(args.variant, args.base)
+
+
+def _run_infra_render(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.infra import run_infra_render
+
+    return run_infra_render(config, args.config, args.overrides, args.output)
 
 
 def _run_convert_supir(args: argparse.Namespace) -> int:

@@ -50,6 +50,55 @@ class SamplesConfig(StrictModel):
     )
 
 
+K8S_NAME = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"  # a DNS-1035 label, short enough for KubeRay's derived names
+K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$"
+
+
+class PodGroupConfig(StrictModel):
+    """One pod group of the KubeRay cluster: what each pod requests (and is limited to)."""
+
+    cpu: int = Field(ge=1, description="CPUs per pod.")
+    memory: str = Field(pattern=K8S_QUANTITY, description="Memory per pod, a Kubernetes quantity ('64Gi').")
+    gpu: int = Field(0, ge=0, description="NVIDIA GPUs per pod (the CUDA image is used where > 0).")
+    min_replicas: int = Field(0, ge=0, description="Pods the autoscaler keeps (worker groups).")
+    max_replicas: int = Field(1, ge=1, description="Pods the autoscaler may start (worker groups).")
+
+
+class InfraConfig(StrictModel):
+    """`restoray infra render`: the KubeRay manifests (RayCluster, RayJobs, RayService) of this run."""
+
+    name: str = Field("restoray", pattern=K8S_NAME, description="RayCluster name; the jobs and the RayService derive theirs from it.")
+    namespace: str = Field("default", pattern=K8S_NAME, description="Kubernetes namespace of every rendered object.")
+    repository: str | None = Field(None, description="Image repository; unset: the packaged one (restoray/templates/image.toml).")
+    head: PodGroupConfig = Field(default_factory=lambda: PodGroupConfig(cpu=4, memory="16Gi"), description="The head pod (runs no tasks).")
+    cpu_workers: PodGroupConfig = Field(
+        default_factory=lambda: PodGroupConfig(cpu=16, memory="64Gi", max_replicas=16), description="CPU workers for Ray Data."
+    )
+    gpu_workers: PodGroupConfig = Field(
+        default_factory=lambda: PodGroupConfig(cpu=32, memory="256Gi", gpu=4, max_replicas=4),
+        description="GPU workers for training, captioning, embedding and serving.",
+    )
+    idle_timeout_s: int = Field(600, ge=0, description="Seconds an idle worker pod lives before the autoscaler removes it.")
+    ray_token_secret: str = Field(
+        "restoray-ray-token", pattern=K8S_NAME, description="Secret with key auth_token: Ray's token auth (spec.authOptions)."
+    )
+    credentials_secret: str = Field(
+        "restoray-credentials",
+        pattern=K8S_NAME,
+        description="Secret loaded as environment into every Ray pod: MLFLOW_TRACKING_USERNAME/PASSWORD, "
+        "AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY.",
+    )
+    serve_tokens_secret: str = Field(
+        "restoray-serve-tokens",
+        pattern=K8S_NAME,
+        description="Secret with key tokens: the Serve API's bearer tokens (RESTORAY_SERVE_TOKENS).",
+    )
+    data_input: str | None = Field(None, description="The data build RayJob's --input (a corpus on s3://).")
+    data_output: str | None = Field(None, description="The data build RayJob's --output; unset: train.data.")
+    index_input: str | None = Field(None, description="The index build RayJob's --input; unset: the data build's output.")
+    index_output: str | None = Field(None, description="The index build RayJob's --output (the reference index on s3://).")
+
+
 class RunConfig(StrictModel):
     """A whole run: what `configs/*.toml` holds."""
 
@@ -67,6 +116,7 @@ class RunConfig(StrictModel):
     restore_batch: RestoreBatchConfig = Field(default_factory=RestoreBatchConfig, description="`restoray restore-batch`.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="`restoray eval`: protocols and metrics.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="`restoray serve`: the Ray Serve application.")
+    infra: InfraConfig = Field(default_factory=InfraConfig, description="`restoray infra render`: KubeRay manifests.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[StrictModel] = RunConfig) -> StrictModel:

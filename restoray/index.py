@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from restoray.config import RunConfig
-from restoray.ray_env import connect
+from restoray.ray_env import alive_nodes, connect
+from runtime.storage import check_shared_storage
 
 
 def run_index_build(config: RunConfig, input_uri: str, output_uri: str, embeddings_uri: str | None, index_type: str | None) -> int:
@@ -19,6 +20,8 @@ def run_index_build(config: RunConfig, input_uri: str, output_uri: str, embeddin
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
     index_config = config.index.model_copy(update={"index_type": index_type}) if index_type else config.index
     print(f"Ray: {connect(config.ray)}")
+    paths = {"--input": input_uri, "--output": output_uri, "--embeddings": embeddings_uri}
+    check_shared_storage(alive_nodes(), paths, config.storage)
     summary = build_index(input_uri, output_uri, index_config, config.data, config.preset, config.storage, embeddings_uri=embeddings_uri)
     print(summary.table())
     return 0

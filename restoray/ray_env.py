@@ -26,6 +26,13 @@ def cluster_address(config: RayConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def alive_nodes() -> int:
+    """Nodes of the connected cluster that are alive (the node-local-path check counts them)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def quiet_ray(verbose: bool) -> None:
     """A log a person (or a CI log) can read: Ray's and Ray Data's own INFO chatter only with -v, and progress bars
     only on a terminal (in a log they are thousands of carriage returns)."""

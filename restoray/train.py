@@ -10,9 +10,10 @@ from pathlib import Path
 from restoration.errors import InputError
 from restoray import __version__
 from restoray.config import RunConfig
-from restoray.ray_env import ALREADY_CONNECTED, cluster_address, connect, loopback_only
+from restoray.ray_env import ALREADY_CONNECTED, alive_nodes, cluster_address, connect, loopback_only
 from runtime.config import tracking_uri
 from runtime.resolve import resolve
+from runtime.storage import check_shared_storage
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,9 @@ def code_version() -> str:
         return f"restoray-{__version__}"
 
 
-def check_shared_storage(config: RunConfig, nodes: int, tracking: str) -> None:
-    """Several nodes: checkpoints, the dataset and MLflow must be reachable from every node (DESIGN.md, Storage)."""
-    if nodes <= 1:
-        return
-    train = config.train
-    local = [
-        f"train.{key}={value!r}"
-        for key, value in (("storage_path", train.storage_path), ("data", train.data))
-        if value and not value.startswith("s3://") and not train.shared_filesystem
-    ]
-    if tracking.startswith(("sqlite:", "file:")) or "://" not in tracking:
-        local.append(f"mlflow.tracking_uri={tracking!r}")
-    if local:
-        raise InputError(
-            f"the cluster has {nodes} nodes, so these must be shared storage (s3:// or a mount every node sees, declared "
-            f"with train.shared_filesystem=true; MLflow as an http(s) tracking server): {', '.join(local)}"
-        )
+def shared_storage_paths(config: RunConfig) -> dict[str, str | None]:
+    """What training's workers and checkpoints touch: on several nodes each must be shared storage."""
+    return {"train.storage_path": config.train.storage_path, "train.data": config.train.data}
 
 
 def run_train(config: RunConfig) -> int:
@@ -71,10 +58,7 @@ def train_from_config(config: RunConfig) -> dict:
     where = connect(config.ray)
     if where != ALREADY_CONNECTED:  # the demo connected already and said so
         print(f"Ray: {where}")
-    import ray
-
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    check_shared_storage(config, nodes, tracking)
+    check_shared_storage(alive_nodes(), shared_storage_paths(config), config.storage, tracking)
 
     from training.trainer import run_training
 

@@ -27,6 +27,11 @@ class StorageConfig(StrictModel):
     )
     backoff_s: float = Field(0.5, ge=0, description="First wait between our attempts; doubles each time.")
     max_backoff_s: float = Field(8.0, ge=0, description="Longest wait between our attempts.")
+    shared_filesystem: bool = Field(
+        False,
+        description="Declare that local paths are on a mount every node shares (else a cluster of several nodes needs s3:// "
+        "for inputs, outputs and checkpoints).",
+    )
 
 
 class MlflowConfig(StrictModel):

@@ -62,6 +62,23 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def check_shared_storage(nodes: int, paths: dict[str, str | None], storage: StorageConfig, tracking: str | None = None) -> None:
+    """The one node-local-path refusal (DESIGN.md, Storage): on a cluster of several nodes, every path a job's tasks,
+    workers or checkpoints touch must be one every node reaches (s3://, or a shared mount declared with
+    storage.shared_filesystem), and MLflow a tracking server. `paths` maps what the user wrote (`--output`,
+    `train.data`) to its value."""
+    if nodes <= 1:
+        return
+    local = [f"{name}={value!r}" for name, value in paths.items() if value and not is_remote(value) and not storage.shared_filesystem]
+    if tracking is not None and (tracking.startswith(("sqlite:", "file:")) or "://" not in tracking):
+        local.append(f"mlflow.tracking_uri={tracking!r}")
+    if local:
+        raise InputError(
+            f"the cluster has {nodes} nodes, so these must be shared storage (s3://, or a mount every node sees declared with "
+            f"storage.shared_filesystem=true; MLflow as an http(s) tracking server): {', '.join(local)}"
+        )
+
+
 def s3_endpoint(storage: StorageConfig) -> str | None:
     return storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 

@@ -72,9 +72,6 @@ class TrainConfig(StrictModel):
     storage_path: str = Field(
         "data/train", description="Checkpoints and exports (Ray Train storage). Several nodes: s3:// or a shared mount."
     )
-    shared_filesystem: bool = Field(
-        False, description="Declare that local paths are on a mount every node shares (else several nodes need s3://)."
-    )
     name: str | None = Field(None, description="Run name (and Ray Train experiment); unset: restoray-<stage>. Same name = resume.")
     register_model: bool = Field(True, description="Register the exported model in MLflow as restoray-<stage>.")
     preserve_order: bool = Field(

@@ -4,7 +4,8 @@ import pytest
 
 from restoration.errors import InputError
 from restoray.config import load_config
-from restoray.train import check_shared_storage
+from restoray.train import shared_storage_paths
+from runtime.storage import check_shared_storage
 from training.trainer import deepspeed_config
 
 
@@ -27,15 +28,20 @@ def test_deepspeed_config_is_generated_from_ours():
 
 def test_several_nodes_need_shared_storage():
     local = load_config(overrides=["train.data=data/demo/dataset", "train.storage_path=data/train"])
-    check_shared_storage(local, nodes=1, tracking="sqlite:///mlflow.db")  # one machine: local paths are fine
+    paths = shared_storage_paths(local)
+    check_shared_storage(1, paths, local.storage, "sqlite:///mlflow.db")  # one machine: local paths are fine
     with pytest.raises(InputError) as err:
-        check_shared_storage(local, nodes=3, tracking="sqlite:///mlflow.db")
+        check_shared_storage(3, paths, local.storage, "sqlite:///mlflow.db")
     message = str(err.value)
     assert "3 nodes" in message and "train.storage_path" in message and "train.data" in message and "mlflow.tracking_uri" in message
     shared = load_config(overrides=["train.data=s3://b/ds", "train.storage_path=s3://b/train"])
-    check_shared_storage(shared, nodes=3, tracking="http://mlflow:5000")
-    mounted = load_config(overrides=["train.data=/mnt/shared/ds", "train.storage_path=/mnt/shared/train", "train.shared_filesystem=true"])
-    check_shared_storage(mounted, nodes=3, tracking="http://mlflow:5000")
+    check_shared_storage(3, shared_storage_paths(shared), shared.storage, "http://mlflow:5000")
+    mounted = load_config(overrides=["train.data=/mnt/shared/ds", "train.storage_path=/mnt/shared/train", "storage.shared_filesystem=true"])
+    check_shared_storage(3, shared_storage_paths(mounted), mounted.storage, "http://mlflow:5000")
+    # The same check for the jobs that name paths on the command line (data build, index build).
+    with pytest.raises(InputError, match=r"--output='data/out'") as err:
+        check_shared_storage(2, {"--input": "s3://b/corpus", "--output": "data/out"}, local.storage)
+    assert "--input" not in str(err.value) and "mlflow" not in str(err.value)
 
 
 def test_train_keys_are_validated_with_the_config():

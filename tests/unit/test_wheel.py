@@ -30,6 +30,8 @@ RUNTIME_FILES = (
     "serving/ui/app.js",
     "serving/ui/style.css",
     "serving/config.yaml",
+    "restoray/templates/image.toml",
+    *(f"restoray/templates/kuberay/{name}.yaml.j2" for name in ("_cluster", "configmap", "raycluster", "rayjob", "rayservice")),
 )
 PACKAGES = ("restoray", "restoration", "pipelines", "training", "runtime", "serving")
 
@@ -93,3 +95,9 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     assert ui.returncode == 0 and ui.stdout.startswith(str(target)) and "'app.js', 'index.html', 'style.css'" in ui.stdout, ui.stderr
     written = run("-m", "restoray", "serve", "--write-config", "serve.yaml")
     assert written.returncode == 0 and "import_path: serving.app:app_builder" in (empty / "serve.yaml").read_text(), written.stderr
+    # The KubeRay templates and the image tag from the wheel alone (a config with the jobs' paths, written here).
+    (empty / "run.toml").write_text('[infra]\ndata_input = "s3://b/c"\nindex_output = "s3://b/i"\n[train]\ndata = "s3://b/d"\n')
+    manifests = run("-m", "restoray", "infra", "render", "--config", "run.toml", "--output", "kuberay")
+    assert manifests.returncode == 0, manifests.stderr
+    assert "kind: RayCluster" in (empty / "kuberay" / "raycluster.yaml").read_text()
+    assert "restoray data build --input s3://b/c --output s3://b/d" in (empty / "kuberay" / "rayjob-data-build.yaml").read_text()
