@@ -32,6 +32,7 @@ IMAGE_FILE = TEMPLATES / "image.toml"
 CONFIG_DIR = "/etc/restoray"
 CONFIG_FILE = "run.toml"
 VARIANTS = ("cpu", "cuda")
+KUBERAY_NODES = 2  # a head and at least one worker pod: node-local paths do not reach the others
 MANIFESTS = (
     "restoray-config.yaml",
     "raycluster.yaml",
@@ -94,6 +95,12 @@ def job_entrypoints(config: RunConfig, overrides: list[str]) -> dict[str, str]:
     missing = [name for name, value in needed.items() if not value]
     if missing:
         raise InputError(f"infra render needs {', '.join(missing)} in the config: the RayJobs' paths (s3:// URIs)")
+    # A KubeRay cluster has several nodes: the same refusal the jobs make when they start, at render time.
+    from restoray.train import shared_storage_paths
+    from runtime.storage import check_shared_storage
+
+    paths = {"infra.data_input": infra.data_input, "infra.data_output": data_output, "infra.index_input": index_input}
+    check_shared_storage(KUBERAY_NODES, {**paths, "infra.index_output": infra.index_output, **shared_storage_paths(config)}, config.storage)
     return {
         "data-build": _entrypoint("data", "build", "--input", infra.data_input, "--output", data_output, overrides=overrides),
         "index-build": _entrypoint("index", "build", "--input", index_input, "--output", infra.index_output, overrides=overrides),

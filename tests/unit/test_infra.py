@@ -117,6 +117,10 @@ def test_render_names_the_missing_job_paths():
     with pytest.raises(InputError, match=r"infra\.index_output") as err:
         render(config, REPO_ROOT / "restoray" / "defaults" / "local.toml")
     assert "infra.data_input" not in str(err.value)
+    local = load_config(overrides=["infra.data_input=s3://b/corpus", "infra.index_output=s3://b/index", "train.data=data/dataset"])
+    with pytest.raises(InputError, match=r"train\.data='data/dataset'") as err:  # pods on other nodes cannot read it
+        render(local, REPO_ROOT / "restoray" / "defaults" / "local.toml")
+    assert "infra.data_output='data/dataset'" in str(err.value) and "infra.data_input" not in str(err.value)
 
 
 def test_the_image_tag_is_written_once_and_matches_the_pins():
