@@ -21,7 +21,7 @@ def test_cluster_config_validates_against_rays_schema():
     assert any("max_worker" in error.message for error in validator.iter_errors(broken))
 
 
-def test_cluster_config_has_the_node_roles_and_installs_the_project():
+def test_cluster_config_has_the_node_roles_and_runs_the_image():
     cluster = _cluster()
     assert cluster["provider"]["type"] == "aws"
     node_types = cluster["available_node_types"]
@@ -31,7 +31,8 @@ def test_cluster_config_has_the_node_roles_and_installs_the_project():
     gpu_workers = [t for t in node_types.values() if t["resources"].get("GPU", 0) > 0]
     assert cpu_workers and gpu_workers
     setup = "\n".join(cluster["setup_commands"])
-    assert "pip install -e ~/restoray" in setup
-    assert cluster["file_mounts"]["~/restoray"] == "."
+    # restoray comes with the container image (its tags: tests/unit/test_infra.py), not from a set-up command.
+    assert "pip install" not in setup and cluster["docker"]["image"].startswith("ghcr.io/restoray/restoray:")
+    assert gpu_workers[0]["docker"]["worker_image"].endswith("-cuda")
     assert "s3://" in setup
     assert any("ray start --head" in command for command in cluster["head_start_ray_commands"])
