@@ -114,11 +114,8 @@ def serve_config_text(config: RunConfig) -> str:
     from restoray.serve import app_config
     from serving.app import deploy_config
 
-    serve = deploy_config(app_config(config))
-    serve["http_options"] = {**serve.get("http_options", {}), "host": "0.0.0.0", "port": 8000}
-    for application in serve["applications"]:
-        application["args"]["serve"]["host"] = "0.0.0.0"
-        application["args"]["serve"]["port"] = 8000
+    in_pod = config.model_copy(update={"serve": config.serve.model_copy(update={"host": "0.0.0.0", "port": 8000})})
+    serve = deploy_config(app_config(in_pod))
     return yaml.safe_dump(serve, sort_keys=False)
 
 
