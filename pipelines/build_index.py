@@ -55,7 +55,7 @@ from restoration.retrieval import index as faiss_index
 from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENCE_ROW_GROUP, REFERENCE_SCHEMA, VECTORS_FILE
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left
+from runtime.resources import check_cpus_left, on_the_drivers_node
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def build_index(
     check_cpus_left(config.embed.actors * config.embed.num_cpus, 1.0, "the embedding actor pool", "lower index.embed.num_cpus or actors")
 
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    timer = StageTimer.remote()
+    timer = StageTimer.options(**on_the_drivers_node()).remote()
     with plain_job_errors():
         embed_started = time.perf_counter()
         _embed_sources(units, wanted, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)

@@ -32,7 +32,7 @@ from restoration.errors import InputError, RestorayError
 from restoration.settings import RestoreConfig, SamplerConfig
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left
+from runtime.resources import check_cpus_left, on_the_drivers_node
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def restore_batch(
     if done:
         log.info("resuming: %d sources already restored or rejected", len(done))
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    timer = StageTimer.remote()
+    timer = StageTimer.options(**on_the_drivers_node()).remote()
     input_root = _source_prefix(input_uri, storage)
     max_chars = data.source.max_caption_chars
 

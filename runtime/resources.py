@@ -19,3 +19,15 @@ def check_cpus_left(held: float, needed_beside: float, what: str, fix: str, sing
             f"{what} hold {held:g} of this Ray instance's {available:g} CPUs, leaving {available - held:g} for the tasks "
             f"beside them, which need {needed_beside:g}; {fix}"
         )
+
+
+def on_the_drivers_node() -> dict:
+    """Actor options that keep a job's bookkeeping actor (stage timers, decode counters) on the driver's node.
+
+    Ray places a small actor on any node; on a worker node it dies with that node, and every task that reports to it
+    then fails, although the job itself (its driver, Train's controller) lives on. The driver's node is the one node
+    the job cannot outlive anyway. Soft: where the driver runs no raylet (Ray Client), Ray places it as usual."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)}

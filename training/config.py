@@ -45,6 +45,12 @@ class TrainConfig(StrictModel):
     data_cpus: float = Field(
         0.5, gt=0, description="CPUs per Ray Data task reading and preparing batches (fractional: they are light and share cores)."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How the workers' placement group lays them on nodes (Ray Train's ScalingConfig): PACK fills few "
+        "nodes, SPREAD puts them on different nodes where it can and still runs on fewer (a lost node's workers restart "
+        "on the others), STRICT_* refuse to start otherwise.",
+    )
     gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU (DeepSpeed with DS_ACCELERATOR=cpu over gloo).")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also parameters.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (DeepSpeed offload).")

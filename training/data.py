@@ -114,7 +114,9 @@ class DecodeCounter:
 def new_decode_counter():
     import ray
 
-    return ray.remote(num_cpus=0)(DecodeCounter).remote()
+    from runtime.resources import on_the_drivers_node
+
+    return ray.remote(num_cpus=0)(DecodeCounter).options(**on_the_drivers_node()).remote()
 
 
 class TooManyDecodeFailures(RuntimeError):

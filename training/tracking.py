@@ -74,15 +74,26 @@ def open_run(
 
 
 class RankZeroLogger:
-    """Metrics and images to one MLflow run from the training worker of rank 0 (a no-op elsewhere)."""
+    """Metrics and images to one MLflow run from the training worker of rank 0 (a no-op elsewhere).
+
+    Each metric is logged once per step. A restarted attempt (a lost worker or node) resumes from its last
+    checkpoint and runs again the steps it had logged after it; those keep their first values, so a metric's history
+    has no step twice."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
         self.enabled = enabled and tracking_uri is not None and run_id is not None
+        self.logged_up_to: dict[str, int] = {}
         if self.enabled:
             import mlflow
 
             self.client = mlflow.MlflowClient(tracking_uri)
             self.run_id = run_id
+
+    def _last_logged_step(self, key: str) -> int:
+        if key not in self.logged_up_to:
+            history = self.client.get_metric_history(self.run_id, key)
+            self.logged_up_to[key] = max((metric.step for metric in history), default=-1)
+        return self.logged_up_to[key]
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -90,7 +101,10 @@ class RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+        new = [Metric(key, float(value), now, step) for key, value in values.items() if step > self._last_logged_step(key)]
+        if new:
+            self.client.log_batch(self.run_id, metrics=new)
+            self.logged_up_to.update({metric.key: step for metric in new})
 
     def image(self, step: int, image, name: str = "validation") -> None:
         if self.enabled:

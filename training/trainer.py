@@ -130,7 +130,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=STATE_TAG)
         step = int(client_state["step"])
-        log.info("rank %d resumed at step %d", rank, step)
+    # Where this attempt's ranks run and where it starts: after a lost node, the log says which checkpoint resumed
+    # and on which nodes the workers came back (node ids as Ray names them).
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        logging.getLogger("ray.train").info(
+            "[train] %s; ranks on nodes %s",
+            f"resumed from the checkpoint of step {step}" if checkpoint else "started at step 0",
+            ", ".join(f"{r}={node}" for r, node in enumerate(nodes)),
+        )
     tracker = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), enabled=rank == 0)
     data = _batches(ray.train.get_dataset_shard("train"), config.batch_size)
     validation_image = validation_target = None
@@ -327,7 +336,12 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.gpus_per_worker > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=config.placement_strategy,
+        ),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=arrow_storage_path,

@@ -51,3 +51,24 @@ def test_train_keys_are_validated_with_the_config():
         load_config(overrides=["train.zero_stage=1"])
     with pytest.raises(ConfigError, match="needs GPUs"):
         load_config(overrides=["train.precision=fp16"])
+
+
+def test_a_restarted_attempt_logs_each_step_once_keeping_the_first_values(tmp_path):
+    import mlflow
+
+    from training.tracking import RankZeroLogger
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    first = RankZeroLogger(tracking, run_id, enabled=True)
+    for step in (1, 2, 3):  # checkpoint at step 2, then the node is lost after step 3 was logged
+        first.metrics(step, {"loss": float(step)})
+    restarted = RankZeroLogger(tracking, run_id, enabled=True)  # resumes from step 2's checkpoint
+    for step in (3, 4):
+        restarted.metrics(step, {"loss": 10.0 * step, "psnr": 20.0})
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "psnr")] == [(3, 20.0), (4, 20.0)]
+    RankZeroLogger(tracking, run_id, enabled=False).metrics(5, {"loss": 1.0})  # ranks other than 0 log nothing
+    assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 4
