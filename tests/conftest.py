@@ -88,3 +88,46 @@ def aws_test_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
+
+
+def s3_keys(endpoint: str, bucket: str) -> list[str]:
+    """Every key in a moto bucket."""
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, moto_endpoint):
+    """`mlflow server` on 127.0.0.1 with its own sqlite store and an S3 artifact destination (a moto bucket), as
+    infra/mlflow/ runs it: the server proxies artifacts, so its clients hold no S3 credentials. Its own process group;
+    the training and the two-node tests share it (each in its own experiment)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)  # fmt: skip
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/runs"],
+        stdout=log, stderr=log, start_new_session=True, env=subprocess_env(MLFLOW_S3_ENDPOINT_URL=moto_endpoint, **FAKE_AWS),
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{uri}/health", server, 120, root / "server.log")
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)

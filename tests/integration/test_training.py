@@ -1,9 +1,8 @@
 """`restoray train` end to end: 2 Ray Train workers with DeepSpeed on CPU, shards from a real `data build`,
-ZeRO-3 with a worker failure recovered from a checkpoint and a real MLflow server; ZeRO-2 with a resumed run."""
+ZeRO-3 with a worker failure recovered from a checkpoint and a real MLflow server (S3 artifacts); the ABAIR stage chain.
+ZeRO-2 on two nodes, a lost node and a resumed run: test_multinode.py."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 from restoration.restorer import Restorer
 from restoration.sampling.edm import SamplerConfig
 from restoray.config import DEFAULT_CONFIG
-from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env, wait_for_http
+from tests.conftest import MLFLOW_ARTIFACT_BUCKET, REPO_ROOT, s3_keys, subprocess_env
 
 CONFIG = str(DEFAULT_CONFIG)  # the packaged embedded default
 
@@ -43,27 +42,6 @@ def dataset(tmp_path_factory):
     return root / "dataset"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with its own sqlite store and artifact root, in its own process group."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=log, start_new_session=True, env=subprocess_env(),
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{uri}/health", server, 120, root / "server.log")
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-
-
 def _assert_complete_export(weights, trained_part: str) -> Restorer:
     """Every trained tensor present with its full shape (no empty ZeRO partitions), and training changed them."""
     loaded = Restorer.from_pretrained(weights)
@@ -79,7 +57,7 @@ def _assert_complete_export(weights, trained_part: str) -> Restorer:
 
 
 @pytest.mark.slow
-def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlflow_server, tmp_path):
+def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlflow_server, moto_endpoint, tmp_path):
     import mlflow
 
     storage = tmp_path / "train"
@@ -109,6 +87,10 @@ def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlf
     assert -1 <= run.data.metrics["ssim"] <= 1
     version = client.get_model_version("restoray-adaptor", "1")
     assert version.run_id == run.info.run_id and version.tags["run_id"] == run.info.run_id
+    # The artifacts went through the server into its S3 bucket (the training process had no S3 credentials to use).
+    keys = [key for key in s3_keys(moto_endpoint, MLFLOW_ARTIFACT_BUCKET) if key.startswith(f"runs/{run.info.experiment_id}/")]
+    assert any(key.endswith(f"{run.info.run_id}/artifacts/validation/step_000004.png") for key in keys), keys[:10]
+    assert any(key.endswith("MLmodel") for key in keys) and any(key.endswith(".safetensors") for key in keys), keys[:10]
 
     checkpoint_export = next((storage / "restoray-adaptor").glob("checkpoint_*/export"))
     assert json.loads((checkpoint_export / "training.json").read_text())["step"] == 4
@@ -123,32 +105,6 @@ def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlf
                         "--steps", "2", "--prompt", "a photo", cwd=tmp_path, MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert (tmp_path / "out.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_zero2_run_resumes_at_the_saved_step_in_the_same_mlflow_run(dataset, tmp_path):
-    import mlflow
-
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = dict(
-        train__data=dataset, train__storage_path=tmp_path / "train", train__num_workers=2, train__cpus_per_worker=0.5, train__zero_stage=2,
-        train__stage="encoder", train__checkpoint_every=2, train__register_model="false", mlflow__tracking_uri=tracking,
-    )  # fmt: skip
-    first = restoray("train", "--config", CONFIG, *sets(**common, train__steps=2), cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert "step 2" in first.stdout and "resumed" not in first.stdout
-    second = restoray("train", "--config", CONFIG, *sets(**common, train__steps=4), cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "step 4" in second.stdout and ", resumed)" in second.stdout
-
-    client = mlflow.MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
-    assert len(runs) == 1  # the resumed training logged into the same run
-    steps = sorted(metric.step for metric in client.get_metric_history(runs[0].info.run_id, "loss"))
-    assert steps == [1, 2, 3, 4]
-    exports = sorted((tmp_path / "train" / "restoray-encoder").glob("checkpoint_*/export/training.json"))
-    assert [json.loads(path.read_text())["step"] for path in exports] == [2, 4]  # each run exports at its end
-    _assert_complete_export(exports[-1].parent, "encoder.")
 
 
 def test_bad_training_input_is_refused_before_workers_start(dataset, tmp_path):

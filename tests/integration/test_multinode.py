@@ -1,0 +1,186 @@
+"""Two Ray nodes on this machine (`ray.cluster_utils.Cluster`: a head and a worker node on 127.0.0.1).
+
+A data build and a two-worker training run (placement SPREAD) whose tasks and workers land on both nodes, with
+outputs on S3 (moto) and MLflow a tracking server; node-local paths refused; the worker node removed during training
+and the run resumed from its last checkpoint with both workers on the head (ZeRO checkpoints are per rank: the world
+size stays 2), each step logged once; then a second `restoray train` with more steps resumes the run at its saved
+step in the same MLflow run.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from restoray.config import DEFAULT_CONFIG
+from tests.conftest import FAKE_AWS, subprocess_env
+from tests.integration.test_training import _assert_complete_export, sets
+
+CONFIG = str(DEFAULT_CONFIG)
+EXPERIMENT = "restoray-two-node"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cluster(moto_endpoint):
+    """A head with the CPUs for both training workers and their data tasks (where they all go once the worker node
+    is lost) and a worker node; a dashboard for the State API, which tells on which node each task ran."""
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import free_port
+
+    saved = {key: os.environ.get(key) for key in FAKE_AWS}
+    os.environ.update(FAKE_AWS)  # every node's processes inherit the environment they start with: moto's credentials
+    mib = 2**20
+    dashboard_port = free_port()
+    while dashboard_port == 52365:  # the head's dashboard agent takes Ray's default agent port
+        dashboard_port = free_port()
+    two_nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "object_store_memory": 300 * mib, "include_dashboard": True, "dashboard_port": dashboard_port},
+    )
+    worker = two_nodes.add_node(num_cpus=2, object_store_memory=200 * mib)
+    two_nodes.wait_for_nodes()
+    yield two_nodes, worker
+    two_nodes.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def restoray(*args: str, cwd, address: str, endpoint: str, background: bool = False, log=None):
+    """`restoray ...` as a driver of the two-node cluster, its S3 on moto."""
+    command = [sys.executable, "-m", "restoray", *args, *sets(ray__address=address, storage__s3_endpoint_url=endpoint)]
+    environment = subprocess_env(**FAKE_AWS)
+    environment.pop("RAY_ADDRESS", None)
+    if background:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=environment)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=600)
+
+
+def _upload_samples(root, endpoint: str) -> str:
+    import boto3
+
+    from restoray.samples import materialise
+
+    materialise(str(root / "samples"))
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="corpus")
+    # Three copies (the build rejects the byte-identical ones as duplicates): enough read tasks that SPREAD, Ray
+    # Data's default task placement, has work for both nodes.
+    for copy in "abc":
+        for path in sorted((root / "samples").iterdir()):
+            s3.upload_file(str(path), "corpus", f"photos/{copy}_{path.name}")
+    return "s3://corpus/photos"
+
+
+def _placements(log_text: str) -> list[tuple[str, dict[int, str]]]:
+    """The training's `[train] ...; ranks on nodes 0=ID, 1=ID` lines: (how the attempt started, rank -> node id)."""
+    pattern = r"\[train\] (started at step 0|resumed from the checkpoint of step \d+); ranks on nodes (\S+, \S+)"
+    return [
+        (start, {int(r): node for r, node in (item.split("=") for item in ranks.split(", "))})
+        for start, ranks in re.findall(pattern, log_text)
+    ]
+
+
+def _loss_steps(client, experiment: str) -> tuple[str, list[int]]:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    if not runs:
+        return "", []
+    assert len(runs) == 1, "the run (and its restart) log into one MLflow run"
+    run_id = runs[0].info.run_id
+    return run_id, sorted(metric.step for metric in client.get_metric_history(run_id, "loss"))
+
+
+@pytest.mark.slow
+def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, moto_endpoint, tmp_path):
+    import boto3
+    import mlflow
+    import s3fs
+    from ray.util.state import list_tasks
+
+    two_nodes, worker = cluster
+    head_id, worker_id = two_nodes.head_node.node_id, worker.node_id
+    address, endpoint = two_nodes.address, moto_endpoint
+    corpus = _upload_samples(tmp_path, endpoint)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for bucket in ("datasets", "train"):
+        s3.create_bucket(Bucket=bucket)
+
+    # Node-local output on a cluster of two nodes: refused before anything runs, naming the path.
+    local = restoray("data", "build", "--input", corpus, "--output", str(tmp_path / "local"), "--config", CONFIG, cwd=tmp_path,
+                     address=address, endpoint=endpoint)  # fmt: skip
+    assert local.returncode == 2, local.stderr[-2000:]
+    assert "the cluster has 2 nodes" in local.stderr and f"--output={str(tmp_path / 'local')!r}" in local.stderr
+    assert not (tmp_path / "local").exists()
+
+    build = restoray("data", "build", "--input", corpus, "--output", "s3://datasets/two-node", "--config", CONFIG,
+                     "--set", "data.negatives.count=0", cwd=tmp_path, address=address, endpoint=endpoint)  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    assert fs.glob("datasets/two-node/shards/*.parquet")
+    dashboard = f"http://{two_nodes.webui_url}"
+    # The build's own work: its fused map tasks and its model stages' actor pools (not Ray Data's bookkeeping actors).
+    work = [
+        task
+        for task in list_tasks(address=dashboard, filters=[("state", "=", "FINISHED")], limit=10_000)
+        if task.type == "NORMAL_TASK" or task.name.startswith("MapWorker(")
+    ]
+    placed = sorted((task.name[:48], task.node_id[:8] if task.node_id else None) for task in work)
+    assert {task.node_id for task in work} - {None} == {head_id, worker_id}, (head_id[:8], worker_id[:8], placed)
+
+    common = sets(
+        train__data="s3://datasets/two-node", train__storage_path="s3://train/runs", train__stage="encoder", train__zero_stage=2,
+        train__num_workers=2, train__cpus_per_worker=1, train__placement_strategy="SPREAD", train__checkpoint_every=2,
+        train__max_failures=1, train__register_model="false", mlflow__tracking_uri=mlflow_server, mlflow__experiment=EXPERIMENT,
+    )  # fmt: skip
+    client = mlflow.MlflowClient(mlflow_server)
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        training = restoray("train", "--config", CONFIG, *common, *sets(train__steps=STEPS), cwd=tmp_path, address=address,
+                            endpoint=endpoint, background=True, log=log)  # fmt: skip
+        # Lose the worker node once Ray Train has registered a checkpoint (its manager's snapshot in storage: a
+        # checkpoint reported by a rank but not yet collected by the controller dies with the rank) and the run has
+        # gone past it.
+        snapshot = "train/runs/restoray-encoder/checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 400
+        while not fs.exists(snapshot) or not (steps := _loss_steps(client, EXPERIMENT)[1]) or max(steps) < 3:
+            assert training.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.3)
+            fs.invalidate_cache()
+        assert max(steps) < STEPS, f"training reached step {max(steps)} before the node could be removed"
+        two_nodes.remove_node(worker)
+        lost_after = max(_loss_steps(client, EXPERIMENT)[1])
+        training.wait(timeout=500)
+    output = log_path.read_text()
+    assert training.returncode == 0, output[-5000:]
+
+    placements = _placements(output)
+    assert placements[0][0] == "started at step 0" and set(placements[0][1].values()) == {head_id, worker_id}, placements
+    resumed, ranks = placements[-1]
+    assert resumed.startswith("resumed from the checkpoint of step "), placements
+    saved_step = int(resumed.rsplit(" ", 1)[1])
+    assert 2 <= saved_step <= lost_after and saved_step % 2 == 0, output[-3000:]  # the last checkpoint before the loss
+    assert set(ranks.values()) == {head_id} and len(ranks) == 2  # both workers on the head, world size 2
+    print(f"\nworker node {worker_id[:8]} removed; last step logged {lost_after}; resumed from the checkpoint of step {saved_step}")
+    print("\n".join(line for line in output.splitlines() if "[train]" in line or "died because its node" in line)[-3000:])
+    run_id, steps = _loss_steps(client, EXPERIMENT)
+    assert steps == list(range(1, STEPS + 1)), steps  # the steps run again after the restart are logged once each
+
+    # The same run resumed by a second `restoray train` with more steps (now on the one node left).
+    more = restoray("train", "--config", CONFIG, *common, *sets(train__steps=STEPS + 2), cwd=tmp_path, address=address, endpoint=endpoint)
+    assert more.returncode == 0, more.stderr[-4000:]
+    assert f"step {STEPS + 2}" in more.stdout and ", resumed)" in more.stdout
+    assert _loss_steps(client, EXPERIMENT) == (run_id, list(range(1, STEPS + 3)))
+    exports = sorted(fs.glob("train/runs/restoray-encoder/checkpoint_*/export/training.json"))
+    assert [json.loads(fs.cat_file(path))["step"] for path in exports] == [STEPS, STEPS + 2]  # each run exports at its end
+    fs.get(exports[-1].rsplit("/", 1)[0], str(tmp_path / "export"), recursive=True)
+    _assert_complete_export(tmp_path / "export", "encoder.")
