@@ -8,7 +8,6 @@ step in the same MLflow run.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -33,25 +32,21 @@ def cluster(moto_endpoint):
 
     from tests.conftest import free_port
 
-    saved = {key: os.environ.get(key) for key in FAKE_AWS}
-    os.environ.update(FAKE_AWS)  # every node's processes inherit the environment they start with: moto's credentials
     mib = 2**20
     dashboard_port = free_port()
     while dashboard_port == 52365:  # the head's dashboard agent takes Ray's default agent port
         dashboard_port = free_port()
-    two_nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "object_store_memory": 300 * mib, "include_dashboard": True, "dashboard_port": dashboard_port},
-    )
-    worker = two_nodes.add_node(num_cpus=2, object_store_memory=200 * mib)
-    two_nodes.wait_for_nodes()
-    yield two_nodes, worker
-    two_nodes.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in FAKE_AWS.items():  # every node's processes inherit the environment they start with
+            patch.setenv(key, value)
+        two_nodes = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 4, "object_store_memory": 300 * mib, "include_dashboard": True, "dashboard_port": dashboard_port},
+        )
+        worker = two_nodes.add_node(num_cpus=2, object_store_memory=200 * mib)
+        two_nodes.wait_for_nodes()
+        yield two_nodes, worker
+        two_nodes.shutdown()
 
 
 def restoray(*args: str, cwd, address: str, endpoint: str, background: bool = False, log=None):
