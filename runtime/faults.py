@@ -5,9 +5,9 @@ what they need through the job's own arguments, so the variable does not have to
 
 - `build.fail_after_rows=N`: each dataset-build write task raises once it has committed N rows (an interruption);
 - `index.fail_after_rows=N`: each index-build write task raises once it has committed N embedded sources;
-- `restore.fail_after_rows=N`: each restore-batch write task raises once it has committed N restored sources;
-- `train.fail_at_step=N`: the last training rank raises once at step N (a worker failure, recovered from the last
-  checkpoint; a marker file in the run's storage makes it fire only once).
+- `restore.fail_after_rows=N`: each restore-batch write task raises once it has committed N restored sources.
+
+Training's recovery is tested by losing a real node (tests/integration/test_multinode.py), not by a fault.
 
 Unset in every real run; an unknown name is an error, so a misspelt fault never silently tests nothing.
 """
@@ -19,7 +19,7 @@ import os
 from restoration.errors import InputError
 
 VARIABLE = "RESTORAY_FAULTS"
-KNOWN = {"build.fail_after_rows", "index.fail_after_rows", "restore.fail_after_rows", "train.fail_at_step"}
+KNOWN = {"build.fail_after_rows", "index.fail_after_rows", "restore.fail_after_rows"}
 
 
 def active() -> dict[str, int]:

@@ -143,7 +143,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), enabled=rank == 0)
     data = _batches(ray.train.get_dataset_shard("train"), config.batch_size)
     validation_image = validation_target = None
-    fail_marker = Path(loop_config["fail_marker"]) if loop_config.get("fail_marker") else None
 
     while step < config.steps:
         started = time.perf_counter()
@@ -162,10 +161,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             losses.append(loss.detach().float())
         step += 1
-        if fail_marker is not None and step == loop_config["fail_at_step"] and rank == world - 1 and not fail_marker.exists():
-            fail_marker.parent.mkdir(parents=True, exist_ok=True)
-            fail_marker.write_text(f"failed once at step {step}\n")
-            raise RuntimeError(f"fault train.fail_at_step: rank {rank} fails once at step {step}")
         mean_loss = torch.stack(losses).mean()
         dist.all_reduce(mean_loss)  # the loss over all ranks, as logged
         elapsed = time.perf_counter() - started
@@ -292,7 +287,6 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from runtime import faults
     from runtime.storage import arrow_filesystem
     from training.data import check_shards, manifest_id, new_decode_counter, training_dataset
     from training.tracking import RUN_ID_FILE, finish, log_decode_failures, log_model, open_run
@@ -318,7 +312,6 @@ def run_training(
         tags={**tags, **dataset_tags},
     )
     log.info("MLflow run %s (%s) at %s", run_id, "resumed" if resumed else "new", tracking_uri)
-    fail_at_step = faults.fault("train.fail_at_step")
     decode_counter = new_decode_counter()
     loop_config = {
         "train": config.model_dump(),
@@ -326,9 +319,6 @@ def run_training(
         "init": init,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
-        # runtime.faults' train.fail_at_step (tests) needs a place every worker sees; with s3:// storage it is not offered.
-        "fail_at_step": fail_at_step,
-        "fail_marker": f"{run_dir}/fail_once.marker" if fail_at_step and not remote else None,
         "decode_counter": decode_counter,
     }
     storage_filesystem, arrow_storage_path = arrow_filesystem(storage_path, storage)  # the same S3 options as every read

@@ -1,10 +1,11 @@
 """Two Ray nodes on this machine (`ray.cluster_utils.Cluster`: a head and a worker node on 127.0.0.1).
 
-A data build and a two-worker training run (placement SPREAD) whose tasks and workers land on both nodes, with
-outputs on S3 (moto) and MLflow a tracking server; node-local paths refused; the worker node removed during training
-and the run resumed from its last checkpoint with both workers on the head (ZeRO checkpoints are per rank: the world
-size stays 2), each step logged once; then a second `restoray train` with more steps resumes the run at its saved
-step in the same MLflow run.
+A data build and a two-worker DeepSpeed ZeRO-3 training run (placement SPREAD) whose tasks and workers land on both
+nodes, with outputs on S3 (moto) and MLflow a tracking server storing its artifacts in S3; node-local paths refused;
+the worker node removed during training and the run resumed from its last checkpoint with both workers on the head
+(ZeRO checkpoints are per rank: the world size stays 2), each step logged once; the registered model restored
+through the server; then a second `restoray train` with more steps resumes the run at its saved step in the same
+MLflow run. The one end-to-end training run of the suite with two workers.
 """
 
 import json
@@ -16,8 +17,9 @@ import time
 import pytest
 
 from restoray.config import DEFAULT_CONFIG
-from tests.conftest import FAKE_AWS, subprocess_env
+from tests.conftest import FAKE_AWS, MLFLOW_ARTIFACT_BUCKET, REPO_ROOT, s3_keys, subprocess_env
 from tests.integration.test_training import _assert_complete_export, sets
+from tests.integration.test_training import restoray as single_node_restoray
 
 CONFIG = str(DEFAULT_CONFIG)
 EXPERIMENT = "restoray-two-node"
@@ -132,9 +134,9 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     assert {task.node_id for task in work} - {None} == {head_id, worker_id}, (head_id[:8], worker_id[:8], placed)
 
     common = sets(
-        train__data="s3://datasets/two-node", train__storage_path="s3://train/runs", train__stage="encoder", train__zero_stage=2,
-        train__num_workers=2, train__cpus_per_worker=1, train__placement_strategy="SPREAD", train__checkpoint_every=2,
-        train__max_failures=1, train__register_model="false", mlflow__tracking_uri=mlflow_server, mlflow__experiment=EXPERIMENT,
+        train__data="s3://datasets/two-node", train__storage_path="s3://train/runs", train__zero_stage=3, train__num_workers=2,
+        train__cpus_per_worker=1, train__placement_strategy="SPREAD", train__checkpoint_every=2, train__max_failures=1,
+        mlflow__tracking_uri=mlflow_server, mlflow__experiment=EXPERIMENT,
     )  # fmt: skip
     client = mlflow.MlflowClient(mlflow_server)
     log_path = tmp_path / "train.log"
@@ -144,7 +146,7 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
         # Lose the worker node once Ray Train has registered a checkpoint (its manager's snapshot in storage: a
         # checkpoint reported by a rank but not yet collected by the controller dies with the rank) and the run has
         # gone past it.
-        snapshot = "train/runs/restoray-encoder/checkpoint_manager_snapshot.json"
+        snapshot = "train/runs/restoray-adaptor/checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 400
         while not fs.exists(snapshot) or not (steps := _loss_steps(client, EXPERIMENT)[1]) or max(steps) < 3:
             assert training.poll() is None, log_path.read_text()[-4000:]
@@ -157,6 +159,7 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
         training.wait(timeout=500)
     output = log_path.read_text()
     assert training.returncode == 0, output[-5000:]
+    assert "model: models:/restoray-adaptor/1" in output
 
     placements = _placements(output)
     assert placements[0][0] == "started at step 0" and set(placements[0][1].values()) == {head_id, worker_id}, placements
@@ -170,12 +173,41 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     run_id, steps = _loss_steps(client, EXPERIMENT)
     assert steps == list(range(1, STEPS + 1)), steps  # the steps run again after the restart are logged once each
 
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.train.zero_stage"] == "3" and run.data.params["dataset.manifest_id"] != "None"
+    assert run.data.tags["restoray.dataset"] == "s3://datasets/two-node" and run.data.tags["restoray.code_version"]
+    assert {"lr", "samples_per_s", "memory_mb"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run_id, "validation")] == [f"validation/step_{STEPS:06d}.png"]
+    # The validation restoration scored with `restoray eval`'s code under its metric names.
+    assert [m.step for m in client.get_metric_history(run_id, "psnr")] == [STEPS] and 0 < run.data.metrics["psnr"] < 100
+    assert -1 <= run.data.metrics["ssim"] <= 1
+    version = client.get_model_version("restoray-adaptor", "1")
+    assert version.run_id == run_id and version.tags["run_id"] == run_id
+    # The artifacts went through the server into its S3 bucket (the training process had no S3 credentials to use).
+    keys = [key for key in s3_keys(endpoint, MLFLOW_ARTIFACT_BUCKET) if key.startswith(f"runs/{run.info.experiment_id}/")]
+    assert any(key.endswith(f"{run_id}/artifacts/validation/step_{STEPS:06d}.png") for key in keys), keys[:10]
+    assert any(key.endswith("MLmodel") for key in keys) and any(key.endswith(".safetensors") for key in keys), keys[:10]
+
+    # The registered model restores through the server; a file that is not an image is refused clearly.
+    image = REPO_ROOT / "restoray" / "samples.toml"
+    bad = single_node_restoray("restore", str(image), "--output", str(tmp_path / "x.png"), "--weights", "models:/restoray-adaptor/1",
+                               cwd=tmp_path, MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    photo = next((tmp_path / "samples").glob("*.png"))
+    restored = single_node_restoray("restore", str(photo), "--output", str(tmp_path / "out.png"), "--weights",
+                                    "models:/restoray-adaptor/1", "--steps", "2", "--prompt", "a photo", cwd=tmp_path,
+                                    MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert (tmp_path / "out.png").stat().st_size > 0
+
     # The same run resumed by a second `restoray train` with more steps (now on the one node left).
-    more = restoray("train", "--config", CONFIG, *common, *sets(train__steps=STEPS + 2), cwd=tmp_path, address=address, endpoint=endpoint)
+    more_steps = sets(train__steps=STEPS + 2, train__register_model="false")
+    more = restoray("train", "--config", CONFIG, *common, *more_steps, cwd=tmp_path, address=address, endpoint=endpoint)
     assert more.returncode == 0, more.stderr[-4000:]
     assert f"step {STEPS + 2}" in more.stdout and ", resumed)" in more.stdout
     assert _loss_steps(client, EXPERIMENT) == (run_id, list(range(1, STEPS + 3)))
-    exports = sorted(fs.glob("train/runs/restoray-encoder/checkpoint_*/export/training.json"))
+    exports = sorted(fs.glob("train/runs/restoray-adaptor/checkpoint_*/export/training.json"))
     assert [json.loads(fs.cat_file(path))["step"] for path in exports] == [STEPS, STEPS + 2]  # each run exports at its end
     fs.get(exports[-1].rsplit("/", 1)[0], str(tmp_path / "export"), recursive=True)
-    _assert_complete_export(tmp_path / "export", "encoder.")
+    _assert_complete_export(tmp_path / "export", "model.")  # every tensor whole after ZeRO-3's gathering

@@ -1,6 +1,6 @@
-"""`restoray train` end to end: 2 Ray Train workers with DeepSpeed on CPU, shards from a real `data build`,
-ZeRO-3 with a worker failure recovered from a checkpoint and a real MLflow server (S3 artifacts); the ABAIR stage chain.
-ZeRO-2 on two nodes, a lost node and a resumed run: test_multinode.py."""
+"""`restoray train`: bad input refused before workers start, and the ABAIR stage chain (adaptor, then an expert,
+then the estimator) into one model. Two workers with DeepSpeed ZeRO-3 on two Ray nodes, a lost node, the MLflow
+server with S3 artifacts, the registered model restored, and a run resumed by name: test_multinode.py."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import torch
 from restoration.restorer import Restorer
 from restoration.sampling.edm import SamplerConfig
 from restoray.config import DEFAULT_CONFIG
-from tests.conftest import MLFLOW_ARTIFACT_BUCKET, REPO_ROOT, s3_keys, subprocess_env
+from tests.conftest import subprocess_env
 
 CONFIG = str(DEFAULT_CONFIG)  # the packaged embedded default
 
@@ -29,19 +29,6 @@ def sets(**values) -> list[str]:
     return [item for key, value in values.items() for item in ("--set", f"{key.replace('__', '.')}={value}")]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from restoray.samples import materialise
-
-    root = tmp_path_factory.mktemp("training-data")
-    materialise(str(root / "samples"))
-    # Without the generated negatives: the demo test covers them; these tests are about training.
-    build = ("data", "build", "--input", str(root / "samples"), "--output", str(root / "dataset"), "--config", CONFIG)
-    result = restoray(*build, "--set", "data.negatives.count=0", cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "dataset"
-
-
 def _assert_complete_export(weights, trained_part: str) -> Restorer:
     """Every trained tensor present with its full shape (no empty ZeRO partitions), and training changed them."""
     loaded = Restorer.from_pretrained(weights)
@@ -56,58 +43,8 @@ def _assert_complete_export(weights, trained_part: str) -> Restorer:
     return loaded
 
 
-@pytest.mark.slow
-def test_zero3_two_workers_survive_a_failure_and_register_the_model(dataset, mlflow_server, moto_endpoint, tmp_path):
-    import mlflow
-
-    storage = tmp_path / "train"
-    args = sets(
-        train__data=dataset, train__storage_path=storage, train__num_workers=2, train__cpus_per_worker=0.5, train__zero_stage=3,
-        train__steps=4, train__checkpoint_every=2, train__max_failures=1, mlflow__tracking_uri=mlflow_server,
-    )  # fmt: skip
-    result = restoray("train", "--config", CONFIG, *args, cwd=tmp_path, RESTORAY_FAULTS="train.fail_at_step=3")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "model: models:/restoray-adaptor/1" in result.stdout
-    # The last rank raised at step 3; FailureConfig restarted both workers from the step-2 checkpoint.
-    assert (storage / "restoray-adaptor" / "fail_once.marker").read_text().startswith("failed once at step 3")
-
-    client = mlflow.MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("restoray-local").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["config.train.zero_stage"] == "3" and run.data.params["dataset.manifest_id"] != "None"
-    assert run.data.tags["restoray.dataset"] == str(dataset) and run.data.tags["restoray.code_version"]
-    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == [1, 2, 3, 4]  # steps 1-2 before the failure, 3-4 after the restart: none twice
-    assert {"lr", "samples_per_s", "memory_mb"} <= set(run.data.metrics)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000004.png"]
-    # The validation restoration scored with `restoray eval`'s code under its metric names.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "psnr")] == [4] and 0 < run.data.metrics["psnr"] < 100
-    assert -1 <= run.data.metrics["ssim"] <= 1
-    version = client.get_model_version("restoray-adaptor", "1")
-    assert version.run_id == run.info.run_id and version.tags["run_id"] == run.info.run_id
-    # The artifacts went through the server into its S3 bucket (the training process had no S3 credentials to use).
-    keys = [key for key in s3_keys(moto_endpoint, MLFLOW_ARTIFACT_BUCKET) if key.startswith(f"runs/{run.info.experiment_id}/")]
-    assert any(key.endswith(f"{run.info.run_id}/artifacts/validation/step_000004.png") for key in keys), keys[:10]
-    assert any(key.endswith("MLmodel") for key in keys) and any(key.endswith(".safetensors") for key in keys), keys[:10]
-
-    checkpoint_export = next((storage / "restoray-adaptor").glob("checkpoint_*/export"))
-    assert json.loads((checkpoint_export / "training.json").read_text())["step"] == 4
-    _assert_complete_export(checkpoint_export, "model.")
-
-    image = REPO_ROOT / "restoray" / "samples.toml"  # not an image: the restore must refuse it clearly
-    bad = restoray("restore", str(image), "--output", str(tmp_path / "x.png"), "--weights", "models:/restoray-adaptor/1", cwd=tmp_path,
-                   MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
-    assert bad.returncode == 2
-    photo = next((dataset.parent / "samples").glob("*.png"))
-    restored = restoray("restore", str(photo), "--output", str(tmp_path / "out.png"), "--weights", "models:/restoray-adaptor/1",
-                        "--steps", "2", "--prompt", "a photo", cwd=tmp_path, MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
-    assert restored.returncode == 0, restored.stderr[-3000:]
-    assert (tmp_path / "out.png").stat().st_size > 0
-
-
-def test_bad_training_input_is_refused_before_workers_start(dataset, tmp_path):
+def test_bad_training_input_is_refused_before_workers_start(tmp_path):
+    dataset = _abair_shards(tmp_path / "shards")
     too_few = restoray("train", "--config", CONFIG, *sets(train__data=dataset, train__stage="experts", train__expert="rain",
                        train__batch_size=5000, train__storage_path=tmp_path / "t"), cwd=tmp_path)  # fmt: skip
     assert too_few.returncode == 2 and "needs at least 5000 `single` rows of type 'rain'" in too_few.stderr

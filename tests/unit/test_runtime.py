@@ -66,11 +66,11 @@ def test_storage_error_survives_pickling_and_is_found_inside_wrappers():
 
 def test_faults_come_from_one_variable_and_unknown_names_are_refused(monkeypatch):
     monkeypatch.delenv(faults.VARIABLE, raising=False)
-    assert faults.active() == {} and faults.fault("train.fail_at_step") == 0
-    monkeypatch.setenv(faults.VARIABLE, "train.fail_at_step=3, build.fail_after_rows=2")
-    assert faults.active() == {"train.fail_at_step": 3, "build.fail_after_rows": 2}
-    monkeypatch.setenv(faults.VARIABLE, "train.fail_at_stpe=3")
-    with pytest.raises(InputError, match="fail_at_stpe"):
+    assert faults.active() == {} and faults.fault("index.fail_after_rows") == 0
+    monkeypatch.setenv(faults.VARIABLE, "index.fail_after_rows=3, build.fail_after_rows=2")
+    assert faults.active() == {"index.fail_after_rows": 3, "build.fail_after_rows": 2}
+    monkeypatch.setenv(faults.VARIABLE, "build.fail_after_rwos=3")
+    with pytest.raises(InputError, match="fail_after_rwos"):
         faults.active()
 
 
