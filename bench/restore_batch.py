@@ -111,7 +111,7 @@ def main() -> int:
     print(f"{'Restorer.restore loop, one process, 1 thread':<58} {loop:>8.2f} im/s")
     print(f"{'restore-batch, 1 actor, 1 thread (whole command)':<58} {one['rate']:>8.2f} im/s")
     print(f"{'restore-batch, 1 actor, 1 thread (job, without Ray start)':<58} {one['job_rate']:>8.2f} im/s")
-    print(f"{'restore-batch, 1 actor, batch_size 1 (job, without Ray start)':<58} {unbatched['job_rate']:>8.2f} im/s")
+    print(f"{'restore-batch, 1 actor, batch 1 (job, without Ray start)':<58} {unbatched['job_rate']:>8.2f} im/s")
     overhead = 1 - unbatched["job_rate"] / loop
     verdict = "met" if overhead <= 0.15 else "MISSED"
     print(f"{'Ray overhead: job at batch_size 1 against the loop':<58} {overhead * 100:>9.1f} %   <= 15 % {verdict}")
