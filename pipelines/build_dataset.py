@@ -48,12 +48,12 @@ from pipelines.stages.decode import decode_row
 from pipelines.stages.dedup import dedup_row, find_duplicates, hashes_row
 from pipelines.stages.degrade import DegradeStage
 from pipelines.stages.quality import quality_row
-from pipelines.timer import StageTimer
+from pipelines.timer import start_stage_timer
 from restoration.degradations import REGISTRY
 from restoration.errors import InputError, RestorayError
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left, on_the_drivers_node
+from runtime.resources import check_cpus_left
 from runtime.storage import filesystem, find_cause, retrying, storage_cause
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def build_dataset(
 
 
 def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, preset, storage, out_fs, root, fp, started) -> BuildSummary:
-    timer = StageTimer.options(**on_the_drivers_node()).remote()
+    timer = start_stage_timer()
     decisions: dict[str, tuple[str, str]] = {}
     if config.dedup.exact or config.dedup.perceptual:
         decisions = _scan_duplicates(units, config, storage, out_fs, root, fp, timer)

@@ -48,14 +48,14 @@ from pipelines.build_dataset import (
 from pipelines.config import DataBuildConfig, IndexConfig
 from pipelines.sink import block_rows, commit_table, reject_row
 from pipelines.sources import list_units
-from pipelines.timer import StageTimer
+from pipelines.timer import start_stage_timer
 from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix, one_row_per_id
 from restoration.errors import InputError, RestorayError
 from restoration.retrieval import index as faiss_index
 from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENCE_ROW_GROUP, REFERENCE_SCHEMA, VECTORS_FILE
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left, on_the_drivers_node
+from runtime.resources import check_cpus_left
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def build_index(
     check_cpus_left(config.embed.actors * config.embed.num_cpus, 1.0, "the embedding actor pool", "lower index.embed.num_cpus or actors")
 
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    timer = StageTimer.options(**on_the_drivers_node()).remote()
+    timer = start_stage_timer()
     with plain_job_errors():
         embed_started = time.perf_counter()
         _embed_sources(units, wanted, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)

@@ -26,13 +26,13 @@ from pipelines.rows import batch_of, is_rejected, rows_of
 from pipelines.sink import block_rows, commit_table, reject_row
 from pipelines.sources import list_units
 from pipelines.stages.decode import decode_row
-from pipelines.timer import StageTimer
+from pipelines.timer import start_stage_timer
 from restoration.dataset import REJECT_SCHEMA
 from restoration.errors import InputError, RestorayError
 from restoration.settings import RestoreConfig, SamplerConfig
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left, on_the_drivers_node
+from runtime.resources import check_cpus_left
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def restore_batch(
     if done:
         log.info("resuming: %d sources already restored or rejected", len(done))
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    timer = StageTimer.options(**on_the_drivers_node()).remote()
+    timer = start_stage_timer()
     input_root = _source_prefix(input_uri, storage)
     max_chars = data.source.max_caption_chars
 

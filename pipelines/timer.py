@@ -29,3 +29,11 @@ class StageTimer:
 # Stages call `ray.get(timer.add.remote(...))`: waiting for the acknowledgement (about a millisecond a batch)
 # guarantees every count has landed before the driver reads the totals; fire-and-forget calls could still be
 # in flight when the write finishes, and the source count must be exact.
+
+
+def start_stage_timer():
+    """A job's StageTimer, on the driver's node: on a worker node it would die with that node and fail every stage
+    that reports to it."""
+    from runtime.resources import on_the_drivers_node
+
+    return StageTimer.options(**on_the_drivers_node()).remote()
