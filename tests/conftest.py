@@ -94,14 +94,16 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", 
 MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
 
 
-def s3_keys(endpoint: str, bucket: str) -> list[str]:
-    """Every key in a moto bucket."""
+def moto_client(endpoint: str):
+    """A boto3 S3 client of the moto server with its fake credentials (whatever the environment holds)."""
     import boto3
 
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    )
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def s3_keys(endpoint: str, bucket: str) -> list[str]:
+    """Every key in a moto bucket."""
+    pages = moto_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
@@ -110,10 +112,7 @@ def mlflow_server(tmp_path_factory, moto_endpoint):
     """`mlflow server` on 127.0.0.1 with its own sqlite store and an S3 artifact destination (a moto bucket), as
     infra/mlflow/ runs it: the server proxies artifacts, so its clients hold no S3 credentials. Its own process group;
     the training and the two-node tests share it (each in its own experiment)."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)  # fmt: skip
+    moto_client(moto_endpoint).create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = (root / "server.log").open("w")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from restoray.config import DEFAULT_CONFIG
-from tests.conftest import FAKE_AWS, MLFLOW_ARTIFACT_BUCKET, REPO_ROOT, s3_keys, subprocess_env
+from tests.conftest import FAKE_AWS, MLFLOW_ARTIFACT_BUCKET, REPO_ROOT, moto_client, s3_keys, subprocess_env
 from tests.integration.test_training import _assert_complete_export, sets
 from tests.integration.test_training import restoray as single_node_restoray
 
@@ -62,12 +62,11 @@ def restoray(*args: str, cwd, address: str, endpoint: str, background: bool = Fa
 
 
 def _upload_samples(root, endpoint: str) -> str:
-    import boto3
 
     from restoray.samples import materialise
 
     materialise(str(root / "samples"))
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3 = moto_client(endpoint)
     s3.create_bucket(Bucket="corpus")
     # Three copies (the build rejects the byte-identical ones as duplicates): enough read tasks that SPREAD, Ray
     # Data's default task placement, has work for both nodes.
@@ -98,7 +97,6 @@ def _loss_steps(client, experiment: str) -> tuple[str, list[int]]:
 
 @pytest.mark.slow
 def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, moto_endpoint, tmp_path):
-    import boto3
     import mlflow
     import s3fs
     from ray.util.state import list_tasks
@@ -107,7 +105,7 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     head_id, worker_id = two_nodes.head_node.node_id, worker.node_id
     address, endpoint = two_nodes.address, moto_endpoint
     corpus = _upload_samples(tmp_path, endpoint)
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3 = moto_client(endpoint)
     for bucket in ("datasets", "train"):
         s3.create_bucket(Bucket=bucket)
 
