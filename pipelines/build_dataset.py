@@ -53,7 +53,7 @@ from restoration.degradations import REGISTRY
 from restoration.errors import InputError, RestorayError
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left
+from runtime.resources import awaiting_resources, check_cpus_left
 from runtime.storage import filesystem, find_cause, retrying, storage_cause
 
 log = logging.getLogger(__name__)
@@ -351,10 +351,10 @@ def build_dataset(
         return _summary_from_manifest(output_uri, manifest)
     write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
-    _check_resources(config)
+    needs = _check_resources(config)
     # A UDF's own exception (StorageError, BuildStopped) reaches the driver as itself, not as a UserCodeException.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    with plain_job_errors():
+    with awaiting_resources(needs, "the data build's actor pools"), plain_job_errors():
         summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
     return summary
 
@@ -506,21 +506,26 @@ def _actor_stage(rows: ray.data.Dataset, stage_class, preset: str, stage_config,
     )
 
 
-def _check_resources(config: DataBuildConfig) -> None:
-    """Actor pools hold their CPUs for the whole run; the task stages need at least one CPU beside them."""
-    reserved = 0.0
+def _check_resources(config: DataBuildConfig) -> dict[str, float]:
+    """Actor pools hold their CPUs for the whole run; the task stages need at least one CPU beside them. Returns the
+    resources the main pass holds at once."""
+    reserved = gpus = 0.0
     if config.embed.enabled:
         reserved += 2 * config.embed.actors * config.embed.num_cpus  # embedding and image-text score pools
+        gpus += 2 * config.embed.actors * config.embed.num_gpus
     if config.caption.mode != "keep-source":
         reserved += config.caption.actors * config.caption.num_cpus
+        gpus += config.caption.actors * config.caption.num_gpus
     # The negatives' pool starts after the main pass has finished: it never runs beside the others.
     if config.negatives.count:
         reserved = max(reserved, config.negatives.actors * config.negatives.num_cpus)
-    check_cpus_left(
+        gpus = max(gpus, config.negatives.actors * config.negatives.num_gpus)
+    return check_cpus_left(
         reserved,
         1.0,
         "the model stages' actor pools",
         "lower data.embed.num_cpus / data.caption.num_cpus or their actors, or add CPUs",
+        gpus=gpus,
     )
 
 

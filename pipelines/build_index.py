@@ -55,7 +55,7 @@ from restoration.retrieval import index as faiss_index
 from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENCE_ROW_GROUP, REFERENCE_SCHEMA, VECTORS_FILE
 from runtime import faults
 from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left
+from runtime.resources import awaiting_resources, check_cpus_left
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,14 @@ def build_index(
     if manifest and manifest.get("complete"):
         return _summary_from_manifest(output_uri, manifest)
     write_json(out_fs, f"{root}/{MANIFEST_FILE}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
-    check_cpus_left(config.embed.actors * config.embed.num_cpus, 1.0, "the embedding actor pool", "lower index.embed.num_cpus or actors")
+    needs = check_cpus_left(
+        config.embed.actors * config.embed.num_cpus, 1.0, "the embedding actor pool", "lower index.embed.num_cpus or actors",
+        gpus=config.embed.actors * config.embed.num_gpus,
+    )  # fmt: skip
 
     ray.data.DataContext.get_current().raise_original_map_exception = True
     timer = start_stage_timer()
-    with plain_job_errors():
+    with awaiting_resources(needs, "the index build's embedding actors"), plain_job_errors():
         embed_started = time.perf_counter()
         _embed_sources(units, wanted, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)
         embed_seconds = time.perf_counter() - embed_started

@@ -176,8 +176,9 @@ def evaluate(
     storage: StorageConfig,
     mlflow_config: MlflowConfig,
 ) -> EvalSummary:
-    """Run a protocol on a model; Ray must be initialised. `weights`: its local directory or a preset name;
-    `weights_uri`: what the user named (recorded)."""
+    """Run a protocol on a model; Ray must be initialised. `weights`: its pinned URI (`runtime.resolve.pin`) or a
+    preset name, which the restore-batch actors resolve on their own nodes; `weights_uri`: what the user named
+    (recorded)."""
     from pipelines.restore_batch import restore_batch
 
     started = time.perf_counter()
@@ -189,7 +190,18 @@ def evaluate(
     _write(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
     options = options.model_copy(update={"upscale": protocol.upscale})
     restored = f"{output}/restored"
-    restore_batch(f"{output}/testset/lq", restored, restore_config, data, weights, sampler, options, storage, prompt=config.prompt)
+    restore_batch(
+        f"{output}/testset/lq",
+        restored,
+        restore_config,
+        data,
+        weights,
+        sampler,
+        options,
+        storage,
+        prompt=config.prompt,
+        mlflow=mlflow_config,
+    )
     fs, root = filesystem(restored, storage)
     marker = "/testset/lq/"
     results = {row["source"].split(marker, 1)[-1].rsplit(".", 1)[0]: row for row in _results(fs, root)}
@@ -246,18 +258,17 @@ def _cropped(image: np.ndarray | None, border: int) -> np.ndarray | None:
 
 def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow_config: MlflowConfig) -> dict[str, str]:
     """Where the scored model came from: its training run and data, and the SHA-256 of that dataset's manifest.json:
-    the line from corpus to model to score. From the weights' training.json (`restoray train`'s export) or, for a
-    registered `models:/NAME/VERSION`, from the version's run (its `restoray.dataset` tag). Presets and converted
-    weights have no training record: 'none'."""
-    record = Path(weights) / "training.json"
+    the line from corpus to model to score. For a registered `models:/NAME/VERSION` (pinned: an alias is its
+    version), from the version's run (its `restoray.dataset` tag); else from the weights' training.json (`restoray
+    train`'s export, on a path or s3://). Presets and converted weights have no training record: 'none'."""
     run_id, data_uri = "none", "none"
-    if record.is_file():
-        training = json.loads(record.read_text(encoding="utf-8"))
-        run_id, data_uri = str(training.get("run_id") or "none"), training.get("data") or "none"
-    elif weights_uri.startswith("models:/"):
+    record = _training_record(weights, storage) if not weights.startswith("models:/") else None
+    if record is not None:
+        run_id, data_uri = str(record.get("run_id") or "none"), record.get("data") or "none"
+    elif weights.startswith("models:/"):
         import mlflow
 
-        name, _, version = weights_uri.removeprefix("models:/").partition("/")
+        name, _, version = weights.removeprefix("models:/").partition("/")
         client = mlflow.MlflowClient(tracking_uri(mlflow_config))
         run_id = client.get_model_version(name, version).run_id or "none"
         if run_id != "none":
@@ -269,6 +280,16 @@ def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow
         except FileNotFoundError:
             digest = "unavailable (no manifest.json at the training data)"
     return {"train_run_id": run_id, "train_data": data_uri, "train_data_manifest_sha256": digest}
+
+
+def _training_record(weights: str, storage: StorageConfig) -> dict | None:
+    """The training.json beside weights on a path or s3://, if there is one (a preset name has none)."""
+    if not weights.startswith("s3://") and not Path(weights).is_dir():
+        return None
+    try:
+        return json.loads(read_bytes(f"{weights.rstrip('/')}/training.json", storage))
+    except FileNotFoundError:
+        return None
 
 
 def render_report(summary: EvalSummary, protocol: Protocol, rows: list[dict], metrics: list[str], output: str,

@@ -31,8 +31,8 @@ from restoration.dataset import REJECT_SCHEMA
 from restoration.errors import InputError, RestorayError
 from restoration.settings import RestoreConfig, SamplerConfig
 from runtime import faults
-from runtime.config import StorageConfig
-from runtime.resources import check_cpus_left
+from runtime.config import MlflowConfig, StorageConfig
+from runtime.resources import awaiting_resources, check_cpus_left
 from runtime.storage import filesystem, is_remote, retrying
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,15 @@ def restore_batch(
     index: str | None = None,
     prompt: str | None = None,
     expert_weights=None,
+    mlflow: MlflowConfig | None = None,
 ) -> RestoreBatchSummary:
-    """Run the job; Ray must be initialised. `weights`: a local weights directory or a preset name; `index`: a local
-    reference index for references=auto. InputError for unusable inputs (exit 2), StorageError / BuildStopped while
-    working (exit 1)."""
+    """Run the job; Ray must be initialised. `weights`: a pinned URI (`runtime.resolve.pin`: models:/NAME/VERSION,
+    s3://, a shared path) or a preset name; `index`: a pinned URI of a reference index for references=auto; the
+    actors resolve both on their own nodes, `mlflow` saying where models:/ is. InputError for unusable inputs (exit
+    2), StorageError / BuildStopped while working (exit 1)."""
     started = time.time()
     storage = storage or StorageConfig()
+    mlflow = mlflow or MlflowConfig()
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
     units_format, units = list_units(input_uri, data.source, storage)
@@ -163,7 +166,10 @@ def restore_batch(
     if manifest and manifest.get("complete"):
         return _summary(output_uri, manifest, already_complete=True)
     write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
-    check_cpus_left(config.actors * config.num_cpus, 1.0, "the Restorer actor pool", "lower restore_batch.num_cpus or actors")
+    needs = check_cpus_left(
+        config.actors * config.num_cpus, 1.0, "the Restorer actor pool", "lower restore_batch.num_cpus or actors",
+        gpus=config.actors * config.num_gpus,
+    )  # fmt: skip
 
     done: set[str] = set()
     for table_name in ("results", "rejects"):
@@ -189,6 +195,8 @@ def restore_batch(
         fn_constructor_kwargs={
             "weights": weights,
             "index": index,
+            "storage": storage.model_dump(),
+            "mlflow": mlflow.model_dump(),
             "sampler": sampler.model_dump(),
             "options": options.model_dump(),
             "prompt": prompt,
@@ -203,7 +211,7 @@ def restore_batch(
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
     )
-    with plain_job_errors():
+    with awaiting_resources(needs, "the Restorer actor pool"), plain_job_errors():
         rows.write_datasink(RestoreSink(output_uri, storage, config.max_rows_per_shard, faults.fault("restore.fail_after_rows")))
     totals = ray.get(timer.totals.remote())
     results = read_table(out_fs, root, "results", ["source"], storage)

@@ -16,7 +16,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -41,6 +41,18 @@ class RayConfig(StrictModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs the embedded local instance may use; unset = all of this machine's.")
     namespace: str = Field("restoray", description="Ray namespace for named actors and jobs.")
+    autoscaling: bool | Literal["auto"] = Field(
+        "auto",
+        description="Whether the cluster adds nodes for what a job schedules. true: a job never refuses for CPUs/GPUs "
+        "missing now, and waits up to resource_wait_s for them; false: jobs that cannot fit the cluster as it is are "
+        "refused (exit 2); 'auto': true where Ray reports an autoscaler (its autoscaling config in the GCS), else false "
+        "(the embedded instance is never autoscaling).",
+    )
+    resource_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="On an autoscaling cluster: how long a job waits for the resources it schedules before it stops (exit 1, naming them).",
+    )
 
 
 class SamplesConfig(StrictModel):

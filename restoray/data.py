@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from restoray.config import RunConfig
-from restoray.ray_env import alive_nodes, connect
+from restoray.ray_env import connect, on_cluster
 from runtime.storage import check_shared_storage
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,9 @@ def run_data_build(
     from restoration.models.presets import load_preset
 
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
+    check_shared_storage(on_cluster(config.ray), {"--input": input_uri, "--output": output_uri}, config.storage)
     listed = list_units(input_uri, config.data.source, config.storage)  # unreadable input: fail before Ray starts
     print(f"Ray: {connect(config.ray)}")
-    check_shared_storage(alive_nodes(), {"--input": input_uri, "--output": output_uri}, config.storage)
     summary = build_dataset(input_uri, output_uri, config.data, config.preset, config.storage, listed=listed, retry_rejected=retry_rejected)
     print(summary.table())
     if report_path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from restoray.config import RunConfig
-from restoray.ray_env import cluster_address, connect, loopback_only
+from restoray.ray_env import cluster_address, connect, loopback_only, on_cluster
 from restoray.restore import restore_settings
-from runtime.resolve import resolve
+from restoray.restore_batch import model_tracking, pinned_model
+from runtime.storage import as_path, check_shared_storage
 
 
 def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
@@ -20,7 +21,9 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
     protocol = load_protocol(args.protocol)  # bad input (an unknown protocol, an unusable metric): before Ray starts
     plan_metrics(config.eval.metrics, config.eval.weights.model_dump(), protocol.has_reference)
     sampler, options = restore_settings(config, args)
-    weights = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
+    weights, mlflow = pinned_model(config, args)
+    paths = {"--data": args.data, "--output": args.output, "--weights": as_path(weights)}
+    check_shared_storage(on_cluster(config.ray), paths, config.storage, model_tracking(weights, mlflow))
     print(f"Ray: {connect(config.ray)}")
     summary = evaluate(
         weights,
@@ -34,7 +37,7 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
         sampler,
         options,
         config.storage,
-        config.mlflow,
+        mlflow,
     )
     print(summary.table())
     return 0

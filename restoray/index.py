@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from restoray.config import RunConfig
-from restoray.ray_env import alive_nodes, connect
+from restoray.ray_env import connect, on_cluster
 from runtime.storage import check_shared_storage
 
 
@@ -19,9 +19,9 @@ def run_index_build(config: RunConfig, input_uri: str, output_uri: str, embeddin
 
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
     index_config = config.index.model_copy(update={"index_type": index_type}) if index_type else config.index
-    print(f"Ray: {connect(config.ray)}")
     paths = {"--input": input_uri, "--output": output_uri, "--embeddings": embeddings_uri}
-    check_shared_storage(alive_nodes(), paths, config.storage)
+    check_shared_storage(on_cluster(config.ray), paths, config.storage)
+    print(f"Ray: {connect(config.ray)}")
     summary = build_index(input_uri, output_uri, index_config, config.data, config.preset, config.storage, embeddings_uri=embeddings_uri)
     print(summary.table())
     return 0

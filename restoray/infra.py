@@ -32,7 +32,6 @@ IMAGE_FILE = TEMPLATES / "image.toml"
 CONFIG_DIR = "/etc/restoray"
 CONFIG_FILE = "run.toml"
 VARIANTS = ("cpu", "cuda")
-KUBERAY_NODES = 2  # a head and at least one worker pod: node-local paths do not reach the others
 MANIFESTS = (
     "restoray-config.yaml",
     "raycluster.yaml",
@@ -100,7 +99,7 @@ def job_entrypoints(config: RunConfig, overrides: list[str]) -> dict[str, str]:
     from runtime.storage import check_shared_storage
 
     paths = {"infra.data_input": infra.data_input, "infra.data_output": data_output, "infra.index_input": index_input}
-    check_shared_storage(KUBERAY_NODES, {**paths, "infra.index_output": infra.index_output, **shared_storage_paths(config)}, config.storage)
+    check_shared_storage(True, {**paths, "infra.index_output": infra.index_output, **shared_storage_paths(config)}, config.storage)
     return {
         "data-build": _entrypoint("data", "build", "--input", infra.data_input, "--output", data_output, overrides=overrides),
         "index-build": _entrypoint("index", "build", "--input", index_input, "--output", infra.index_output, overrides=overrides),

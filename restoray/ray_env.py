@@ -1,4 +1,5 @@
-"""Connecting to Ray: a cluster when one is named, else the embedded local instance in this process."""
+"""Connecting to Ray: a cluster when one is named (`ray.address` or RAY_ADDRESS), else a new embedded local instance
+in this process; and the job's resource policy (`runtime.resources`): whether the cluster autoscales."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 
 from restoray.config import RayConfig
+from runtime.resources import ResourcePolicy, has_autoscaler, set_policy
 
 log = logging.getLogger(__name__)
 ALREADY_CONNECTED = "already connected"
@@ -26,11 +28,10 @@ def cluster_address(config: RayConfig) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def alive_nodes() -> int:
-    """Nodes of the connected cluster that are alive (the node-local-path check counts them)."""
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
+def on_cluster(config: RayConfig) -> bool:
+    """Whether the job runs on a Ray cluster (its nodes, now or once it scales, do not see this machine's files)
+    rather than the embedded instance in this process: the shared-storage check asks this before connecting."""
+    return cluster_address(config) is not None
 
 
 def quiet_ray(verbose: bool) -> None:
@@ -73,10 +74,15 @@ def connect(config: RayConfig) -> str:
         return ALREADY_CONNECTED
     level = logging.INFO if verbose else logging.WARNING
     if address:
+        # Never num_cpus here: a cluster's nodes declare their own resources, and Ray refuses them on connect.
         ray.init(address=address, namespace=config.namespace, log_to_driver=True, logging_level=level)
-        where = f"cluster at {address}"
+        autoscaling = has_autoscaler() if config.autoscaling == "auto" else config.autoscaling
+        where = f"cluster at {address}" + (" (autoscaling)" if autoscaling else "")
     else:
+        # address="local": a new instance even where another cluster's address file is in Ray's temp dir
+        # (ray.init() without an address connects to that cluster, which `ray start` or a crashed run left behind).
         ray.init(
+            address="local",
             num_cpus=config.num_cpus,
             namespace=config.namespace,
             include_dashboard=False,
@@ -85,6 +91,8 @@ def connect(config: RayConfig) -> str:
             runtime_env={"worker_process_setup_hook": "restoray.ray_env.quiet_embedded_worker"},
         )
         where = f"embedded local instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, node {ray.util.get_node_ip_address()})"
+        autoscaling = config.autoscaling is True  # forced on: lets a test exercise the waiting on one machine
+    set_policy(ResourcePolicy(autoscaling=autoscaling, resource_wait_s=config.resource_wait_s))
     quiet_ray(verbose)
     log.debug("Ray: %s", where)
     return where

@@ -1,5 +1,5 @@
-"""`restoray train`: resolve the run (weights URI, tracking URI, storage), refuse node-local storage on a
-multi-node cluster, connect to Ray, train, print where the model went."""
+"""`restoray train`: resolve the run (weights URI, tracking URI, storage), refuse node-local storage on a Ray
+cluster, connect to Ray, train, print where the model went."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 from restoration.errors import InputError
 from restoray import __version__
 from restoray.config import RunConfig
-from restoray.ray_env import ALREADY_CONNECTED, alive_nodes, cluster_address, connect, loopback_only
-from runtime.config import tracking_uri
-from runtime.resolve import resolve
-from runtime.storage import check_shared_storage
+from restoray.ray_env import ALREADY_CONNECTED, cluster_address, connect, loopback_only, on_cluster
+from runtime.config import absolute_tracking_uri
+from runtime.resolve import pin
+from runtime.storage import as_path, check_shared_storage
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,11 @@ def code_version() -> str:
 
 def shared_storage_paths(config: RunConfig) -> dict[str, str | None]:
     """What training's workers and checkpoints touch: on several nodes each must be shared storage."""
-    return {"train.storage_path": config.train.storage_path, "train.data": config.train.data}
+    return {
+        "train.storage_path": config.train.storage_path,
+        "train.data": config.train.data,
+        "train.init_from": as_path(config.train.init_from),
+    }
 
 
 def run_train(config: RunConfig) -> int:
@@ -47,18 +51,18 @@ def train_from_config(config: RunConfig) -> dict:
     if not cluster_address(config.ray):
         loopback_only()
     from restoration.models.presets import load_preset
-    from training.tracking import absolute_tracking_uri
 
     train = config.train
     if not train.data:
         raise InputError("train.data is not set: point it at the output of `restoray data build` (--set train.data=PATH)")
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
-    init = resolve(train.init_from, config.storage, config.mlflow) if train.init_from else config.preset
-    tracking = absolute_tracking_uri(tracking_uri(config.mlflow))
+    # Pinned, not downloaded: each worker resolves it into its own node's cache (runtime.resolve).
+    init = pin(train.init_from, config.storage, config.mlflow) if train.init_from else config.preset
+    tracking = absolute_tracking_uri(config.mlflow)
+    check_shared_storage(on_cluster(config.ray), shared_storage_paths(config), config.storage, tracking)
     where = connect(config.ray)
     if where != ALREADY_CONNECTED:  # the demo connected already and said so
         print(f"Ray: {where}")
-    check_shared_storage(alive_nodes(), shared_storage_paths(config), config.storage, tracking)
 
     from training.trainer import run_training
 

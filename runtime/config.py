@@ -4,6 +4,7 @@ and which MLflow tracking server runs log to."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pydantic import Field
 
@@ -13,7 +14,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class StorageConfig(StrictModel):
-    cache_dir: str = Field("~/.cache/restoray", description="Local cache that s3:// and models:/ URIs are downloaded into before use.")
+    cache_dir: str = Field(
+        "~/.cache/restoray",
+        description="Local cache that s3:// and models:/ URIs are downloaded into before use, on each node ($VARS and ~ "
+        "expanded where it is used).",
+    )
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint (MinIO, moto, other clouds). Unset: AWS_ENDPOINT_URL if set, else AWS."
     )
@@ -29,8 +34,8 @@ class StorageConfig(StrictModel):
     max_backoff_s: float = Field(8.0, ge=0, description="Longest wait between our attempts.")
     shared_filesystem: bool = Field(
         False,
-        description="Declare that local paths are on a mount every node shares (else a cluster of several nodes needs s3:// "
-        "for inputs, outputs and checkpoints).",
+        description="Declare that local paths are on a mount every node shares (else a job connected to a Ray cluster needs "
+        "s3:// for inputs, outputs, weights and checkpoints, and MLflow as a tracking server).",
     )
 
 
@@ -45,3 +50,13 @@ class MlflowConfig(StrictModel):
 def tracking_uri(config: MlflowConfig) -> str:
     """The config's value (a file or --set) wins, then MLFLOW_TRACKING_URI, then the local sqlite store."""
     return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def absolute_tracking_uri(config: MlflowConfig) -> str:
+    """The tracking URI a job hands its workers and actors, which may run in another directory: a relative sqlite
+    path made absolute against the driver's."""
+    uri = tracking_uri(config)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri

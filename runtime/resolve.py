@@ -1,15 +1,23 @@
 """Resolve the URIs users pass (local paths, `s3://`, `models:/name/version`, Hugging Face ids) to what
 `restoration/` accepts: a local path, or a Hugging Face id it loads itself.
 
-Remote objects are copied into the local cache (`storage.cache_dir`) first; an S3 object already cached with the
-same ETag is not downloaded again; a registered model version (immutable) is downloaded once, an alias every time.
-Every failure names the URI and the likely fix; resolving happens before work starts, so failures are bad input.
+Remote objects are copied into the local cache (`storage.cache_dir`, `$VARS` expanded on each node) first; an S3
+object already cached with the same ETag is not downloaded again; a registered model version (immutable) is
+downloaded once, an alias every time. A lock file per URI in the cache makes concurrent resolvers on one node (the
+actors of a pool) download once. Every failure names the URI and the likely fix: failures are bad input.
+
+The one rule for paths that cross nodes: a job's driver `pin`s a URI (an alias to its version, a local path to its
+absolute form, checked to exist) and hands the pinned URI to its actors, never a path of its own cache; each actor
+`resolve`s it into its own node's cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from restoration.errors import InputError
@@ -26,9 +34,11 @@ def is_resolvable_remote(uri: str) -> bool:
 def resolve(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None) -> str:
     """A local path (as a string) for `uri`; Hugging Face ids (`org/name` not on disk) are returned unchanged."""
     if uri.startswith("s3://"):
-        return str(_download_s3(uri, storage))
+        with _cache_lock(storage, uri):
+            return str(_download_s3(uri, storage))
     if uri.startswith("models:/"):
-        return str(_download_model(uri, storage, mlflow or MlflowConfig()))
+        with _cache_lock(storage, uri):
+            return str(_download_model(uri, storage, mlflow or MlflowConfig()))
     if "://" in uri:
         raise InputError(f"unsupported URI scheme in {uri!r}; use a local path, s3://, models:/ or a Hugging Face id")
     path = Path(uri).expanduser()
@@ -39,13 +49,74 @@ def resolve(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None
     raise InputError(f"{uri!r} is neither an existing path nor a Hugging Face id (org/name)")
 
 
+def on_this_node(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None) -> str:
+    """What an actor or worker loads from a pinned URI: a remote one (s3://, models:/) resolved into this node's
+    cache, anything else (a shared path, a preset name, a Hugging Face id) as it is."""
+    return resolve(uri, storage, mlflow) if is_resolvable_remote(uri) else uri
+
+
+def pin(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None) -> str:
+    """The URI a job's actors resolve on their own nodes: `models:/NAME@ALIAS` becomes the version the alias names
+    now (every actor loads the same model, however the alias moves), a local path its absolute form; each is
+    checked to exist here first, so a wrong one is bad input before any actor starts."""
+    if uri.startswith("models:/"):
+        return _pin_model(uri, mlflow or MlflowConfig())
+    if uri.startswith("s3://"):
+        fs, key = filesystem(uri, storage)
+        try:
+            found = fs.exists(key.rstrip("/"))
+        except Exception as err:  # botocore raises many unrelated classes for network and credential failures
+            raise InputError(f"{uri}: cannot read from S3 ({type(err).__name__}: {err}); check the endpoint and credentials") from err
+        if not found:
+            raise InputError(f"{uri} does not exist (check the bucket and key, and the endpoint {s3_endpoint(storage) or 'AWS'})")
+        return uri
+    if "://" in uri:
+        raise InputError(f"unsupported URI scheme in {uri!r}; use a local path, s3://, models:/ or a Hugging Face id")
+    path = Path(uri).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if _looks_like_hub_id(uri):
+        return uri
+    raise InputError(f"{uri!r} is neither an existing path nor a Hugging Face id (org/name)")
+
+
+def _pin_model(uri: str, mlflow_config: MlflowConfig) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name_version = uri.removeprefix("models:/").strip("/")
+    name, at, alias = name_version.partition("@")
+    if not at and "/" not in name_version:
+        raise InputError(f"{uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    client = mlflow.MlflowClient(tracking_uri(mlflow_config))
+    try:
+        if at:
+            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+        name, _, version = name_version.partition("/")
+        client.get_model_version(name, version)
+        return f"models:/{name}/{version}"
+    except MlflowException as err:
+        raise InputError(f"{uri}: {err.message} (tracking URI {tracking_uri(mlflow_config)})") from err
+
+
 def _looks_like_hub_id(uri: str) -> bool:
     parts = uri.split("/")
     return len(parts) == 2 and all(parts) and not uri.startswith((".", "~"))
 
 
 def cache_root(storage: StorageConfig) -> Path:
-    return Path(storage.cache_dir).expanduser()
+    return Path(os.path.expandvars(storage.cache_dir)).expanduser()
+
+
+@contextmanager
+def _cache_lock(storage: StorageConfig, uri: str) -> Iterator[None]:
+    """One resolver of `uri` at a time on this node: the others wait, then find the cached copy."""
+    from filelock import FileLock
+
+    locks = cache_root(storage) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{hashlib.sha256(uri.encode()).hexdigest()[:32]}.lock")):
+        yield
 
 
 def _download_s3(uri: str, storage: StorageConfig) -> Path:

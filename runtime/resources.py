@@ -1,24 +1,147 @@
-"""The one resource check: on a fixed-size Ray instance, work that holds CPUs for a whole job (actor pools, training
-workers) must leave enough for the tasks that run beside it, or the job waits forever instead of failing."""
+"""The one resource policy of a job, set once when it connects to Ray (`restoray.ray_env.connect`).
+
+- On a fixed-size Ray instance (the embedded one, a cluster without an autoscaler), work that holds CPUs for a whole
+  job (actor pools, training workers) must leave enough for the tasks that run beside it, or the job waits forever
+  instead of failing: `check_cpus_left` refuses it before it starts (exit 2).
+- On an autoscaling cluster nothing is refused for resources that are missing now: a KubeRay cluster scaled to zero
+  has 0 CPUs when a job is submitted. Ray Data and Ray Train ask the autoscaler for what they schedule (Ray Data runs
+  its own autoscaling coordinator that requests resources every tick; no request of ours competes with it).
+  `awaiting_resources` logs what the job waits for and stops it after `ray.resource_wait_s` with `ResourceWaitError`
+  (exit 1) naming the resources: Ray Train v2 retries a worker group's start forever, and Ray Data waits as long.
+"""
 
 from __future__ import annotations
 
-from restoration.errors import InputError
+import _thread
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from restoration.errors import InputError, RestorayError
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0
+LOG_EVERY_S = 30.0
 
 
-def check_cpus_left(held: float, needed_beside: float, what: str, fix: str, single_node_only: bool = False) -> None:
-    """Raise `InputError` when `held` CPUs leave fewer than `needed_beside` of the connected cluster's CPUs.
-    `single_node_only`: skip multi-node clusters (they may autoscale)."""
+@dataclass(frozen=True)
+class ResourcePolicy:
+    autoscaling: bool = False
+    resource_wait_s: float = 600.0
+
+
+_policy = ResourcePolicy()
+
+
+def set_policy(policy: ResourcePolicy) -> None:
+    """Called once by `connect`: what the connected cluster is (the process holds one Ray connection)."""
+    global _policy
+    _policy = policy
+
+
+def policy() -> ResourcePolicy:
+    return _policy
+
+
+class ResourceWaitError(RestorayError):
+    """An autoscaling cluster did not provide a job's resources within `ray.resource_wait_s` (exit 1)."""
+
+
+def has_autoscaler() -> bool:
+    """Whether the connected cluster runs an autoscaler, as far as Ray tells: its monitor publishes the autoscaling
+    config in the GCS key-value store (`ray start --autoscaling-config`, KubeRay's in-tree autoscaler, `ray up`).
+    A cluster without that key (the embedded instance, `ray start` alone) keeps its size."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    return bool(_internal_kv_get(AUTOSCALING_CONFIG_KEY))
+
+
+# Written by the autoscaler's monitor (ray/autoscaler/_private/monitor.py) before it starts scaling.
+AUTOSCALING_CONFIG_KEY = b"__autoscaling_config"
+
+
+def check_cpus_left(held: float, needed_beside: float, what: str, fix: str, gpus: float = 0.0) -> dict[str, float]:
+    """Raise `InputError` when `held` CPUs leave fewer than `needed_beside` of a fixed-size cluster's CPUs. An
+    autoscaling cluster is not checked: it adds nodes for what the job schedules. Returns the resources the job needs
+    at once (for `awaiting_resources`)."""
     import ray
 
-    if single_node_only and len([node for node in ray.nodes() if node.get("Alive")]) != 1:
-        return
+    needs = {"CPU": held + needed_beside, "GPU": gpus}
+    if _policy.autoscaling:
+        return needs
     available = ray.cluster_resources().get("CPU", 0.0)
     if available - held < needed_beside:
         raise InputError(
             f"{what} hold {held:g} of this Ray instance's {available:g} CPUs, leaving {available - held:g} for the tasks "
             f"beside them, which need {needed_beside:g}; {fix}"
         )
+    return needs
+
+
+def missing(needs: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    """The part of `needs` that `have` lacks (resource name -> amount short)."""
+    return {name: amount - have.get(name, 0.0) for name, amount in needs.items() if amount > 0 and have.get(name, 0.0) < amount}
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))
+
+
+@contextmanager
+def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
+    """Run the body (a Ray Data or Ray Train job that schedules `needs`); on an autoscaling cluster, watch until the
+    cluster's resources reach `needs`, logging what it waits for, and stop the body with `ResourceWaitError` once
+    `ray.resource_wait_s` has passed without them. A no-op on a fixed-size cluster (`check_cpus_left` ran)."""
+    if not _policy.autoscaling or not any(amount > 0 for amount in needs.values()):
+        yield
+        return
+    import ray
+
+    done, expired = threading.Event(), threading.Event()
+    short: dict[str, float] = {}
+
+    def watch() -> None:
+        started = time.monotonic()
+        next_log = started
+        while not done.wait(POLL_S):
+            short.clear()
+            short.update(missing(needs, ray.cluster_resources()))
+            waited = time.monotonic() - started
+            if not short:
+                if waited > POLL_S:
+                    log.warning("the cluster has the resources of %s after %.0f s", what, waited)
+                return
+            if waited >= _policy.resource_wait_s:
+                expired.set()
+                _thread.interrupt_main()  # the job's main thread waits inside Ray; this ends the wait there
+                return
+            if time.monotonic() >= next_log:
+                log.warning(
+                    "waiting for the autoscaler: %s need %s; the cluster lacks %s (%.0f of %g s)",
+                    what, _describe(needs), _describe(short), waited, _policy.resource_wait_s,
+                )  # fmt: skip
+                next_log = time.monotonic() + LOG_EVERY_S
+
+    watcher = threading.Thread(target=watch, name="restoray-resource-wait", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not expired.is_set():
+            raise
+        raise ResourceWaitError(
+            f"{what} waited {_policy.resource_wait_s:g} s (ray.resource_wait_s) for {_describe(needs)}, and the "
+            f"autoscaling cluster still lacks {_describe(short)}: check the worker groups' sizes and max replicas "
+            "(a node type with these resources), or raise ray.resource_wait_s"
+        ) from None
+    finally:
+        done.set()
+        watcher.join(timeout=5)
 
 
 def on_the_drivers_node() -> dict:

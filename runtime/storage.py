@@ -62,21 +62,32 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def check_shared_storage(nodes: int, paths: dict[str, str | None], storage: StorageConfig, tracking: str | None = None) -> None:
-    """The one node-local-path refusal (DESIGN.md, Storage): on a cluster of several nodes, every path a job's tasks,
-    workers or checkpoints touch must be one every node reaches (s3://, or a shared mount declared with
-    storage.shared_filesystem), and MLflow a tracking server. `paths` maps what the user wrote (`--output`,
-    `train.data`) to its value."""
-    if nodes <= 1:
+def check_shared_storage(on_cluster: bool, paths: dict[str, str | None], storage: StorageConfig, tracking: str | None = None) -> None:
+    """The one node-local-path refusal (DESIGN.md, Storage): a job connected to a Ray cluster (not the embedded
+    instance) may run its tasks, actors and workers on any node, now or once the cluster has scaled (a cluster scaled
+    to zero has one node alive when the job starts), so every path they touch must be one every node reaches (s3://,
+    or a shared mount declared with storage.shared_filesystem), and MLflow a tracking server (or a file store on that
+    mount). `paths` maps what the user wrote (`--output`, `train.data`) to its value; None and preset names are left
+    out by the caller."""
+    if not on_cluster or storage.shared_filesystem:
         return
-    local = [f"{name}={value!r}" for name, value in paths.items() if value and not is_remote(value) and not storage.shared_filesystem]
+    local = [f"{name}={value!r}" for name, value in paths.items() if value and not is_remote(value) and not value.startswith("models:/")]
     if tracking is not None and (tracking.startswith(("sqlite:", "file:")) or "://" not in tracking):
         local.append(f"mlflow.tracking_uri={tracking!r}")
     if local:
         raise InputError(
-            f"the cluster has {nodes} nodes, so these must be shared storage (s3://, or a mount every node sees declared with "
-            f"storage.shared_filesystem=true; MLflow as an http(s) tracking server): {', '.join(local)}"
+            "connected to a Ray cluster, whose nodes do not see this machine's files, so these must be shared storage "
+            "(s3://, or a mount every node sees declared with storage.shared_filesystem=true; MLflow as an http(s) "
+            f"tracking server): {', '.join(local)}"
         )
+
+
+def as_path(value: str | None) -> str | None:
+    """`value` when it names a file or folder of this machine, else None: weights and models are also named by
+    preset names, Hugging Face ids and remote URIs, which the shared-storage check has nothing to say about."""
+    if not value or is_remote(value) or "://" in value or value.startswith("models:/"):
+        return None
+    return value if value.startswith(("/", ".", "~")) or os.path.exists(value) else None
 
 
 def s3_endpoint(storage: StorageConfig) -> str | None:

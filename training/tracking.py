@@ -20,14 +20,6 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """Workers may run in another directory: a relative sqlite path is made absolute against the driver's."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
-    return uri
-
-
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in values.items():

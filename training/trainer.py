@@ -104,6 +104,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from restoration.restorer import Restorer
+    from runtime.config import MlflowConfig
+    from runtime.resolve import on_this_node
     from training.stages import Stage, prepare_restorer
     from training.tracking import RankZeroLogger
 
@@ -114,7 +116,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seed = loop_config["seed"]
     torch.manual_seed(seed)
 
-    restorer = prepare_restorer(Restorer.from_pretrained(loop_config["init"]), config).to(device)
+    # The driver pinned `init` to a URI; each worker loads it from its own node's cache (runtime.resolve).
+    init = on_this_node(
+        loop_config["init"], StorageConfig.model_validate(loop_config["storage"]), MlflowConfig(tracking_uri=loop_config["tracking_uri"])
+    )
+    restorer = prepare_restorer(Restorer.from_pretrained(init), config).to(device)
     stage = Stage(restorer, config)
     optimizer = torch.optim.AdamW(stage.parameters, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
@@ -248,19 +254,19 @@ def _export(engine, restorer, config: TrainConfig, directory: Path, rank: int, s
         dist.barrier()
 
 
-def _check_resources(config: TrainConfig) -> None:
-    """On a fixed single-node instance, workers that take every CPU leave none for the Ray Data tasks preparing
-    their batches (listing the shards takes a whole CPU), and training would wait forever: say so instead.
-    (Multi-node clusters may autoscale, so they are not checked.)"""
+def _check_resources(config: TrainConfig) -> dict[str, float]:
+    """On a fixed-size cluster, workers that take every CPU leave none for the Ray Data tasks preparing their batches
+    (listing the shards takes a whole CPU), and training would wait forever: say so instead. (An autoscaling cluster
+    is not checked: it adds nodes for the worker group.) Returns what the worker group and its feed need."""
     from runtime.resources import check_cpus_left
 
-    check_cpus_left(
+    return check_cpus_left(
         config.num_workers * config.cpus_per_worker,
         max(1.0, config.data_cpus),
         f"train.num_workers x train.cpus_per_worker ({config.num_workers} x {config.cpus_per_worker:g})",
         f"the Ray Data tasks that feed them need at least 1 (and train.data_cpus = {config.data_cpus:g} each); "
         "lower train.cpus_per_worker or train.num_workers",
-        single_node_only=True,
+        gpus=config.num_workers * config.gpus_per_worker,
     )
 
 
@@ -287,16 +293,19 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from runtime.resources import awaiting_resources
     from runtime.storage import arrow_filesystem
     from training.data import check_shards, manifest_id, new_decode_counter, training_dataset
     from training.tracking import RUN_ID_FILE, finish, log_decode_failures, log_model, open_run
 
-    _check_resources(config)
+    needs = _check_resources(config)
     shards = check_shards(config, storage, min_rows=config.batch_size * config.num_workers)
     if config.stage == "experts":
+        from runtime.config import MlflowConfig
+        from runtime.resolve import on_this_node
         from training.stages import require_trained_adaptor
 
-        require_trained_adaptor(init)
+        require_trained_adaptor(on_this_node(init, storage, MlflowConfig(tracking_uri=tracking_uri)))
     manifest = manifest_id(config, storage)
     remote = config.storage_path.startswith("s3://")
     storage_path = config.storage_path if remote else str(Path(config.storage_path).resolve())
@@ -317,6 +326,7 @@ def run_training(
         "train": config.model_dump(),
         "seed": seed,
         "init": init,
+        "storage": storage.model_dump(),
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "decode_counter": decode_counter,
@@ -343,7 +353,8 @@ def run_training(
         dataset_config=DataConfig(execution_options=_ingest_options(config.preserve_order)),
     )
     try:
-        result = trainer.fit()
+        with awaiting_resources(needs, f"the training worker group ({config.num_workers} workers)"):
+            result = trainer.fit()
     except BaseException:
         log_decode_failures(tracking_uri, run_id, decode_counter)
         finish(tracking_uri, run_id, "FAILED")

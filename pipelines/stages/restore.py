@@ -33,10 +33,15 @@ def output_name(source: str, input_root: str, extension: str) -> str:
 
 
 class RestoreStage:
+    """`weights` and `index` are URIs the driver pinned (runtime.resolve.pin): each actor resolves them into its own
+    node's cache when it loads, since a path of the driver's cache does not exist on another node."""
+
     def __init__(
         self,
         weights: str,
         index: str | None,
+        storage: dict,
+        mlflow: dict,
         sampler: dict,
         options: dict,
         prompt: str | None,
@@ -46,7 +51,8 @@ class RestoreStage:
         output_format: str,
         timer=None,
     ):
-        self.weights, self.index_path = weights, index
+        self.weights, self.index_uri = weights, index
+        self.storage, self.mlflow = storage, mlflow
         self.sampler, self.options = sampler, options
         self.prompt, self.expert_weights = prompt, expert_weights
         self.num_gpus, self.input_root, self.output_format = num_gpus, input_root, output_format
@@ -58,13 +64,16 @@ class RestoreStage:
             import torch
 
             from restoration.restorer import Restorer
+            from runtime.config import MlflowConfig, StorageConfig
+            from runtime.resolve import on_this_node
 
-            self.restorer = Restorer.from_pretrained(self.weights)
+            storage, mlflow = StorageConfig.model_validate(self.storage), MlflowConfig.model_validate(self.mlflow)
+            self.restorer = Restorer.from_pretrained(on_this_node(self.weights, storage, mlflow))
             self.restorer.to("cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-            if self.index_path:
+            if self.index_uri:
                 from restoration.retrieval.references import ReferenceIndex
 
-                self.index = ReferenceIndex.load(self.index_path)
+                self.index = ReferenceIndex.load(on_this_node(self.index_uri, storage, mlflow))
         return self.restorer
 
     def __call__(self, batch: dict) -> dict:
@@ -107,7 +116,7 @@ class RestoreStage:
                 row["caption"] = result.caption
                 row["references"] = json.dumps([{"source": ref.source, "similarity": ref.similarity} for ref in result.references])
                 row["seed"] = result.seed
-                row["model"] = restorer.weights or restorer.preset_name
+                row["model"] = self.weights  # the pinned URI (or preset name), not this node's cache path
                 row["seconds"] = json.dumps(result.seconds)
         if self.timer is not None:
             ray.get(self.timer.add.remote("restore", len(live), time.perf_counter() - started))

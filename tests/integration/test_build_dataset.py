@@ -30,7 +30,7 @@ def local_ray():
     fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {key: os.environ.get(key) for key in fake}
     os.environ.update(fake)
-    ray.init(num_cpus=2, include_dashboard=False, namespace="restoray-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="restoray-tests", log_to_driver=False)
     yield
     ray.shutdown()
     for key, value in saved.items():

@@ -77,6 +77,35 @@ def test_restore_batch_refuses_bad_input_before_work(tmp_path, local_ray, capsys
     assert main(["restore-batch", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 2
 
 
+def test_an_autoscaling_cluster_is_waited_for_then_the_job_stops_naming_the_resources(tmp_path, local_ray, caplog):  # noqa: F811
+    """On an autoscaling cluster a pool larger than the cluster is not refused up front (exit 2), as it is on a
+    fixed-size one: the job waits for the autoscaler, saying so, and stops after ray.resource_wait_s (exit 1). The
+    embedded instance never grows, so the wait runs out here."""
+    from restoration.errors import InputError
+    from runtime.resources import ResourcePolicy, ResourceWaitError, policy, set_policy
+
+    source = corpus(tmp_path / "corpus")
+    config = RestoreBatchConfig(actors=1, num_cpus=3)  # 3 + 1 beside them: more than the instance's 2 CPUs
+    args = (str(source), str(tmp_path / "out"), config, DataBuildConfig(), "tiny", SamplerConfig(steps=1), RestoreConfig())
+    with pytest.raises(InputError, match="hold 3 of this Ray instance's 2 CPUs"):
+        restore_batch(*args)
+    saved = policy()
+    set_policy(ResourcePolicy(autoscaling=True, resource_wait_s=4))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ResourceWaitError) as err, caplog.at_level("WARNING", logger="runtime.resources"):
+            restore_batch(*args, mlflow=None)
+        waited = time.monotonic() - started
+    finally:
+        set_policy(saved)
+    assert err.value.exit_code == 1 and "ray.resource_wait_s" in str(err.value) and "4 CPU" in str(err.value)
+    assert "lacks 2 CPU" in str(err.value), str(err.value)
+    assert "waiting for the autoscaler: the Restorer actor pool need 4 CPU" in caplog.text
+    assert 4 <= waited < 60
+    # The instance is usable afterwards: the stopped job released what it held.
+    assert restore_batch(*args[:2], RestoreBatchConfig(num_cpus=0.5), *args[3:]).restored == 5
+
+
 def hq_folder(root, count: int = 3):
     rng = np.random.default_rng(1)
     root.mkdir(parents=True)

@@ -5,7 +5,7 @@ import pytest
 from restoration.errors import InputError
 from restoray.config import load_config
 from restoray.train import shared_storage_paths
-from runtime.storage import check_shared_storage
+from runtime.storage import as_path, check_shared_storage
 from training.trainer import deepspeed_config
 
 
@@ -26,22 +26,25 @@ def test_deepspeed_config_is_generated_from_ours():
     assert cpu["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in cpu["zero_optimization"] and not cpu["bf16"]["enabled"]
 
 
-def test_several_nodes_need_shared_storage():
-    local = load_config(overrides=["train.data=data/demo/dataset", "train.storage_path=data/train"])
+def test_a_cluster_needs_shared_storage():
+    local = load_config(overrides=["train.data=data/demo/dataset", "train.storage_path=data/train", "train.init_from=./weights"])
     paths = shared_storage_paths(local)
-    check_shared_storage(1, paths, local.storage, "sqlite:///mlflow.db")  # one machine: local paths are fine
-    with pytest.raises(InputError) as err:
-        check_shared_storage(3, paths, local.storage, "sqlite:///mlflow.db")
+    check_shared_storage(False, paths, local.storage, "sqlite:///mlflow.db")  # the embedded instance: local paths are fine
+    with pytest.raises(InputError) as err:  # any cluster, whatever its nodes now: a scaled-to-zero one has one
+        check_shared_storage(True, paths, local.storage, "sqlite:///mlflow.db")
     message = str(err.value)
-    assert "3 nodes" in message and "train.storage_path" in message and "train.data" in message and "mlflow.tracking_uri" in message
-    shared = load_config(overrides=["train.data=s3://b/ds", "train.storage_path=s3://b/train"])
-    check_shared_storage(3, shared_storage_paths(shared), shared.storage, "http://mlflow:5000")
+    assert "connected to a Ray cluster" in message and "mlflow.tracking_uri" in message
+    assert all(name in message for name in ("train.storage_path", "train.data", "train.init_from='./weights'"))
+    shared = load_config(overrides=["train.data=s3://b/ds", "train.storage_path=s3://b/train", "train.init_from=models:/a/1"])
+    check_shared_storage(True, shared_storage_paths(shared), shared.storage, "http://mlflow:5000")
     mounted = load_config(overrides=["train.data=/mnt/shared/ds", "train.storage_path=/mnt/shared/train", "storage.shared_filesystem=true"])
-    check_shared_storage(3, shared_storage_paths(mounted), mounted.storage, "http://mlflow:5000")
-    # The same check for the jobs that name paths on the command line (data build, index build).
+    check_shared_storage(True, shared_storage_paths(mounted), mounted.storage, "sqlite:////mnt/shared/mlflow.db")
+    # The same check for the jobs that name paths on the command line (data build, index build, restore-batch, eval);
+    # preset names and Hugging Face ids are no paths.
     with pytest.raises(InputError, match=r"--output='data/out'") as err:
-        check_shared_storage(2, {"--input": "s3://b/corpus", "--output": "data/out"}, local.storage)
-    assert "--input" not in str(err.value) and "mlflow" not in str(err.value)
+        check_shared_storage(True, {"--input": "s3://b/corpus", "--output": "data/out", "--weights": as_path("org/model")}, local.storage)
+    assert "--input" not in str(err.value) and "mlflow" not in str(err.value) and "--weights" not in str(err.value)
+    assert as_path("tiny") is None and as_path("s3://b/w") is None and as_path("/abs/w") == "/abs/w"
 
 
 def test_train_keys_are_validated_with_the_config():

@@ -1,10 +1,12 @@
+import os
 import time
 
 import pytest
 
+import runtime.resolve
 from restoration.errors import InputError
 from runtime.config import MlflowConfig, StorageConfig
-from runtime.resolve import resolve
+from runtime.resolve import pin, resolve
 from tests.conftest import free_port
 
 
@@ -77,3 +79,43 @@ def test_models_uri_downloads_the_registered_version(tmp_path, monkeypatch):
         resolve("models:/restoray-test/9", storage, mlflow_config)
     with pytest.raises(InputError, match="expected models:/NAME/VERSION"):
         resolve("models:/justaname", storage, mlflow_config)
+
+    # What a job's driver hands its actors: the alias pinned to the version it names now, checked to exist.
+    client.create_model_version("restoray-test", source=f"{run.info.artifact_uri}/weights", run_id=run.info.run_id)
+    client.set_registered_model_alias("restoray-test", "champion", "2")
+    assert pin("models:/restoray-test@champion", storage, mlflow_config) == "models:/restoray-test/2"
+    assert pin("models:/restoray-test/1", storage, mlflow_config) == "models:/restoray-test/1"
+    with pytest.raises(InputError, match="models:/restoray-test/9"):
+        pin("models:/restoray-test/9", storage, mlflow_config)
+    with pytest.raises(InputError, match="restoray-test@nobody"):
+        pin("models:/restoray-test@nobody", storage, mlflow_config)
+    assert pin(str(weights), storage) == str(weights)
+    assert pin("tiny-org/tiny-model", storage) == "tiny-org/tiny-model"  # a Hugging Face id stays as it is
+    with pytest.raises(InputError, match="neither an existing path"):
+        pin("./no/such/weights", storage)
+
+
+def test_concurrent_resolvers_on_one_node_download_once(tmp_path, moto_endpoint, aws_test_credentials):
+    """The actors of a pool resolve the same URI at once on one node: one downloads, the others wait for its copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})
+    fs.mkdir("lockbucket")
+    fs.pipe("lockbucket/weights/model.safetensors", b"x" * 2_000_000)
+    storage = StorageConfig(cache_dir=str(tmp_path / "cache-$RESTORAY_TEST_NODE"), s3_endpoint_url=moto_endpoint)
+    downloads = []  # each finished download is moved into place from its partial file
+    original = os.replace
+
+    def counting_replace(source, target):
+        downloads.append(str(target))
+        return original(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RESTORAY_TEST_NODE", "node-a")  # cache_dir's $VARS are expanded where it is used
+        patch.setattr(runtime.resolve.os, "replace", counting_replace)
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda _: resolve("s3://lockbucket/weights", storage), range(4)))
+    assert len(set(paths)) == 1 and paths[0].startswith(str(tmp_path / "cache-node-a"))
+    assert len(downloads) == 1, downloads
