@@ -14,11 +14,11 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP_BASE): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --progress-bar off -e .
+	$(BIN)/pip install --quiet --progress-bar off -e '.[cpu]'
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --quiet --progress-bar off -e '.[cpu,dev]'
 	touch $@ $(STAMP_BASE)
 
 install: $(STAMP_DEV)
@@ -47,7 +47,7 @@ image: $(STAMP_BASE)
 	$(BIN)/pip wheel --quiet --no-deps -w dist .
 	docker build -f infra/docker/Dockerfile \
 		--build-arg BASE_IMAGE=$$($(BIN)/restoray infra image --base --variant $(VARIANT)) \
-		--build-arg EXTRAS=$(if $(filter cuda,$(VARIANT)),gpu,) \
+		--build-arg EXTRAS=$(if $(filter cuda,$(VARIANT)),gpu,cpu) \
 		-t $$($(BIN)/restoray infra image --variant $(VARIANT)) .
 
 clean-venv:

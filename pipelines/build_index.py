@@ -354,7 +354,7 @@ def _add_task(trained_empty: np.ndarray, vectors: np.ndarray, first_id: int) -> 
 
 def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
     """Train, add (in Ray tasks for IVF types), tune; writes vectors.npy and index.faiss (+ .ivfdata) into `work`."""
-    import faiss
+    from restoration.retrieval.index import faiss
 
     seconds: dict[str, float] = {}
     count, dim = vectors.shape

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     infra = commands.add_parser(
         "infra",
-        help="container image tags and KubeRay manifests (image, render)",
+        help="container image tags and KubeRay manifests (image, render, job)",
         description="The cluster side: restoray's container image (infra/docker/) and the KubeRay manifests of a run.",
     )
     infra_commands = infra.add_subparsers(dest="infra_command", metavar="JOB", required=True)
@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         "render",
         help="render the KubeRay manifests (RayCluster, RayJobs, RayService) of a run config",
         description="Render the KubeRay manifests of a run: a ConfigMap with the config, a RayCluster (CPU head, CPU and "
-        "GPU worker groups, autoscaling, token auth through a Secret), RayJobs for data build, index build and train "
-        "submitted to it, and a RayService for the Serve application. Pod sizes, names, Secrets and the jobs' paths "
+        "GPU worker groups, autoscaling, token auth through a Secret), RayJobs for data build, index build, train, "
+        "restore-batch and eval (on that cluster, or each on its own: infra.job_cluster), and a RayService for the Serve "
+        "application. Pod sizes, names, Secrets and the jobs' paths "
         "come from the config's [infra] section (`restoray list config`), training from [train], the Serve app from "
         "[serve]. No credential is written: pods read them from Secrets.",
         epilog="example: restoray infra render --config configs/cluster.example.toml --output infra/kuberay\n"
@@ -309,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--output", required=True, metavar="DIR", help="folder the manifests are written into")
     _add_config_arguments(render)
     render.set_defaults(handler=_run_infra_render)
+    job = infra_commands.add_parser(
+        "job",
+        help="render one RayJob (data-build, index-build, train, restore-batch, eval) with a fresh name, to run it again",
+        description="Render the RayJob of one command, as `infra render` does, named NAME-COMMAND-XXXXX with a fresh "
+        "random suffix: a RayJob runs once, and `kubectl apply` of a new name starts the job again without editing a "
+        "manifest (kubectl apply cannot use generateName). Names are at most 47 characters (KubeRay's limit).",
+        epilog="example: restoray infra job train --config configs/cluster.example.toml | kubectl apply -f -",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    job.add_argument("job", metavar="COMMAND", help="data-build, index-build, train, restore-batch or eval")
+    job.add_argument("--output", default=None, metavar="FILE", help="write the manifest here (default: standard output)")
+    _add_config_arguments(job)
+    job.set_defaults(handler=_run_infra_job)
 
     convert = commands.add_parser("convert", help="convert released checkpoints (supir)", description="Convert released checkpoints.")
     convert_what = convert.add_subparsers(dest="convert_what", metavar="FORMAT", required=True)
@@ -501,6 +515,13 @@ def _run_infra_image(args: argparse.Namespace) -> int:
     from restoray.infra import run_infra_image
 
     return run_infra_image(args.variant, args.base)
+
+
+def _run_infra_job(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from restoray.infra import run_infra_job
+
+    return run_infra_job(config, args.config, args.overrides, args.job, args.output)
 
 
 def _run_infra_render(args: argparse.Namespace) -> int:

@@ -109,6 +109,47 @@ class InfraConfig(StrictModel):
     data_output: str | None = Field(None, description="The data build RayJob's --output; unset: train.data.")
     index_input: str | None = Field(None, description="The index build RayJob's --input; unset: the data build's output.")
     index_output: str | None = Field(None, description="The index build RayJob's --output (the reference index on s3://).")
+    model: str | None = Field(
+        None,
+        description="What the restore-batch and eval RayJobs load (--weights: models:/NAME/VERSION, @ALIAS, s3://); unset: serve.weights.",
+    )
+    restore_input: str | None = Field(None, description="The restore-batch RayJob's --input (images on s3://).")
+    restore_output: str | None = Field(None, description="The restore-batch RayJob's --output (s3://).")
+    eval_protocol: str = Field("realesrgan-x4", description="The eval RayJob's --protocol (`restoray list protocols`).")
+    eval_data: str | None = Field(None, description="The eval RayJob's --data (HQ images, or LQ/ and HQ/, on s3://).")
+    eval_output: str | None = Field(None, description="The eval RayJob's --output (s3://).")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLFLOW_TRACKING_URI of every Ray pod; unset: the in-cluster server of infra/mlflow/ "
+        "(http://mlflow.NAMESPACE.svc.cluster.local:5000). Each environment sets the variable; configs leave mlflow.tracking_uri unset.",
+    )
+    job_cluster: Literal["shared", "own"] = Field(
+        "shared",
+        description="shared: RayJobs run on the RayCluster (clusterSelector); own: each RayJob brings a cluster of the same "
+        "spec, deleted ttl_s after the job finishes.",
+    )
+    job_deadline_s: int = Field(7 * 86400, gt=0, description="activeDeadlineSeconds of every RayJob: KubeRay stops a job running longer.")
+    job_ttl_s: int = Field(
+        600, ge=0, description="job_cluster = own: seconds the finished job's cluster is kept (ttlSecondsAfterFinished)."
+    )
+    termination_grace_s: int = Field(
+        120,
+        ge=60,
+        description="terminationGracePeriodSeconds of every Ray pod: room for its preStop `ray stop` and for Serve's graceful "
+        "shutdown (20 s per replica) and proxy draining (30 s).",
+    )
+    gcs_redis_address: str = Field(
+        "redis://restoray-redis:6379",
+        description="The RayService's external Redis (GCS fault tolerance: Serve keeps answering while the head restarts).",
+    )
+    gcs_redis_secret: str = Field(
+        "restoray-redis", pattern=K8S_NAME, description="Secret with key password: the external Redis's password."
+    )
+    serve_small: PodGroupConfig = Field(
+        default_factory=lambda: PodGroupConfig(cpu=2, memory="8Gi", min_replicas=1, max_replicas=4),
+        description="The RayService's small CPU group: the Ingress, Captioner and Retriever deployments run there, not on a "
+        "whole CPU worker.",
+    )
 
 
 class RunConfig(StrictModel):

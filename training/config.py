@@ -85,6 +85,11 @@ class TrainConfig(StrictModel):
         description="Feed rows in the shards' order (Ray Data preserve_order): with a fixed seed the run is reproducible "
         "step for step (the golden loss curve), at some cost in throughput.",
     )
+    data_label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels the training feed's Ray Data tasks are kept to (ExecutionOptions.label_selector), e.g. "
+        "{'restoray.io/pool' = 'cpu'}: the KubeRay CPU group, off the GPU workers; empty: any node.",
+    )
     max_decode_failure_share: float = Field(
         0.01,
         ge=0,

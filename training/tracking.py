@@ -81,7 +81,8 @@ class RankZeroLogger:
             self.client = mlflow.MlflowClient(tracking_uri)
             self.run_id = run_id
 
-    def _last_logged_step(self, key: str) -> int:
+    def last_logged_step(self, key: str) -> int:
+        """The last step of `key` in the run (-1: none), asked of MLflow once per attempt."""
         if key not in self.logged_up_to:
             history = self.client.get_metric_history(self.run_id, key)
             self.logged_up_to[key] = max((metric.step for metric in history), default=-1)
@@ -93,7 +94,7 @@ class RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        new = [Metric(key, float(value), now, step) for key, value in values.items() if step > self._last_logged_step(key)]
+        new = [Metric(key, float(value), now, step) for key, value in values.items() if step > self.last_logged_step(key)]
         if new:
             self.client.log_batch(self.run_id, metrics=new)
             self.logged_up_to.update({metric.key: step for metric in new})

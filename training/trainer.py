@@ -147,6 +147,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ", ".join(f"{r}={node}" for r, node in enumerate(nodes)),
         )
     tracker = RankZeroLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), enabled=rank == 0)
+    if checkpoint and tracker.enabled and (logged := tracker.last_logged_step("loss")) > step:
+        logging.getLogger("ray.train").info(
+            "[train] retracing steps %d..%d: run before the failure, after the checkpoint (MLflow keeps their first values)",
+            step + 1,
+            logged,
+        )
     data = _batches(ray.train.get_dataset_shard("train"), config.batch_size)
     validation_image = validation_target = None
 
@@ -270,12 +276,18 @@ def _check_resources(config: TrainConfig) -> dict[str, float]:
     )
 
 
-def _ingest_options(preserve_order: bool):
-    from ray.train import DataConfig
+def _ingest_options(preserve_order: bool, label_selector: dict[str, str]):
+    """Ray Train's default ingest options, less `exclude_resources` (deprecated, removed after January 2027; copying
+    it warns on every run): the feed is kept off the training workers' nodes by a label selector instead."""
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = preserve_order
-    return options
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=preserve_order,
+        verbose_progress=current.verbose_progress,
+        label_selector=label_selector or None,
+    )
 
 
 def run_training(
@@ -350,7 +362,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": training_dataset(config, seed, storage, decode_counter)},
-        dataset_config=DataConfig(execution_options=_ingest_options(config.preserve_order)),
+        dataset_config=DataConfig(execution_options=_ingest_options(config.preserve_order, config.data_label_selector)),
     )
     try:
         with awaiting_resources(needs, f"the training worker group ({config.num_workers} workers)"):

@@ -71,7 +71,7 @@ def find_clip_duplicates(sources: list[str], vectors: np.ndarray, threshold: flo
     """{dropped source: detail}: in URI order, a source whose embedding has cosine >= threshold with an earlier kept
     source is dropped (each dropped source names the kept one it repeats, so a chain of near-duplicates does not drop
     an image unlike every kept one). Candidates come from faiss range search over the normalised embeddings."""
-    import faiss
+    from restoration.retrieval.index import faiss
 
     if len(sources) < 2:
         return {}

@@ -24,8 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ModuleNotFoundError as err:  # the two wheels both provide `faiss`, so neither is a base dependency
+    raise ModuleNotFoundError(
+        "faiss is not installed: pip install 'restoray[cpu]' (faiss-cpu), or 'restoray[gpu]' (faiss-gpu) on CUDA"
+    ) from err
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivf_pq")
 FLAT_BELOW = 10_000

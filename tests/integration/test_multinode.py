@@ -2,10 +2,12 @@
 
 A data build and a two-worker DeepSpeed ZeRO-3 training run (placement SPREAD) whose tasks and workers land on both
 nodes, with outputs on S3 (moto) and MLflow a tracking server storing its artifacts in S3; node-local paths refused;
-the worker node removed during training and the run resumed from its last checkpoint with both workers on the head
+the worker node crashed during training (every process SIGKILLed: no goodbye, the head's health check finds it dead)
+and the run resumed from its last checkpoint with both workers on the head
 (ZeRO checkpoints are per rank: the world size stays 2), each step logged once; the registered model restored
 through the server; then a second `restoray train` with more steps resumes the run at its saved step in the same
-MLflow run. The one end-to-end training run of the suite with two workers.
+MLflow run. The one end-to-end training run of the suite with two workers. Beside the cluster (its address file in
+Ray's default temp dir), the embedded default still starts its own instance.
 """
 
 import json
@@ -43,8 +45,12 @@ def cluster(moto_endpoint):
             patch.setenv(key, value)
         two_nodes = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 4, "object_store_memory": 300 * mib, "include_dashboard": True, "dashboard_port": dashboard_port},
-        )
+            head_node_args={
+                "num_cpus": 4, "object_store_memory": 300 * mib, "include_dashboard": True, "dashboard_port": dashboard_port,
+                # A crashed node is found by the GCS health check alone: 1 s x 3 misses instead of Ray's 3 s x 5.
+                "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+            },
+        )  # fmt: skip
         worker = two_nodes.add_node(num_cpus=2, object_store_memory=200 * mib)
         two_nodes.wait_for_nodes()
         yield two_nodes, worker
@@ -95,6 +101,27 @@ def _loss_steps(client, experiment: str) -> tuple[str, list[int]]:
     return run_id, sorted(metric.step for metric in client.get_metric_history(run_id, "loss"))
 
 
+def test_the_embedded_default_starts_its_own_instance_beside_a_cluster(cluster, tmp_path):
+    """`ray.init()` without an address connects to the cluster named in Ray's temp dir (as `ray start` and this
+    fixture leave it); without RAY_ADDRESS / ray.address, restoray starts its own instance all the same."""
+    from ray._common.utils import get_ray_address_file
+
+    two_nodes, _ = cluster
+    with open(get_ray_address_file(None)) as address_file:
+        assert address_file.read().strip() == two_nodes.address  # what a bare ray.init() would join
+    probe = (
+        "import ray; from restoray.config import RayConfig; from restoray.ray_env import connect; "
+        "print(connect(RayConfig(num_cpus=1))); print('GCS', ray.get_runtime_context().gcs_address, len(ray.nodes()))"
+    )
+    environment = subprocess_env()
+    environment.pop("RAY_ADDRESS", None)
+    embedded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=180)
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    assert "embedded local instance (1 CPUs" in embedded.stdout, embedded.stdout
+    gcs, nodes = embedded.stdout.split("GCS ", 1)[1].split()
+    assert gcs != two_nodes.address and nodes == "1"
+
+
 @pytest.mark.slow
 def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, moto_endpoint, tmp_path):
     import mlflow
@@ -113,7 +140,7 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     local = restoray("data", "build", "--input", corpus, "--output", str(tmp_path / "local"), "--config", CONFIG, cwd=tmp_path,
                      address=address, endpoint=endpoint)  # fmt: skip
     assert local.returncode == 2, local.stderr[-2000:]
-    assert "the cluster has 2 nodes" in local.stderr and f"--output={str(tmp_path / 'local')!r}" in local.stderr
+    assert "connected to a Ray cluster" in local.stderr and f"--output={str(tmp_path / 'local')!r}" in local.stderr
     assert not (tmp_path / "local").exists()
 
     build = restoray("data", "build", "--input", corpus, "--output", "s3://datasets/two-node", "--config", CONFIG,
@@ -152,7 +179,9 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
             time.sleep(0.3)
             fs.invalidate_cache()
         assert max(steps) < STEPS, f"training reached step {max(steps)} before the node could be removed"
-        two_nodes.remove_node(worker)
+        # A crash, not a goodbye: SIGKILL to each of the node's processes (never killpg: the nodes share pytest's
+        # process group), so no raylet announces its exit and the head's health check must declare the node dead.
+        two_nodes.remove_node(worker, allow_graceful=False)
         lost_after = max(_loss_steps(client, EXPERIMENT)[1])
         training.wait(timeout=500)
     output = log_path.read_text()
@@ -166,8 +195,10 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     saved_step = int(resumed.rsplit(" ", 1)[1])
     assert 2 <= saved_step <= lost_after and saved_step % 2 == 0, output[-3000:]  # the last checkpoint before the loss
     assert set(ranks.values()) == {head_id} and len(ranks) == 2  # both workers on the head, world size 2
-    print(f"\nworker node {worker_id[:8]} removed; last step logged {lost_after}; resumed from the checkpoint of step {saved_step}")
-    print("\n".join(line for line in output.splitlines() if "[train]" in line or "died because its node" in line)[-3000:])
+    if lost_after > saved_step:  # the steps run before the crash after the checkpoint are run again, and said so
+        assert f"[train] retracing steps {saved_step + 1}..{lost_after}" in output, output[-3000:]
+    print(f"\nworker node {worker_id[:8]} crashed; last step logged {lost_after}; resumed from the checkpoint of step {saved_step}")
+    print("\n".join(line for line in output.splitlines() if "[train]" in line or "node" in line.lower())[-3000:])
     run_id, steps = _loss_steps(client, EXPERIMENT)
     assert steps == list(range(1, STEPS + 1)), steps  # the steps run again after the restart are logged once each
 

@@ -5,6 +5,7 @@ import jsonschema
 import ray.autoscaler
 import yaml
 
+from restoray.config import load_config
 from tests.conftest import REPO_ROOT
 
 
@@ -34,5 +35,13 @@ def test_cluster_config_has_the_node_roles_and_runs_the_image():
     # restoray comes with the container image (its tags: tests/unit/test_infra.py), not from a set-up command.
     assert "pip install" not in setup and cluster["docker"]["image"].startswith("ghcr.io/restoray/restoray:")
     assert gpu_workers[0]["docker"]["worker_image"].endswith("-cuda")
-    assert "s3://" in setup
+    # The run config's bucket, no variable that nothing reads, MLflow from the nodes' environment (the example config
+    # leaves mlflow.tracking_uri unset: a value there would override the variable), autoscaling declared.
+    text = (REPO_ROOT / "ray_cluster.yaml").read_text()
+    example = load_config(REPO_ROOT / "configs" / "cluster.example.toml")
+    assert "RESTORAY_SHARED_STORAGE" not in text and "MLFLOW_TRACKING_URI" in setup
+    assert f"s3://{example.train.data.split('/')[2]}" in text and example.mlflow.tracking_uri is None
+    assert example.ray.autoscaling is True and all(t["min_workers"] == 0 for t in cpu_workers + gpu_workers)
+    # The training feed's label selector finds the CPU workers, as it finds KubeRay's CPU group.
+    assert [t["labels"] for t in cpu_workers] == [example.train.data_label_selector] != [t["labels"] for t in gpu_workers]
     assert any("ray start --head" in command for command in cluster["head_start_ray_commands"])

@@ -6,6 +6,7 @@ from restoration.errors import InputError
 from restoray.config import load_config
 from restoray.train import shared_storage_paths
 from runtime.storage import as_path, check_shared_storage
+from tests.conftest import REPO_ROOT
 from training.trainer import deepspeed_config
 
 
@@ -75,3 +76,20 @@ def test_a_restarted_attempt_logs_each_step_once_keeping_the_first_values(tmp_pa
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "psnr")] == [(3, 20.0), (4, 20.0)]
     RankZeroLogger(tracking, run_id, enabled=False).metrics(5, {"loss": 1.0})  # ranks other than 0 log nothing
     assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 4
+
+
+def test_the_training_feed_is_placed_by_labels_without_the_deprecated_exclude_resources():
+    import warnings
+
+    from ray.data import DataContext
+
+    from training.trainer import _ingest_options
+
+    DataContext.get_current()  # its own deprecation warnings, at creation, are Ray's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Ray Train's default_ingest_options() copies exclude_resources: a RayDeprecationWarning
+        options = _ingest_options(True, {"restoray.io/pool": "cpu"})
+        anywhere = _ingest_options(False, {})
+    assert options.label_selector == {"restoray.io/pool": "cpu"} and options.preserve_order
+    assert anywhere.label_selector is None and not anywhere.preserve_order
+    assert load_config(REPO_ROOT / "configs" / "cluster.example.toml").train.data_label_selector == {"restoray.io/pool": "cpu"}
