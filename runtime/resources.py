@@ -51,18 +51,13 @@ class ResourceWaitError(RestorayError):
 
 
 def has_autoscaler() -> bool:
-    """Whether the connected cluster runs an autoscaler, as far as Ray tells: its monitor publishes the autoscaling
-    config in the GCS key-value store (`ray start --autoscaling-config`, KubeRay's in-tree autoscaler, `ray up`).
-    A cluster without that key (the embedded instance, `ray start` alone) keeps its size."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+    """Whether the connected cluster can add nodes, as far as Ray tells: the autoscaler (v1 or v2: `ray start
+    --autoscaling-config`, `ray up`, KubeRay's in-tree autoscaler) publishes its node types to the GCS, and one of
+    them may grow. Ray Data's own test, so the job and Ray Data's autoscaling coordinator agree; the embedded
+    instance and a plain `ray start` publish none."""
+    from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
 
-    if not _internal_kv_initialized():
-        return False
-    return bool(_internal_kv_get(AUTOSCALING_CONFIG_KEY))
-
-
-# Written by the autoscaler's monitor (ray/autoscaler/_private/monitor.py) before it starts scaling.
-AUTOSCALING_CONFIG_KEY = b"__autoscaling_config"
+    return is_autoscaling_enabled()
 
 
 def check_cpus_left(held: float, needed_beside: float, what: str, fix: str, gpus: float = 0.0) -> dict[str, float]:
