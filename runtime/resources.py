@@ -51,13 +51,29 @@ class ResourceWaitError(RestorayError):
 
 
 def has_autoscaler() -> bool:
-    """Whether the connected cluster can add nodes, as far as Ray tells: the autoscaler (v1 or v2: `ray start
-    --autoscaling-config`, `ray up`, KubeRay's in-tree autoscaler) publishes its node types to the GCS, and one of
-    them may grow. Ray Data's own test, so the job and Ray Data's autoscaling coordinator agree; the embedded
-    instance and a plain `ray start` publish none."""
-    from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+    """Whether the connected cluster can add nodes, as far as Ray 2.60 tells (Ray has no one answer):
+    - the GCS runs autoscaler v2 (KubeRay's `autoscalerOptions.version: v2`, as `restoray infra render` writes it);
+    - or a published cluster config has a node type that may grow (Ray Data's own test, `is_autoscaling_enabled`);
+    - or the v1 monitor, which every head runs, reports node types of an autoscaling config (`ray start
+      --autoscaling-config`, `ray up`): without one it runs a read-only provider whose types are all
+      `format_readonly_node_type(node_id)`.
+    The embedded instance and a plain `ray start` show none of these (set ray.autoscaling to say otherwise)."""
+    import json
 
-    return is_autoscaling_enabled()
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2(fetch_from_server=True) or is_autoscaling_enabled():
+        return True
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not status:
+        return False
+    node_types = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    readonly_prefix = format_readonly_node_type("")
+    return any(not node_type.startswith(readonly_prefix) for node_type in node_types.values())
 
 
 def check_cpus_left(held: float, needed_beside: float, what: str, fix: str, gpus: float = 0.0) -> dict[str, float]:
