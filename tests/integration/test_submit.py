@@ -123,10 +123,15 @@ def test_submitted_data_build_runs_on_the_cluster(ray_cluster, tmp_path):
         (corpus / f"{index}.png").write_bytes(png_bytes(image))
         (corpus / f"{index}.txt").write_text(f"caption {index}")
     output = tmp_path / "dataset"
+    # The job runs on a cluster, whose nodes need not see this machine's files: local paths are refused there
+    # unless declared a shared mount (one machine here: its /tmp is shared by construction).
+    refused = _submit(ray_cluster, "--", "data", "build", "--input", str(corpus), "--output", str(output))
+    assert refused.returncode == 1 and "connected to a Ray cluster" in refused.stdout + refused.stderr
+    assert not output.exists()
     result = _submit(
         ray_cluster,
         "--",
-        "data", "build", "--input", str(corpus), "--output", str(output),
+        "data", "build", "--input", str(corpus), "--output", str(output), "--set", "storage.shared_filesystem=true",
         "--set", "data.quality.min_short_side=128", "--set", "data.crop.size=128",
         "--set", "data.embed.enabled=false", "--set", "data.caption.mode=keep-source", "--set", "data.negatives.count=0",
     )  # fmt: skip
@@ -141,6 +146,7 @@ def test_submitted_data_build_runs_on_the_cluster(ray_cluster, tmp_path):
         ray_cluster,
         "--",
         "train", "--set", f"train.data={output}", "--set", f"train.storage_path={tmp_path / 'train'}",
+        "--set", "storage.shared_filesystem=true",
         "--set", "train.cpus_per_worker=0.5", "--set", "train.steps=2", "--set", "train.checkpoint_every=2",
         "--set", "train.resolution=128", "--set", "train.validation_steps=1",
         "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
