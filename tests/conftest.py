@@ -130,3 +130,85 @@ def mlflow_server(tmp_path_factory, moto_endpoint):
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 in a session of its own, every port explicit, token auth on (a
+    short temp dir: Ray's socket paths must stay short, so not pytest's deep tmp_path). Ended by its session: Ray
+    puts its worker processes in process groups of their own, but all stay in the head's session (and so do the
+    worker nodes an autoscaler's fake provider starts)."""
+
+    PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")  # fmt: skip
+
+    def __init__(self, prefix: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None, gcs_port: int | None = None):
+        import tempfile
+        import uuid
+
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.token_path = self.temp_dir / "auth_token"
+        self.token_path.write_text(uuid.uuid4().hex)
+        ports: set[int] = {gcs_port} if gcs_port else set()
+        while len(ports) < len(self.PORTS):
+            ports.add(free_port())
+        others = sorted(ports - {gcs_port})
+        self.ports = dict(zip(self.PORTS, [gcs_port or others.pop(0), *others], strict=True))
+        worker_low = 20000 + (os.getpid() % 120) * 100  # below the ephemeral range (32768+)
+        self.env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                                  **(env or {}))  # fmt: skip
+        self.env.pop("RAY_ADDRESS", None)
+        command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                   *(f"--{name}={port}" for name, port in self.ports.items()), f"--min-worker-port={worker_low}",
+                   f"--max-worker-port={worker_low + 99}", "--disable-usage-stats", f"--temp-dir={self.temp_dir / 'ray'}",
+                   *args]  # fmt: skip
+        self.log_path = self.temp_dir / "ray-start.log"
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.address = f"http://127.0.0.1:{self.ports['dashboard-port']}"
+        self.gcs = f"127.0.0.1:{self.ports['port']}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (401 without the token): the dashboard is up
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ray start --head did not come up:\n{self.log_path.read_text()[-3000:]}") from None
+                time.sleep(1)
+
+    def session_processes(self) -> list:
+        import psutil
+
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if os.getsid(process.pid) == self.process.pid:
+                    found.append(process)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return found
+
+    def stop(self) -> None:
+        import shutil
+
+        import psutil
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=45)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        left = self.session_processes()
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -12,17 +12,14 @@ the driver's (the nodes share this machine's /tmp: a driver-local path would wor
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import pytest
 import yaml
 
 from restoray.config import DEFAULT_CONFIG
-from tests.conftest import FAKE_AWS, REPO_ROOT, VENV_BIN, free_port, moto_client, subprocess_env
+from tests.conftest import FAKE_AWS, REPO_ROOT, RayHead, free_port, moto_client
 
 WORKER_CPUS = 2
 # Autoscaler v1 with the fake provider, modelled on BASE_READONLY_CONFIG (ray/autoscaler/_private/monitor.py): the
@@ -68,24 +65,6 @@ AUTOSCALING = {
 }
 
 
-def _ports(count: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
-
-
-def _session_pids(session: int) -> list[int]:
-    found = []
-    for process in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(process.pid) == session:
-                found.append(process.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return found
-
-
 def fake_worker_nodes(gcs_address: str, env: dict) -> dict[str, list[int]]:
     """{node id: its process ids}: the provider runs each worker node inside the autoscaler's monitor process (no
     state file), so its raylet and the raylet's descendants are children of the monitor, whose pid the autoscaler
@@ -107,67 +86,22 @@ def fake_worker_nodes(gcs_address: str, env: dict) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster():
-    temp_dir = Path(tempfile.mkdtemp(prefix="ras", dir="/tmp"))  # Ray's socket paths must stay short
-    token_path = temp_dir / "auth_token"
-    token_path.write_text(uuid.uuid4().hex)
-    gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent = _ports(9)
-    config = dict(AUTOSCALING, provider={**AUTOSCALING["provider"], "gcs_address": f"127.0.0.1:{gcs}"})
-    config_path = temp_dir / "autoscaling.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    # Every node the provider starts inherits this environment: moto's fake credentials for the actors' S3 reads.
-    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                         RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", **FAKE_AWS)  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
-        "--num-cpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir / 'ray'}", f"--autoscaling-config={config_path}",
-    ]  # fmt: skip
-    log = (temp_dir / "ray-start.log").open("w")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (401 without the token): the dashboard is up
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError("ray start --head did not come up:\n" + (temp_dir / "ray-start.log").read_text()[-3000:]) from None
-            time.sleep(1)
-    yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "dir": temp_dir}
-    # The worker nodes by their process ids, then the head's session: Ray puts its worker processes in process groups
-    # of their own (killpg of the head alone leaves them), but all stay in the head's session.
-    try:
-        for pids in fake_worker_nodes(f"127.0.0.1:{gcs}", env).values():
-            for pid in pids:
-                with_process(pid, psutil.Process.kill)
-    except AssertionError:
-        pass  # the monitor is gone: the session sweep below ends what is left
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=45)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=10)
-    left = [psutil.Process(pid) for pid in _session_pids(head.pid) if psutil.pid_exists(pid)]
-    for process in left:
-        with_process(process.pid, psutil.Process.kill)
-    psutil.wait_procs(left, timeout=10)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def with_process(pid: int, action) -> None:
-    try:
-        action(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        pass
+    """The head (tests.conftest.RayHead) with 0 CPUs and the autoscaling config; the worker nodes the provider
+    starts inherit its environment (moto's fake credentials for the actors' S3 reads) and stay in its session."""
+    config_dir = Path(tempfile.mkdtemp(prefix="rasc", dir="/tmp"))
+    gcs_port = free_port()
+    config_path = config_dir / "autoscaling.yaml"
+    config_path.write_text(yaml.safe_dump(dict(AUTOSCALING, provider={**AUTOSCALING["provider"], "gcs_address": f"127.0.0.1:{gcs_port}"})))
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **FAKE_AWS}
+    head = RayHead("ras", ("--num-cpus=0", f"--autoscaling-config={config_path}"), env, gcs_port=gcs_port)
+    yield {"address": head.address, "gcs": head.gcs, "env": head.env, "dir": config_dir, "head": head}
+    # The worker nodes by their process ids first (their raylets outlive a lost GCS for a while), then the session.
+    for pids in fake_worker_nodes(head.gcs, head.env).values():
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+    head.stop()
+    shutil.rmtree(config_dir, ignore_errors=True)
 
 
 def _submit(cluster, *args) -> tuple[subprocess.CompletedProcess, float]:

@@ -1,72 +1,21 @@
 """`restoray submit` against a real `ray start --head --block` cluster on 127.0.0.1."""
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env
-
-
-def _distinct_free_ports(count: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
+from tests.conftest import REPO_ROOT, RayHead, free_port
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A head node in its own process group, every port explicit, token auth on; ended by its process-group id."""
-    # Ray's socket paths must stay short, so not pytest's deep tmp_path.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    token_path = temp_dir / "auth_token"
-    token_path.write_text(uuid.uuid4().hex)
-    (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent) = _distinct_free_ports(9)
-    worker_low = 20000 + (os.getpid() % 120) * 100  # below the ephemeral range (32768+)
-    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 99}",
-        "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir / 'ray'}",
-    ]  # fmt: skip
-    log = (temp_dir / "ray-start.log").open("w")
-    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (401 without the token): the dashboard is up
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError("ray start --head did not come up:\n" + (temp_dir / "ray-start.log").read_text()[-3000:]) from None
-            time.sleep(1)
-    yield {"address": address, "env": env, "token_path": token_path}
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=45)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=10)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """A head node with 2 CPUs (tests.conftest.RayHead), token auth on."""
+    head = RayHead("rs", ("--num-cpus=2",))
+    yield {"address": head.address, "env": head.env, "token_path": head.token_path}
+    head.stop()
 
 
 def _submit(cluster, *args, env=None):

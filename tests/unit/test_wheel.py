@@ -96,9 +96,13 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     written = run("-m", "restoray", "serve", "--write-config", "serve.yaml")
     assert written.returncode == 0 and "import_path: serving.app:app_builder" in (empty / "serve.yaml").read_text(), written.stderr
     # The KubeRay templates and the image tag from the wheel alone (a config with the jobs' paths, written here).
-    paths = '[infra]\ndata_input = "s3://b/c"\nindex_output = "s3://b/i"\n[train]\ndata = "s3://b/d"\nstorage_path = "s3://b/t"\n'
+    paths = (
+        '[infra]\ndata_input = "s3://b/c"\nindex_output = "s3://b/i"\nmodel = "models:/m/1"\nrestore_input = "s3://b/in"\n'
+        'restore_output = "s3://b/out"\neval_data = "s3://b/hq"\neval_output = "s3://b/e"\n[train]\ndata = "s3://b/d"\nstorage_path = "s3://b/t"\n'
+    )
     (empty / "run.toml").write_text(paths)
     manifests = run("-m", "restoray", "infra", "render", "--config", "run.toml", "--output", "kuberay")
     assert manifests.returncode == 0, manifests.stderr
     assert "kind: RayCluster" in (empty / "kuberay" / "raycluster.yaml").read_text()
     assert "restoray data build --input s3://b/c --output s3://b/d" in (empty / "kuberay" / "rayjob-data-build.yaml").read_text()
+    assert "restoray eval --weights models:/m/1" in (empty / "kuberay" / "rayjob-eval.yaml").read_text()
