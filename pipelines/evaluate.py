@@ -258,19 +258,26 @@ def _cropped(image: np.ndarray | None, border: int) -> np.ndarray | None:
 
 def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow_config: MlflowConfig) -> dict[str, str]:
     """Where the scored model came from: its training run and data, and the SHA-256 of that dataset's manifest.json:
-    the line from corpus to model to score. For a registered `models:/NAME/VERSION` (pinned: an alias is its
-    version), from the version's run (its `restoray.dataset` tag); else from the weights' training.json (`restoray
-    train`'s export, on a path or s3://). Presets and converted weights have no training record: 'none'."""
+    the line from corpus to model to score. From the weights' training.json (`restoray train`'s export, on a path or
+    s3://) or, for a registered model (`weights` pinned to models:/NAME/VERSION, or `weights_uri` naming the model
+    whose download `weights` is), from the version's run (its `restoray.dataset` tag). Presets and converted weights
+    have no training record: 'none'."""
     run_id, data_uri = "none", "none"
     record = _training_record(weights, storage) if not weights.startswith("models:/") else None
+    registered = weights if weights.startswith("models:/") else weights_uri
     if record is not None:
         run_id, data_uri = str(record.get("run_id") or "none"), record.get("data") or "none"
-    elif weights.startswith("models:/"):
+    elif registered.startswith("models:/"):
         import mlflow
 
-        name, _, version = weights.removeprefix("models:/").partition("/")
         client = mlflow.MlflowClient(tracking_uri(mlflow_config))
-        run_id = client.get_model_version(name, version).run_id or "none"
+        name, at, alias = registered.removeprefix("models:/").partition("@")
+        if at:
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = name.partition("/")
+            found = client.get_model_version(name, version)
+        run_id = found.run_id or "none"
         if run_id != "none":
             data_uri = client.get_run(run_id).data.tags.get("restoray.dataset", "none")
     digest = "none"

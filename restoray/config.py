@@ -45,8 +45,8 @@ class RayConfig(StrictModel):
         "auto",
         description="Whether the cluster adds nodes for what a job schedules. true: a job never refuses for CPUs/GPUs "
         "missing now, and waits up to resource_wait_s for them; false: jobs that cannot fit the cluster as it is are "
-        "refused (exit 2); 'auto': true where Ray reports an autoscaler (its autoscaling config in the GCS), else false "
-        "(the embedded instance is never autoscaling).",
+        "refused (exit 2); 'auto': true where Ray shows an autoscaler (autoscaler v2, or the v1 monitor running an "
+        "autoscaling config), else false (the embedded instance is never autoscaling).",
     )
     resource_wait_s: float = Field(
         600.0,

@@ -100,7 +100,7 @@ def missing(needs: dict[str, float], have: dict[str, float]) -> dict[str, float]
 
 
 def _describe(resources: dict[str, float]) -> str:
-    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()) if amount > 0)
 
 
 @contextmanager
@@ -140,16 +140,25 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
 
     watcher = threading.Thread(target=watch, name="restoray-resource-wait", daemon=True)
     watcher.start()
-    try:
-        yield
-    except KeyboardInterrupt:
-        if not expired.is_set():
-            raise
-        raise ResourceWaitError(
+
+    def stopped() -> ResourceWaitError:
+        return ResourceWaitError(
             f"{what} waited {_policy.resource_wait_s:g} s (ray.resource_wait_s) for {_describe(needs)}, and the "
             f"autoscaling cluster still lacks {_describe(short)}: check the worker groups' sizes and max replicas "
             "(a node type with these resources), or raise ray.resource_wait_s"
-        ) from None
+        )
+
+    try:
+        yield
+    except BaseException:
+        # The interrupt surfaces as KeyboardInterrupt, or as what the library makes of it: Ray Train's SIGINT handler
+        # aborts the run gracefully, and fit() then fails or exits on its own terms.
+        if not expired.is_set():
+            raise
+        raise stopped() from None
+    else:
+        if expired.is_set():
+            raise stopped()
     finally:
         done.set()
         watcher.join(timeout=5)

@@ -54,6 +54,13 @@ def test_bad_training_input_is_refused_before_workers_start(tmp_path):
     assert missing.returncode == 2 and "no readable parquet shards" in missing.stderr
     crowded = restoray("train", "--config", CONFIG, *sets(train__data=dataset, train__cpus_per_worker=2), cwd=tmp_path)
     assert crowded.returncode == 2 and "lower train.cpus_per_worker" in crowded.stderr  # not a silent wait for data
+    # Declared autoscaling, the same run is not refused: it waits for nodes that never come (Ray Train would retry the
+    # worker group forever), saying so, and stops after ray.resource_wait_s with exit 1 naming the resources.
+    waited = restoray("train", "--config", CONFIG, *sets(train__data=dataset, train__cpus_per_worker=2, train__storage_path=tmp_path / "w",
+                      ray__autoscaling="true", ray__resource_wait_s=5), cwd=tmp_path)  # fmt: skip
+    assert waited.returncode == 1, waited.stderr[-3000:]
+    assert "waiting for the autoscaler: the training worker group (1 workers) need 3 CPU" in waited.stderr, waited.stderr[-3000:]
+    assert "ray.resource_wait_s" in waited.stderr and "lacks 1 CPU" in waited.stderr
     bad_stage = restoray("train", "--config", CONFIG, *sets(train__stage="everything"), cwd=tmp_path)
     assert bad_stage.returncode == 2 and "train.stage" in bad_stage.stderr
 
