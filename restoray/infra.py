@@ -110,7 +110,7 @@ def job_entrypoints(config: RunConfig, overrides: list[str]) -> dict[str, str]:
     missing = [name for name, value in needed.items() if not value]
     if missing:
         raise InputError(f"infra render needs {', '.join(missing)} in the config: the RayJobs' paths (s3:// URIs)")
-    # A KubeRay cluster has several nodes: the same refusal the jobs make when they start, at render time.
+    # The RayJobs run on a cluster: the same refusal the jobs make when they start, at render time.
     from restoray.train import shared_storage_paths
     from runtime.storage import as_path, check_shared_storage
 

@@ -32,7 +32,7 @@ def code_version() -> str:
 
 
 def shared_storage_paths(config: RunConfig) -> dict[str, str | None]:
-    """What training's workers and checkpoints touch: on several nodes each must be shared storage."""
+    """What training's workers and checkpoints touch: on a Ray cluster each must be shared storage."""
     return {
         "train.storage_path": config.train.storage_path,
         "train.data": config.train.data,
