@@ -270,14 +270,10 @@ def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow
     elif registered.startswith("models:/"):
         import mlflow
 
+        from runtime.resolve import registered_version
+
         client = mlflow.MlflowClient(tracking_uri(mlflow_config))
-        name, at, alias = registered.removeprefix("models:/").partition("@")
-        if at:
-            found = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = name.partition("/")
-            found = client.get_model_version(name, version)
-        run_id = found.run_id or "none"
+        run_id = registered_version(registered, mlflow_config).run_id or "none"
         if run_id != "none":
             data_uri = client.get_run(run_id).data.tags.get("restoray.dataset", "none")
     digest = "none"

@@ -39,11 +39,16 @@ def resolve(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None
     if uri.startswith("models:/"):
         with _cache_lock(storage, uri):
             return str(_download_model(uri, storage, mlflow or MlflowConfig()))
+    return _local_or_hub(uri)
+
+
+def _local_or_hub(uri: str, absolute: bool = False) -> str:
+    """An existing local path (made absolute if asked) or a Hugging Face id, as it is; else bad input."""
     if "://" in uri:
         raise InputError(f"unsupported URI scheme in {uri!r}; use a local path, s3://, models:/ or a Hugging Face id")
     path = Path(uri).expanduser()
     if path.exists():
-        return str(path)
+        return str(path.resolve() if absolute else path)
     if _looks_like_hub_id(uri):
         return uri
     raise InputError(f"{uri!r} is neither an existing path nor a Hugging Face id (org/name)")
@@ -70,17 +75,17 @@ def pin(uri: str, storage: StorageConfig, mlflow: MlflowConfig | None = None) ->
         if not found:
             raise InputError(f"{uri} does not exist (check the bucket and key, and the endpoint {s3_endpoint(storage) or 'AWS'})")
         return uri
-    if "://" in uri:
-        raise InputError(f"unsupported URI scheme in {uri!r}; use a local path, s3://, models:/ or a Hugging Face id")
-    path = Path(uri).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    if _looks_like_hub_id(uri):
-        return uri
-    raise InputError(f"{uri!r} is neither an existing path nor a Hugging Face id (org/name)")
+    return _local_or_hub(uri, absolute=True)
 
 
 def _pin_model(uri: str, mlflow_config: MlflowConfig) -> str:
+    found = registered_version(uri, mlflow_config)
+    return f"models:/{found.name}/{found.version}"
+
+
+def registered_version(uri: str, mlflow_config: MlflowConfig):
+    """The MLflow ModelVersion that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names now; InputError when the
+    URI is malformed or names nothing."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -91,10 +96,9 @@ def _pin_model(uri: str, mlflow_config: MlflowConfig) -> str:
     client = mlflow.MlflowClient(tracking_uri(mlflow_config))
     try:
         if at:
-            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+            return client.get_model_version_by_alias(name, alias)
         name, _, version = name_version.partition("/")
-        client.get_model_version(name, version)
-        return f"models:/{name}/{version}"
+        return client.get_model_version(name, version)
     except MlflowException as err:
         raise InputError(f"{uri}: {err.message} (tracking URI {tracking_uri(mlflow_config)})") from err
 
