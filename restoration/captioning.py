@@ -27,9 +27,13 @@ def caption_images(captioner: Captioner, images: list[Image.Image]) -> list[str]
     """One caption per image (greedy decoding, at most the preset's max_new_tokens), on the model's device."""
     if not images:
         return []
-    device = next(captioner.model.parameters()).device
+    parameter = next(captioner.model.parameters())
     inputs = captioner.processor(images=images, text=[caption_prompt(captioner)] * len(images), return_tensors="pt", padding=True)
-    inputs = {key: value.to(device) for key, value in inputs.items()}
+    # Pixel values in the model's dtype (bf16/fp16 captioners); token ids stay integers.
+    inputs = {
+        key: value.to(parameter.device, parameter.dtype) if value.is_floating_point() else value.to(parameter.device)
+        for key, value in inputs.items()
+    }
     generated = captioner.model.generate(**inputs, max_new_tokens=captioner.max_new_tokens, do_sample=False)
     texts = captioner.processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [text.strip() for text in texts]

@@ -48,6 +48,7 @@ class RestorerPyfunc:
 
 
 def _load_pyfunc(data_path: str) -> RestorerPyfunc:
+    from restoration.precision import inference_device
     from restoration.restorer import Restorer
 
-    return RestorerPyfunc(Restorer.from_pretrained(data_path))
+    return RestorerPyfunc(Restorer.from_pretrained(data_path, device=inference_device(), dtype="auto"))

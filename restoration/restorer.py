@@ -24,9 +24,10 @@ preset name)` rebuilds it without training code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import add_expert, expert_names, set_expert_weights
 from restoration.models.presets import load_preset
+from restoration.precision import module_dtype, place, resolve_dtype, vae_dtype
 from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install, uninstall
 from restoration.sampling.colorfix import wavelet_color_fix
@@ -91,13 +93,15 @@ class Restorer:
         experts: dict[str, Any] | None = None,
         estimator: dict[str, Any] | None = None,
         networks: SDXLNetworks | None = None,
+        dtype: torch.dtype | None = None,
     ):
         """`networks`: a frozen SDXL base built for this preset, shared with other Restorers (serving holds one base
         per replica for every model version on it; only adaptors, connectors, encoders and experts differ). The
-        base is only read, except while a ReFIR chain runs (its attention processors): one restore at a time."""
+        base is only read, except while a ReFIR chain runs (its attention processors): one restore at a time.
+        `dtype`: the base is loaded straight into it (see `to` for the rest)."""
         self.preset_name = preset_name
         self.preset = load_preset(preset_name)
-        self.networks = networks.frozen() if networks is not None else load_sdxl(self.preset).frozen()
+        self.networks = networks.frozen() if networks is not None else load_sdxl(self.preset, dtype).frozen()
         self.adaptor_config = adaptor_config or AdaptorConfig.model_validate(self.preset.adaptor or {})
         with torch_seeded(self.preset.seed, "adaptor"):
             self.model = AdaptedUNet(self.networks.unet, self.adaptor_config).eval()
@@ -112,26 +116,57 @@ class Restorer:
         self.train_sigmas = schedule_sigmas(self.alphas_cumprod)
         self.weights: str | None = None  # the trained weights' directory (from_pretrained), None: untrained adaptor
         self._captioner = None
+        self.offload = "none"  # see `to`
         self.vae_factor = 2 ** (len(self.networks.vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
         # The UNet halves the latent once per down block with a downsampler (pixels also /8 for the VAE); SUPIR rounds
         # every working size to a multiple of 64 px (PIL2Tensor), which SDXL's 32 divides.
         downsamplers = sum(block.downsamplers is not None for block in self.networks.unet.down_blocks)
         self.size_multiple = max(SIZE_MULTIPLE, self.vae_factor * 2**downsamplers)
 
-    def to(self, device: torch.device | str) -> Restorer:
-        """Move every network to `device` (training workers; restore() itself runs where the networks are)."""
-        for module in (
-            self.networks.unet,
-            self.networks.vae,
-            self.networks.text_encoder,
-            self.networks.text_encoder_2,
-            self.model,
-            self.encoder,
-        ):
-            module.to(device)
+    def to(self, device: torch.device | str, dtype: str | torch.dtype | None = None, offload: str | None = None) -> Restorer:
+        """Move the networks to `device` (restore() runs where they are) and, with `dtype` ("auto", "fp32", "bf16",
+        "fp16" or a torch dtype; None keeps each network's), hold them in it: the UNet, adaptor, connectors and text
+        encoders in `dtype`; the VAE and robust encoder too, but fp32 under fp16 (`precision.vae_dtype`); the
+        estimator always fp32. `offload="model"` keeps the text encoders and the captioner in CPU memory between
+        their phases. On CUDA the convolutional networks use channels_last."""
+        device = torch.device(device)
+        if offload is not None:
+            self.offload = offload
+        compute = resolve_dtype(dtype, device) if dtype is not None else None
+        vae = vae_dtype(self.networks.vae, compute) if compute is not None else None
+        place(self.model, device, compute)  # the frozen UNet is inside the adapted model
+        place(self.networks.vae, device, vae)
+        place(self.encoder, device, vae)
+        text_device = torch.device("cpu") if self.offload == "model" else device
+        for encoder in (self.networks.text_encoder, self.networks.text_encoder_2):
+            place(encoder, text_device, compute)
+        if self._captioner is not None:
+            place(self._captioner.model, text_device, compute)
         if self.estimator is not None:
-            self.estimator.to(device)
+            place(self.estimator, device, torch.float32)
+        if device.type == "cuda":
+            for module in (self.model, self.networks.vae, self.encoder):
+                module.to(memory_format=torch.channels_last)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet and adaptor run in (inputs are cast to it, outputs back to fp32)."""
+        return module_dtype(self.model)
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """Under offload="model": these modules on the device for the block, back in CPU memory after it."""
+        if self.offload != "model" or self.device.type == "cpu":
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     # ---- ABAIR experts ---------------------------------------------------------------------------------------
     def add_experts(self, names: list[str], rank: int = 4) -> None:
@@ -162,7 +197,7 @@ class Restorer:
         if self.estimator is None:
             raise InputError(f"expert_weights={mode!r} needs a degradation estimator; this model has none (give oracle weights)")
         with torch.no_grad():
-            weights = self.estimator.weights(lq, mode)[0]
+            weights = self.estimator.weights(lq.float(), mode)[0]
         by_name = {REGISTRY.get(type_id).name: float(weight) for type_id, weight in zip(self.estimator.type_ids, weights, strict=True)}
         return {name: by_name.get(name, 0.0) for name in names}
 
@@ -200,18 +235,35 @@ class Restorer:
         return preset
 
     @classmethod
-    def from_pretrained(cls, path_or_preset: str | Path, networks: SDXLNetworks | None = None) -> Restorer:
-        """`networks`: a shared frozen SDXL base of the same preset (see `__init__`)."""
+    def from_pretrained(
+        cls,
+        path_or_preset: str | Path,
+        networks: SDXLNetworks | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: str | torch.dtype | None = None,
+        offload: str | None = None,
+    ) -> Restorer:
+        """`networks`: a shared frozen SDXL base of the same preset (see `__init__`). With `device`, the Restorer is
+        moved there in `dtype` (see `to`; "auto": bf16 on CUDA, fp32 on CPU), the base read straight into that dtype."""
+        compute = resolve_dtype(dtype, device or "cpu") if (device is not None or dtype is not None) else None
         path = weights_directory(path_or_preset)
-        if path is None:
-            return cls(str(path_or_preset), networks=networks)  # a preset name or preset file: untrained adaptor
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        preset = cls.preset_of(path)
-        restorer = cls(
-            preset, AdaptorConfig.model_validate(config["adaptor"]), config.get("experts"), config.get("estimator"), networks=networks
-        )
-        restorer.load_trained_state(load_file(str(path / WEIGHTS_FILE)), str(path))
-        restorer.weights = str(path)
+        if path is None:  # a preset name or preset file: untrained adaptor
+            restorer = cls(str(path_or_preset), networks=networks, dtype=compute)
+        else:
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            restorer = cls(
+                cls.preset_of(path),
+                AdaptorConfig.model_validate(config["adaptor"]),
+                config.get("experts"),
+                config.get("estimator"),
+                networks=networks,
+                dtype=compute,
+            )
+            restorer.load_trained_state(load_file(str(path / WEIGHTS_FILE)), str(path))
+            restorer.weights = str(path)
+        if device is not None or compute is not None:
+            restorer.to(device or "cpu", compute, offload)
         return restorer
 
     def load_trained_state(self, state: dict[str, torch.Tensor], origin: str, partial_encoder: bool = False) -> None:
@@ -233,9 +285,11 @@ class Restorer:
     def caption(self, image: Image.Image) -> str:
         """SUPIR's VLM caption of an image (the stage-1 image when `restore` captions), prompted as the dataset build does."""
         if self._captioner is None:
-            self._captioner = load_captioner(self.preset.captioner, self.preset.tokenizer, seed=self.preset.seed)
-            self._captioner.model.to(self.device)
-        return caption_images(self._captioner, [image])[0]
+            captioner = load_captioner(self.preset.captioner, self.preset.tokenizer, seed=self.preset.seed, dtype=self.dtype)
+            captioner.model.to("cpu" if self.offload == "model" else self.device)
+            self._captioner = captioner
+        with self._on_device(self._captioner.model):
+            return caption_images(self._captioner, [image])[0]
 
     @property
     def device(self) -> torch.device:
@@ -251,17 +305,23 @@ class Restorer:
         return _to_tensor(image.resize(size, Image.BICUBIC) if size != image.size else image).to(self.device)
 
     def _encode(self, pixels: torch.Tensor, options: RestoreConfig) -> torch.Tensor:
+        """Pixels (fp32) -> z_LQ (fp32) through the robust encoder in its own dtype."""
+        pixels = pixels.to(module_dtype(self.encoder))
         if options.tile_latent is None:
-            return self.encoder(pixels)
+            return self.encoder(pixels).float()
         factor = self.vae_factor
-        return tiled_encode(self.encoder, self.encoder.encoder, pixels, options.tile_latent * factor, options.tile_encoder_overlap, factor)
+        encoded = tiled_encode(
+            self.encoder, self.encoder.encoder, pixels, options.tile_latent * factor, options.tile_encoder_overlap, factor
+        )
+        return encoded.float()
 
     def _decode(self, latent: torch.Tensor, options: RestoreConfig) -> torch.Tensor:
+        """Latent (fp32) -> pixels (fp32) through the VAE in its own dtype (fp32 under fp16: `precision`)."""
         vae = self.networks.vae
-        latent = latent / vae.config.scaling_factor
+        latent = (latent / vae.config.scaling_factor).to(module_dtype(vae))
         if options.tile_latent is None:
-            return vae.decode(latent).sample
-        return tiled_decode(vae, latent, options.tile_latent, options.tile_overlap)
+            return vae.decode(latent).sample.float()
+        return tiled_decode(vae, latent, options.tile_latent, options.tile_overlap).float()
 
     @torch.no_grad()
     def stage1(self, image: Image.Image, options: RestoreConfig | None = None) -> Stage1:
@@ -516,7 +576,7 @@ class Restorer:
         vae = self.networks.vae
 
         def plain_encode(pixels: torch.Tensor) -> torch.Tensor:
-            return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+            return vae.encode(pixels.to(module_dtype(vae))).latent_dist.mode().float() * vae.config.scaling_factor
 
         if options.tile_latent is None:
             return plain_encode(stage1.decoded)
@@ -526,12 +586,20 @@ class Restorer:
     def _conditioning(self, caption: str, restoration_prompt: str, size_hw: tuple[int, int], schedule: str) -> Conditioning:
         # SUPIR conditions SDXL's size embedding on a fixed 1024 x 1024 whatever the image size.
         height, width = (1024, 1024) if schedule == "supir" else size_hw
-        return Conditioning(
-            semantic=encode_prompt(self.networks, [semantic_prompt(caption, schedule)]),
-            negative=encode_prompt(self.networks, [NEGATIVE_QUALITY_PROMPT]),
-            restoration=encode_prompt(self.networks, [restoration_prompt]),
-            time_ids=size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(self.device),
-        )
+        dtype = self.dtype
+
+        def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, pooled = encode_prompt(self.networks, [prompt])
+            return embeds.to(self.device, dtype), pooled.to(self.device, dtype)
+
+        with self._on_device(self.networks.text_encoder, self.networks.text_encoder_2):
+            return Conditioning(
+                semantic=encode(semantic_prompt(caption, schedule)),
+                negative=encode(NEGATIVE_QUALITY_PROMPT),
+                restoration=encode(restoration_prompt),
+                # fp32: the UNet's sinusoidal projection of the sizes runs in fp32 and casts its result itself.
+                time_ids=size_crop_time_ids((height, width), (0, 0), (height, width), batch=1).to(self.device),
+            )
 
 
 def semantic_prompt(caption: str, schedule: str) -> str:
@@ -708,17 +776,18 @@ class ReferenceChain:
 
         self.controller.clear()
         self.controller.mode, self.controller.split = mode, 1
+        dtype = self.restorer.dtype
         try:
             return self.restorer.model(
-                x_in,
+                x_in.to(dtype),
                 timestep[:1].expand(count),
                 widen(inputs["embeds"]),
                 {key: widen(value) for key, value in inputs["added"].items()},
-                z_lq,
+                z_lq.to(dtype),
                 widen(inputs["restoration_embeds"]),
                 {key: widen(value) for key, value in inputs["restoration_added"].items()},
                 control_scale,
-            )
+            ).float()
         finally:
             self.controller.mode = "off"
 
@@ -775,6 +844,7 @@ class AdaptedDenoiser:
         options: RestoreConfig,
     ):
         self.model = restorer.model
+        self.dtype = restorer.dtype
         self.adaptor_condition = restorer.adaptor_config.condition
         self.z_lq = z_lq
         self.conditioning = conditioning
@@ -813,7 +883,8 @@ class AdaptedDenoiser:
     def target(self, x_in: torch.Tensor, timestep: torch.Tensor, inputs: dict, control_scale: float) -> torch.Tensor:
         def denoise(stacked: torch.Tensor) -> torch.Tensor:
             # x and z_LQ travel together so that every tile sees its own part of the LQ latent.
-            x_tile, lq_tile = stacked.chunk(2, dim=1)
+            # The latents are fp32 (the sampler's arithmetic); the model runs in its dtype, its eps comes back fp32.
+            x_tile, lq_tile = stacked.to(self.dtype).chunk(2, dim=1)
             return self.model(
                 x_tile,
                 timestep,
@@ -823,7 +894,7 @@ class AdaptedDenoiser:
                 inputs["restoration_embeds"],
                 inputs["restoration_added"],
                 control_scale,
-            )
+            ).float()
 
         stacked = torch.cat([x_in, self.z_lq], dim=1)
         return tiled(denoise, stacked, self.tile_latent, self.tile_overlap) if self.tiles(x_in) else denoise(stacked)

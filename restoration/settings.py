@@ -11,6 +11,11 @@ from pydantic import Field, model_validator
 from restoration.config_model import StrictModel
 from restoration.prompts import BLIND_PROMPT
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Offload = Literal["none", "model"]
+# Settings a model is loaded with, not per-restore ones: a serving request cannot change them.
+LOAD_SETTINGS = ("dtype", "offload")
+
 
 class SamplerConfig(StrictModel):
     """Sampler settings: the `[sampler]` section of a run, `--set sampler.KEY=VALUE`, `Restorer.restore(sampler=...)`."""
@@ -81,6 +86,17 @@ class RestoreConfig(StrictModel):
         64, ge=0, description="Latent pixels of overlap between diffusion and VAE-decoder tiles (64: SUPIR's stride 64 on 128 tiles)."
     )
     tile_encoder_overlap: int = Field(64, ge=0, description="Pixels of overlap between VAE-encoder tiles.")
+    dtype: Precision = Field(
+        "auto",
+        description="Precision the networks are held and run in (applied when a model is loaded: CLI, restore-batch, eval, "
+        "serving replicas): auto = bf16 on CUDA, fp32 on CPU. The sampler's latents and sigmas, the colour fix and the "
+        "estimator stay fp32; under fp16 the VAE and the robust encoder stay fp32 too (the SDXL VAE overflows in fp16).",
+    )
+    offload: Offload = Field(
+        "none",
+        description="model: keep the text encoders and the captioner in CPU memory and move each to the device only for its "
+        "own phase (they run once per image), so the GPU holds the UNet, adaptor and VAE while sampling; none: all stay.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> RestoreConfig:

@@ -74,6 +74,7 @@ def restore_settings(config: RunConfig, args: argparse.Namespace) -> tuple[Sampl
 def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from restoration.precision import inference_device
     from restoration.restorer import Restorer
 
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -87,7 +88,7 @@ def run_restore(config: RunConfig, args: argparse.Namespace) -> int:
         raise InputError("--references auto needs --index URI (and --index is only used with --references auto)")
     references = "auto" if auto else tuple(read_image(path) for path in args.reference)
     source = resolve(args.weights, config.storage, config.mlflow) if args.weights else (args.preset or config.preset)
-    restorer = Restorer.from_pretrained(source)
+    restorer = Restorer.from_pretrained(source, device=inference_device(), dtype=options.dtype, offload=options.offload)
     index = None
     if auto:
         from restoray.index import load_index

@@ -297,7 +297,7 @@ def build_app(config: AppConfig, token_digests: list[str] | None = None):
         args
     )
     captioner = serve.deployment(Captioner, name="Captioner", **deployment_options(serve_config.captioner, config)).bind(
-        config.preset, serve_config.captioner.num_gpus
+        config.preset, serve_config.captioner.num_gpus, config.restore.dtype
     )
     retriever = None
     if serve_config.index:

@@ -56,9 +56,10 @@ def restorer_deployment(config: AppConfig):
             from serving.models import ModelStore
 
             self.config = AppConfig.model_validate(app_config)
-            self.store = ModelStore(self.config.storage, self.config.mlflow)
-            self.default_model = self.config.serve.weights or self.config.preset
             self.device = _device(self.config.serve.restorer.num_gpus)
+            restore = self.config.restore
+            self.store = ModelStore(self.config.storage, self.config.mlflow, self.device, restore.dtype, restore.offload)
+            self.default_model = self.config.serve.weights or self.config.preset
             self.worker = _Worker("restore")
             self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # what Serve's LRU still holds
             self.cancelled = 0  # restorations stopped by a cancel flag (a job's, or a disconnected client's)
@@ -70,9 +71,7 @@ def restorer_deployment(config: AppConfig):
             return model
 
         def _load(self, model_id: str):
-            model = self.store.load(model_id)
-            model.restorer.to(self.device)
-            return model
+            return self.store.load(model_id)  # on the replica's device, in restore.dtype
 
         async def _model(self, model_id: str):
             try:
@@ -241,13 +240,15 @@ def restorer_deployment(config: AppConfig):
 class Captioner:
     """The preset's VLM (SUPIR's LLaVA; the tiny preset's small one), captioning stage-1 images."""
 
-    def __init__(self, preset: str, num_gpus: float = 0.0):
+    def __init__(self, preset: str, num_gpus: float = 0.0, dtype: str = "auto"):
         from restoration.models.base import load_captioner
         from restoration.models.presets import load_preset
+        from restoration.precision import resolve_dtype
 
         spec = load_preset(preset)
-        self.captioner = load_captioner(spec.captioner, spec.tokenizer, seed=spec.seed)
-        self.captioner.model.to(_device(num_gpus))
+        device = _device(num_gpus)
+        self.captioner = load_captioner(spec.captioner, spec.tokenizer, seed=spec.seed, dtype=resolve_dtype(dtype, device))
+        self.captioner.model.to(device)
         self.worker = _Worker("caption")
 
     async def caption(self, image: np.ndarray) -> str:

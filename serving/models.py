@@ -15,6 +15,7 @@ from pathlib import Path
 from restoration.errors import InputError
 from restoration.models.base import SDXLNetworks, load_sdxl
 from restoration.models.presets import list_presets, load_preset
+from restoration.precision import resolve_dtype
 from restoration.restorer import CONFIG_FILE, WEIGHTS_FILE, Restorer, weights_directory
 from runtime.config import MlflowConfig, StorageConfig
 from runtime.resolve import resolve
@@ -45,13 +46,16 @@ def weights_version(uri: str, directory: Path | None) -> str:
 class ModelStore:
     """Loads model versions for one replica; `bases` holds one frozen SDXL base per preset."""
 
-    def __init__(self, storage: StorageConfig, mlflow: MlflowConfig):
+    def __init__(self, storage: StorageConfig, mlflow: MlflowConfig, device: str = "cpu", dtype: str = "auto", offload: str = "none"):
+        """`device`, `dtype`, `offload`: where and how every version runs (the serve config's `restore.dtype` and
+        `restore.offload`; see `Restorer.to`); the bases are read straight into the dtype."""
         self.storage, self.mlflow = storage, mlflow
+        self.device, self.dtype, self.offload = device, resolve_dtype(dtype, device), offload
         self.bases: dict[str, SDXLNetworks] = {}
 
     def base(self, preset: str) -> SDXLNetworks:
         if preset not in self.bases:
-            self.bases[preset] = load_sdxl(load_preset(preset)).frozen()
+            self.bases[preset] = load_sdxl(load_preset(preset), self.dtype).frozen()
         return self.bases[preset]
 
     def load(self, uri: str) -> LoadedModel:
@@ -64,5 +68,5 @@ class ModelStore:
             load_preset(preset)  # an unknown preset name is bad input, named as such
         except (OSError, json.JSONDecodeError, KeyError) as err:
             raise InputError(f"model {uri!r}: cannot be read ({err})") from err
-        restorer = Restorer.from_pretrained(local, networks=self.base(preset))
+        restorer = Restorer.from_pretrained(local, networks=self.base(preset), device=self.device, dtype=self.dtype, offload=self.offload)
         return LoadedModel(uri, weights_version(uri, directory), restorer)

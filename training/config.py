@@ -54,7 +54,12 @@ class TrainConfig(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU (DeepSpeed with DS_ACCELERATOR=cpu over gloo).")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also parameters.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (DeepSpeed offload).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision; bf16/fp16 need GPUs.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Training precision: the engine module runs in it (DeepSpeed keeps the trained parameters' fp32 masters "
+        "and Adam moments) and the frozen networks are held in it. bf16 also runs on CPU (DeepSpeed's CPU backend); fp16 "
+        "needs GPUs.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute the adaptor's and UNet's block activations in backward.")
     caption_dropout: float = Field(0.05, ge=0, le=1, description="Probability that the semantic prompt is emptied.")
     restoration_prompt_dropout: float = Field(
@@ -108,8 +113,10 @@ class TrainConfig(StrictModel):
         unknown = [name for name in [self.expert, *(self.estimator_types or [])] if name is not None and name not in known]
         if unknown:
             raise ValueError(f"unknown degradation types {unknown} (train.expert / train.estimator_types); known: {', '.join(known)}")
-        if self.precision != "fp32" and self.gpus_per_worker == 0:
-            raise ValueError(f"precision {self.precision!r} needs GPUs (gpus_per_worker > 0); on CPU use 'fp32'")
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            raise ValueError(
+                "precision 'fp16' needs GPUs (gpus_per_worker > 0; DeepSpeed's CPU backend has no fp16); on CPU use 'bf16' or 'fp32'"
+            )
         if self.offload_optimizer and self.gpus_per_worker == 0:
             raise ValueError("offload_optimizer moves optimizer states from GPU to CPU memory; on CPU leave it false")
         return self

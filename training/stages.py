@@ -37,6 +37,7 @@ from restoration.models.base import encode_prompt, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import set_expert_weights, train_only
+from restoration.precision import module_dtype
 from restoration.prompts import BLIND_PROMPT, NEGATIVE_QUALITY_PROMPT
 from restoration.restorer import Restorer, new_estimator
 from training.config import TrainConfig
@@ -156,13 +157,36 @@ class Stage:
             enable_gradient_checkpointing(self.module)
         self.module.train()
 
+    def hold_frozen_in(self, dtype: torch.dtype) -> list[str]:
+        """Hold the networks this stage does not train in the training precision (bf16/fp16: half of fp32's memory).
+        The trained ones stay fp32 here: DeepSpeed keeps their fp32 masters and casts the engine module itself. The
+        estimator stays fp32 (tiny; its softmax picks experts). Returns the names of the networks cast."""
+        if dtype == torch.float32:
+            return []
+        from restoration.precision import place
+
+        trained = {id(parameter) for parameter in self.parameters}
+        networks = self.restorer.networks
+        candidates = {
+            "unet": networks.unet,
+            "vae": networks.vae,
+            "text_encoder": networks.text_encoder,
+            "text_encoder_2": networks.text_encoder_2,
+            "encoder": self.restorer.encoder,
+        }
+        cast = [name for name, module in candidates.items() if not any(id(p) in trained for p in module.parameters())]
+        for name in cast:
+            place(candidates[name], dtype=dtype)
+        return cast
+
     @torch.no_grad()
     def prepare(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         device = batch.hq.device
         if self.name == "estimator":
             return {"lq": batch.lq, "masks": batch.masks}
         vae = self.restorer.networks.vae
-        target_latents = vae.encode(batch.hq).latent_dist.mean * vae.config.scaling_factor
+        vae_dtype = module_dtype(vae)  # the training precision when `hold_frozen_in` cast it
+        target_latents = vae.encode(batch.hq.to(vae_dtype)).latent_dist.mean * vae.config.scaling_factor
         if self.name == "encoder":
             return {
                 "lq": batch.lq,
@@ -187,7 +211,7 @@ class Stage:
         timesteps = torch.randint(0, len(self.restorer.alphas_cumprod), (size,), generator=generator).to(device)
         return {
             "latents": target_latents,
-            "lq_latents": self.restorer.encoder(batch.lq),
+            "lq_latents": self.restorer.encoder(batch.lq.to(module_dtype(self.restorer.encoder))),
             "noise": noise,
             "timesteps": timesteps,
             "prompt_embeds": prompt_embeds.to(device),

@@ -122,13 +122,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     restorer = prepare_restorer(Restorer.from_pretrained(init), config).to(device)
     stage = Stage(restorer, config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
+    held = stage.hold_frozen_in(dtype)
+    if held and rank == 0:
+        logging.getLogger("ray.train").info("[train] frozen networks held in %s: %s", config.precision, ", ".join(held))
     optimizer = torch.optim.AdamW(stage.parameters, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=stage.module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config), dist_init_required=False
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -222,18 +225,14 @@ def _validate(engine, restorer, config: TrainConfig, tracker, step: int, image, 
     forever for the others."""
     if config.stage not in ("adaptor", "experts") or image is None:
         return
-    import contextlib
-
     from restoration.sampling.edm import SamplerConfig
 
     was_training = engine.module.training
     engine.module.eval()
     kwargs = {"expert_weights": {config.expert: 1.0}} if config.stage == "experts" else {}
-    device = next(restorer.networks.vae.parameters()).device
-    # DeepSpeed keeps the trained modules in bf16/fp16; the networks outside the engine stay fp32.
-    mixed = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
-    with mixed if config.precision != "fp32" else contextlib.nullcontext():
-        restored = restorer.restore(image, prompt="", sampler=SamplerConfig(steps=config.validation_steps), seed=0, **kwargs).image
+    # Every network runs in the dtype it is held in (DeepSpeed's precision for the engine module, `hold_frozen_in`'s
+    # for the frozen ones): restore() casts each call's inputs, so no autocast is needed.
+    restored = restorer.restore(image, prompt="", sampler=SamplerConfig(steps=config.validation_steps), seed=0, **kwargs).image
     engine.module.train(was_training)
     if rank == 0:
         tracker.image(step, restored)

@@ -61,15 +61,18 @@ class RestoreStage:
 
     def _load(self):
         if self.restorer is None:
-            import torch
-
+            from restoration.precision import inference_device
             from restoration.restorer import Restorer
             from runtime.config import MlflowConfig, StorageConfig
             from runtime.resolve import on_this_node
 
             storage, mlflow = StorageConfig.model_validate(self.storage), MlflowConfig.model_validate(self.mlflow)
-            self.restorer = Restorer.from_pretrained(on_this_node(self.weights, storage, mlflow))
-            self.restorer.to("cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+            self.restorer = Restorer.from_pretrained(
+                on_this_node(self.weights, storage, mlflow),
+                device=inference_device(self.num_gpus),
+                dtype=self.options.get("dtype", "auto"),
+                offload=self.options.get("offload", "none"),
+            )
             if self.index_uri:
                 from restoration.retrieval.references import ReferenceIndex
 

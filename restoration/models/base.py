@@ -43,12 +43,19 @@ def _pretrained_kwargs(spec: NetworkSpec | TokenizerSpec) -> dict[str, Any]:
     return kwargs
 
 
-def load_unet(spec: NetworkSpec, seed: int = 0):
+def _in_dtype(model, dtype: torch.dtype | None):
+    """A randomly initialised network in `dtype`: built in fp32 (the seeded draws do not depend on the dtype), then cast."""
+    from restoration.precision import place
+
+    return model if dtype is None else place(model, dtype=dtype)
+
+
+def load_unet(spec: NetworkSpec, seed: int = 0, dtype: torch.dtype | None = None):
     from diffusers import UNet2DConditionModel
 
-    if spec.pretrained:
-        return UNet2DConditionModel.from_pretrained(spec.source, **_pretrained_kwargs(spec))
-    return _build_random(lambda: UNet2DConditionModel(**spec.config), seed, "unet")
+    if spec.pretrained:  # torch_dtype: the weights are read straight into the dtype, never held in fp32 first
+        return UNet2DConditionModel.from_pretrained(spec.source, torch_dtype=dtype, **_pretrained_kwargs(spec))
+    return _in_dtype(_build_random(lambda: UNet2DConditionModel(**spec.config), seed, "unet"), dtype)
 
 
 def _network_config(spec: NetworkSpec, model_class) -> dict:
@@ -66,22 +73,24 @@ def native_size(preset: Preset) -> int:
     return vae_factor * int(_network_config(preset.unet, UNet2DConditionModel)["sample_size"])
 
 
-def load_vae(spec: NetworkSpec, seed: int = 0):
+def load_vae(spec: NetworkSpec, seed: int = 0, dtype: torch.dtype | None = None):
     from diffusers import AutoencoderKL
 
     if spec.pretrained:
-        return AutoencoderKL.from_pretrained(spec.source, **_pretrained_kwargs(spec))
-    return _build_random(lambda: AutoencoderKL(**spec.config), seed, "vae")
+        return AutoencoderKL.from_pretrained(spec.source, torch_dtype=dtype, **_pretrained_kwargs(spec))
+    return _in_dtype(_build_random(lambda: AutoencoderKL(**spec.config), seed, "vae"), dtype)
 
 
-def load_text_encoder(spec: NetworkSpec, seed: int = 0, with_projection: bool = False, name: str = "text_encoder"):
+def load_text_encoder(
+    spec: NetworkSpec, seed: int = 0, with_projection: bool = False, name: str = "text_encoder", dtype: torch.dtype | None = None
+):
     """CLIP-L (`CLIPTextModel`) or, with `with_projection`, OpenCLIP-bigG (`CLIPTextModelWithProjection`)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     if spec.pretrained:
-        return cls.from_pretrained(spec.source, **_pretrained_kwargs(spec))
-    return _build_random(lambda: cls(CLIPTextConfig(**spec.config)), seed, name)
+        return cls.from_pretrained(spec.source, dtype=dtype, **_pretrained_kwargs(spec))
+    return _in_dtype(_build_random(lambda: cls(CLIPTextConfig(**spec.config)), seed, name), dtype)
 
 
 def open_clip_bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -162,12 +171,16 @@ class SDXLNetworks:
         return self
 
 
-def load_sdxl(preset: Preset) -> SDXLNetworks:
+def load_sdxl(preset: Preset, dtype: torch.dtype | None = None) -> SDXLNetworks:
+    """The preset's SDXL networks, in `dtype` (None: as stored/fp32); under fp16 the VAE stays fp32 (`precision`)."""
+    from restoration.precision import place, vae_dtype
+
+    vae = load_vae(preset.vae, preset.seed)
     return SDXLNetworks(
-        unet=load_unet(preset.unet, preset.seed),
-        vae=load_vae(preset.vae, preset.seed),
-        text_encoder=load_text_encoder(preset.text_encoder, preset.seed),
-        text_encoder_2=load_text_encoder(preset.text_encoder_2, preset.seed, with_projection=True, name="text_encoder_2"),
+        unet=load_unet(preset.unet, preset.seed, dtype),
+        vae=vae if dtype is None else place(vae, dtype=vae_dtype(vae, dtype)),
+        text_encoder=load_text_encoder(preset.text_encoder, preset.seed, dtype=dtype),
+        text_encoder_2=load_text_encoder(preset.text_encoder_2, preset.seed, with_projection=True, name="text_encoder_2", dtype=dtype),
         tokenizer=load_tokenizer(preset.tokenizer),
         tokenizer_2=load_tokenizer(preset.tokenizer_2),
     )
@@ -207,7 +220,9 @@ class Captioner:
     max_new_tokens: int
 
 
-def load_captioner(spec: CaptionerSpec, tokenizer_spec: TokenizerSpec | None = None, seed: int = 0) -> Captioner:
+def load_captioner(
+    spec: CaptionerSpec, tokenizer_spec: TokenizerSpec | None = None, seed: int = 0, dtype: torch.dtype | None = None
+) -> Captioner:
     """A LLaVA-style VLM with its processor; random-init ones share CLIP's BPE tokenizer plus an image token."""
     from transformers import (
         AutoModelForImageTextToText,
@@ -219,11 +234,11 @@ def load_captioner(spec: CaptionerSpec, tokenizer_spec: TokenizerSpec | None = N
     )
 
     if spec.pretrained:
-        model = AutoModelForImageTextToText.from_pretrained(spec.source, **_pretrained_kwargs(spec))
+        model = AutoModelForImageTextToText.from_pretrained(spec.source, dtype=dtype, **_pretrained_kwargs(spec))
         processor = AutoProcessor.from_pretrained(spec.source, **_pretrained_kwargs(spec))
         return Captioner(model, processor, spec.prompt, spec.max_new_tokens)
     config = LlavaConfig(**spec.config)
-    model = _build_random(lambda: LlavaForConditionalGeneration(config), seed, "captioner")
+    model = _in_dtype(_build_random(lambda: LlavaForConditionalGeneration(config), seed, "captioner"), dtype)
     tokenizer = load_tokenizer(tokenizer_spec or TokenizerSpec(vocabulary="open_clip_bpe"), extra_special_tokens=[IMAGE_TOKEN])
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_index:
         raise ValueError(f"captioner config: image_token_index must be {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}")

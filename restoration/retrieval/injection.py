@@ -155,7 +155,9 @@ class ReferenceAttnProcessor:
         inter = sum(w[:, None, None] * o for w, o in zip(weights.unbind(1), inters, strict=True))
         gate = (weights[:, :, None, None] * gates).sum(dim=1) * usable.any(dim=1).to(gates.dtype)[:, None, None]
         scale = controller.config.gate_scale
-        return adain((1 - scale * gate) * intra + scale * gate * inter, intra)
+        # The blend and AdaIN in fp32 (token statistics); back to the layer's dtype for its output projection.
+        blended = (1 - scale * gate) * intra.float() + scale * gate * inter.float()
+        return adain(blended, intra.float()).to(intra.dtype)
 
 
 def decoder_self_attention_layers(unet) -> list[str]:

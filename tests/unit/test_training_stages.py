@@ -87,4 +87,27 @@ def test_bad_training_configs_are_refused():
     with pytest.raises(ValidationError, match=r"needs train\.expert"):
         TrainConfig(stage="experts")
     with pytest.raises(ValidationError, match="needs GPUs"):
-        TrainConfig(precision="bf16")
+        TrainConfig(precision="fp16")
+    assert TrainConfig(precision="bf16").precision == "bf16"  # DeepSpeed's CPU backend runs bf16
+
+
+def test_bf16_training_holds_the_frozen_networks_in_bf16_and_the_trained_ones_in_fp32(batch):
+    config = TrainConfig(stage="adaptor", precision="bf16", caption_dropout=0.0, restoration_prompt_dropout=0.0)
+    restorer = Restorer("tiny")
+    stage = Stage(restorer, config)
+    held = stage.hold_frozen_in(torch.bfloat16)
+    assert held == ["unet", "vae", "text_encoder", "text_encoder_2", "encoder"]
+    networks = restorer.networks
+    for module in (networks.unet, networks.vae, networks.text_encoder, networks.text_encoder_2, restorer.encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in stage.parameters} == {torch.float32}  # DeepSpeed makes the fp32 masters from these
+    inputs = stage.prepare(batch, torch.Generator().manual_seed(0))
+    assert inputs["latents"].dtype == inputs["lq_latents"].dtype == inputs["prompt_embeds"].dtype == torch.bfloat16
+    # As DeepSpeed's engine does under bf16: the module in bf16, the inputs cast; the loss is finite, gradients flow.
+    stage.module.to(torch.bfloat16)
+    loss = stage.module(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()})
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.parameters)
+    encoder_stage = Stage(Restorer("tiny"), TrainConfig(stage="encoder", precision="bf16"))
+    assert "encoder" not in encoder_stage.hold_frozen_in(torch.bfloat16)  # the trained network is left to DeepSpeed
+    assert {p.dtype for p in encoder_stage.restorer.encoder.parameters()} == {torch.float32}
