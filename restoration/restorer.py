@@ -57,6 +57,8 @@ from restoration.seeding import torch_seeded
 from restoration.settings import RestoreConfig, SamplerConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
+# restore.offload -> the network groups kept in CPU memory between their phases (`Restorer.to`)
+OFFLOADED = {"none": (), "model": ("text",), "all": ("text", "model", "vae")}
 SIZE_MULTIPLE = 64  # SUPIR's: working sizes are multiples of 64 px
 
 
@@ -117,6 +119,7 @@ class Restorer:
         self.weights: str | None = None  # the trained weights' directory (from_pretrained), None: untrained adaptor
         self._captioner = None
         self.offload = "none"  # see `to`
+        self._device = torch.device("cpu")
         self.vae_factor = 2 ** (len(self.networks.vae.config.block_out_channels) - 1)  # the VAE's downsampling (8)
         # The UNet halves the latent once per down block with a downsampler (pixels also /8 for the VAE); SUPIR rounds
         # every working size to a multiple of 64 px (PIL2Tensor), which SDXL's 32 divides.
@@ -127,21 +130,26 @@ class Restorer:
         """Move the networks to `device` (restore() runs where they are) and, with `dtype` ("auto", "fp32", "bf16",
         "fp16" or a torch dtype; None keeps each network's), hold them in it: the UNet, adaptor, connectors and text
         encoders in `dtype`; the VAE and robust encoder too, but fp32 under fp16 (`precision.vae_dtype`); the
-        estimator always fp32. `offload="model"` keeps the text encoders and the captioner in CPU memory between
-        their phases. On CUDA the convolutional networks use channels_last."""
+        estimator always fp32. `offload` (restore.offload): "model" keeps the text encoders and the captioner in CPU
+        memory between their phases; "all" every network (UNet and adaptor, VAE and robust encoder too), each moved
+        to the device only for its phase. On CUDA the convolutional networks use channels_last."""
         device = torch.device(device)
         if offload is not None:
+            if offload not in OFFLOADED:
+                raise InputError(f"offload {offload!r}: use one of {', '.join(OFFLOADED)}")
             self.offload = offload
+        self._device = device
         compute = resolve_dtype(dtype, device) if dtype is not None else None
         vae = vae_dtype(self.networks.vae, compute) if compute is not None else None
-        place(self.model, device, compute)  # the frozen UNet is inside the adapted model
-        place(self.networks.vae, device, vae)
-        place(self.encoder, device, vae)
-        text_device = torch.device("cpu") if self.offload == "model" else device
+        offloaded = self._offloaded()
+        home = lambda module: torch.device("cpu") if module in offloaded else device  # noqa: E731
+        place(self.model, home("model"), compute)  # the frozen UNet is inside the adapted model
+        place(self.networks.vae, home("vae"), vae)
+        place(self.encoder, home("vae"), vae)
         for encoder in (self.networks.text_encoder, self.networks.text_encoder_2):
-            place(encoder, text_device, compute)
+            place(encoder, home("text"), compute)
         if self._captioner is not None:
-            place(self._captioner.model, text_device, compute)
+            place(self._captioner.model, home("text"), compute)
         if self.estimator is not None:
             place(self.estimator, device, torch.float32)
         if device.type == "cuda":
@@ -154,12 +162,25 @@ class Restorer:
         """The dtype the UNet and adaptor run in (inputs are cast to it, outputs back to fp32)."""
         return module_dtype(self.model)
 
+    def _offloaded(self) -> set[str]:
+        """The network groups kept in CPU memory between their phases under this offload policy."""
+        return set(OFFLOADED[self.offload])
+
+    def _modules(self, group: str) -> list[torch.nn.Module]:
+        if group == "model":
+            return [self.model]
+        if group == "vae":
+            return [self.networks.vae, self.encoder]
+        return [self.networks.text_encoder, self.networks.text_encoder_2] + ([self._captioner.model] if self._captioner else [])
+
     @contextlib.contextmanager
-    def _on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """Under offload="model": these modules on the device for the block, back in CPU memory after it."""
-        if self.offload != "model" or self.device.type == "cpu":
+    def _on_device(self, group: str) -> Iterator[None]:
+        """The network group ("model", "vae", "text") on the device for the block; when `offload` keeps it in CPU
+        memory, moved there before and back after."""
+        if group not in self._offloaded() or self.device.type == "cpu":
             yield
             return
+        modules = self._modules(group)
         for module in modules:
             module.to(self.device)
         try:
@@ -286,14 +307,15 @@ class Restorer:
         """SUPIR's VLM caption of an image (the stage-1 image when `restore` captions), prompted as the dataset build does."""
         if self._captioner is None:
             captioner = load_captioner(self.preset.captioner, self.preset.tokenizer, seed=self.preset.seed, dtype=self.dtype)
-            captioner.model.to("cpu" if self.offload == "model" else self.device)
+            captioner.model.to("cpu" if "text" in self._offloaded() else self.device)
             self._captioner = captioner
-        with self._on_device(self._captioner.model):
+        with self._on_device("text"):
             return caption_images(self._captioner, [image])[0]
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device  # restore runs where the networks are (see `to`)
+        """Where restore() computes (`to`'s device; networks kept in CPU memory by `offload` visit it)."""
+        return self._device
 
     def _snap(self, width: float, height: float) -> tuple[int, int]:
         """The nearest size the model takes (multiples of `size_multiple`, at least one)."""
@@ -329,8 +351,9 @@ class Restorer:
         and what the colour fix aligns to)."""
         options = options or RestoreConfig()
         lq = self._prepare(image)
-        latent = self._encode(lq, options)
-        return Stage1(lq=lq, latent=latent, decoded=self._decode(latent, options), size=image.size)
+        with self._on_device("vae"):
+            latent = self._encode(lq, options)
+            return Stage1(lq=lq, latent=latent, decoded=self._decode(latent, options), size=image.size)
 
     @torch.no_grad()
     def restore(
@@ -409,17 +432,18 @@ class Restorer:
             }
             chain.install()
         try:
-            latent = restoration_guided_sample(
-                denoiser,
-                trajectories["noise"],
-                self.train_sigmas,
-                sampler,
-                conditioning.semantic,
-                conditioning.negative,
-                trajectories["x_center"],
-                trajectories["generator"],
-                on_step=on_step,
-            )
+            with self._on_device("model"):
+                latent = restoration_guided_sample(
+                    denoiser,
+                    trajectories["noise"],
+                    self.train_sigmas,
+                    sampler,
+                    conditioning.semantic,
+                    conditioning.negative,
+                    trajectories["x_center"],
+                    trajectories["generator"],
+                    on_step=on_step,
+                )
         finally:
             if chain is not None:
                 chain.uninstall()
@@ -445,7 +469,9 @@ class Restorer:
 
     def _finish(self, latent: torch.Tensor, stage1: Stage1, output_size: tuple[int, int], options: RestoreConfig) -> Image.Image:
         """Decode one sampled latent (1, 4, h, w), colour-fix it against its stage-1 image, resize to the output size."""
-        restored = _to_image(wavelet_color_fix(self._decode(latent, options), stage1.decoded))
+        with self._on_device("vae"):
+            decoded = self._decode(latent, options)
+        restored = _to_image(wavelet_color_fix(decoded, stage1.decoded))
         return restored if restored.size == output_size else restored.resize(output_size, Image.BICUBIC)
 
     def batch_key(self, image_size: tuple[int, int], options: RestoreConfig) -> tuple[int, int]:
@@ -522,17 +548,18 @@ class Restorer:
         x_center = torch.cat([self._guidance_target(stage, sampler, options) for stage in stages])
         z_lq = torch.cat([stage.latent for stage in stages])
         denoiser = AdaptedDenoiser(self, z_lq, conditioning, None, options)
-        latents = restoration_guided_sample(
-            denoiser,
-            noise.to(self.device),
-            self.train_sigmas,
-            sampler,
-            conditioning.semantic,
-            conditioning.negative,
-            x_center,
-            PerSample(tuple(generators)),
-            on_step=on_step,
-        )
+        with self._on_device("model"):
+            latents = restoration_guided_sample(
+                denoiser,
+                noise.to(self.device),
+                self.train_sigmas,
+                sampler,
+                conditioning.semantic,
+                conditioning.negative,
+                x_center,
+                PerSample(tuple(generators)),
+                on_step=on_step,
+            )
         seconds["sampling"], clock = _lap(clock)
 
         restored = [
@@ -578,10 +605,13 @@ class Restorer:
         def plain_encode(pixels: torch.Tensor) -> torch.Tensor:
             return vae.encode(pixels.to(module_dtype(vae))).latent_dist.mode().float() * vae.config.scaling_factor
 
-        if options.tile_latent is None:
-            return plain_encode(stage1.decoded)
-        factor = self.vae_factor
-        return tiled_encode(plain_encode, vae.encoder, stage1.decoded, options.tile_latent * factor, options.tile_encoder_overlap, factor)
+        with self._on_device("vae"):
+            if options.tile_latent is None:
+                return plain_encode(stage1.decoded)
+            factor = self.vae_factor
+            return tiled_encode(
+                plain_encode, vae.encoder, stage1.decoded, options.tile_latent * factor, options.tile_encoder_overlap, factor
+            )
 
     def _conditioning(self, caption: str, restoration_prompt: str, size_hw: tuple[int, int], schedule: str) -> Conditioning:
         # SUPIR conditions SDXL's size embedding on a fixed 1024 x 1024 whatever the image size.
@@ -592,7 +622,7 @@ class Restorer:
             embeds, pooled = encode_prompt(self.networks, [prompt])
             return embeds.to(self.device, dtype), pooled.to(self.device, dtype)
 
-        with self._on_device(self.networks.text_encoder, self.networks.text_encoder_2):
+        with self._on_device("text"):
             return Conditioning(
                 semantic=encode(semantic_prompt(caption, schedule)),
                 negative=encode(NEGATIVE_QUALITY_PROMPT),

@@ -12,7 +12,7 @@ from restoration.config_model import StrictModel
 from restoration.prompts import BLIND_PROMPT
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Offload = Literal["none", "model"]
+Offload = Literal["none", "model", "all"]
 # Settings a model is loaded with, not per-restore ones: a serving request cannot change them.
 LOAD_SETTINGS = ("dtype", "offload")
 
@@ -95,7 +95,9 @@ class RestoreConfig(StrictModel):
     offload: Offload = Field(
         "none",
         description="model: keep the text encoders and the captioner in CPU memory and move each to the device only for its "
-        "own phase (they run once per image), so the GPU holds the UNet, adaptor and VAE while sampling; none: all stay.",
+        "own phase (they run once per image), so the GPU holds the UNet, adaptor and VAE while sampling; all: every network "
+        "so (the UNet and adaptor too: two host-device copies of them per image; the peak is the largest single phase, "
+        "`restoray plan`); none: all stay on the device.",
     )
 
     @model_validator(mode="after")

@@ -351,6 +351,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     supir.set_defaults(handler=_run_convert_supir)
 
+    plan = commands.add_parser(
+        "plan",
+        help="memory and FLOPs of a preset at real size, measured here without weights (fake tensors)",
+        description="Build the preset's networks at full size under torch's FakeTensorMode (no weights are read or "
+        "allocated; configs come from local directories, the Hugging Face cache or the copies restoray ships) and "
+        "measure per phase: parameters, FLOPs (attention included) and peak memory, for restore at --size (stage 1, "
+        "prompts, one CFG step, decode), at twice the size with tiled diffusion and the tiled VAE, ReFIR with one "
+        "reference, the captioner in its own phase and one adaptor training step at --train-size with ZeRO-2 over "
+        "--gpus. From a packaged GPU table it prints what fits where (and with which restore.offload) and lower-bound "
+        "seconds (FLOPs / the card's dense bf16 rate). About a minute for an SDXL preset.",
+        epilog="examples:\n  restoray plan --preset supir-v0\n  restoray plan --preset sdxl --size 1024 --dtype bf16 --gpus 8 --json\n"
+        "  restoray plan --preset supir-v0 --captioner llava-hf/llava-1.5-7b-hf",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--preset", default=None, help="preset name or .toml file (default: sdxl)")
+    plan.add_argument("--size", type=int, default=None, metavar="PX", help="restore size, square, multiple of 64 (default: 1024)")
+    plan.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="network precision (default: bf16)")
+    plan.add_argument("--gpus", type=int, default=None, metavar="N", help="GPUs ZeRO-2 partitions optimizer state over (default: 8)")
+    plan.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps per image (default: 50, SUPIR's)")
+    plan.add_argument("--train-size", type=int, default=None, metavar="PX", help="training crop size (default: 512)")
+    plan.add_argument("--captioner", default=None, metavar="ID", help="size this captioner instead of the preset's (its config)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
+    plan.set_defaults(handler=_run_plan)
+
     listing = commands.add_parser("list", help="list registries (presets, degradations, config keys)", description="List a registry.")
     what = listing.add_subparsers(dest="what", metavar="WHAT", required=True)
     presets = what.add_parser("presets", help="model presets and the networks each one names", description="List the model presets.")
@@ -535,6 +559,12 @@ def _run_convert_supir(args: argparse.Namespace) -> int:
     from restoray.convert import run_convert_supir
 
     return run_convert_supir(args.checkpoint, args.sdxl, args.output, args.layout)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from restoray.plan import run_plan
+
+    return run_plan(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

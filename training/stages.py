@@ -21,18 +21,16 @@ Stages (DESIGN.md, issue #6):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from restoration.degradations.registry import REGISTRY
 from restoration.degradations.sample import NEGATIVE_KINDS
 from restoration.errors import InputError
-from restoration.models.adaptor import AdaptedUNet
+from restoration.models.adaptor import AdaptedUNet, enable_gradient_checkpointing
 from restoration.models.base import encode_prompt, size_crop_time_ids
 from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
@@ -53,18 +51,6 @@ class Batch:
     captions: list[str]
     restoration_prompts: list[str]
     kinds: list[str]
-
-
-def enable_gradient_checkpointing(module: nn.Module) -> int:
-    """Turn on diffusers' per-block activation checkpointing in every block of `module` (adaptor copies included,
-    which are plain nn.Modules and so miss `ModelMixin.enable_gradient_checkpointing`). Returns the block count."""
-    blocks = 0
-    for child in module.modules():
-        if hasattr(child, "gradient_checkpointing"):
-            child.gradient_checkpointing = True
-            child._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
-            blocks += 1
-    return blocks
 
 
 class DiffusionLoss(nn.Module):

@@ -19,6 +19,7 @@ Shapes: x (B, 4, H, W) latents; prompt_embeds (B, T, D); skips and controls (B, 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -26,6 +27,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from restoration.config_model import StrictModel
 from restoration.models.connectors import ModulationFusion, ZeroCrossAttn, ZeroSFT, zero_module
@@ -115,6 +117,19 @@ class RestorationAdaptor(nn.Module):
         hidden, features = run_encoder(self.down_blocks, self.conv_in(sample) + self.lq_conv_in(lq_latent), emb, restoration_embeds)
         features.append(self.mid_block(hidden, emb, encoder_hidden_states=restoration_embeds))
         return features
+
+
+def enable_gradient_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Turn diffusers' per-block activation checkpointing on (or off) in every block of `module` (adaptor copies
+    included, which are plain nn.Modules and so miss `ModelMixin.enable_gradient_checkpointing`). Returns the block
+    count. Used by training and by `restoray plan`."""
+    blocks = 0
+    for child in module.modules():
+        if hasattr(child, "gradient_checkpointing"):
+            child.gradient_checkpointing = enabled
+            child._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            blocks += 1
+    return blocks
 
 
 class AdaptedUNet(nn.Module):

@@ -149,7 +149,9 @@ class ReferenceAttnProcessor:
             for k, v in zip(ref_keys.split(1), ref_values.split(1), strict=True)
         ]
         usable = scores >= controller.config.similarity_threshold
-        if not usable.any():
+        # A cosine is never below -1: at the default threshold every reference is usable, and the check (a device-to-host
+        # sync per injected layer and step; impossible under `restoray plan`'s fake tensors) is skipped.
+        if controller.config.similarity_threshold > -1.0 and not usable.any():
             return intra
         weights = scores.masked_fill(~usable, float("-inf")).softmax(dim=1).nan_to_num(0.0)  # (B, R)
         inter = sum(w[:, None, None] * o for w, o in zip(weights.unbind(1), inters, strict=True))

@@ -97,18 +97,42 @@ def test_attention_runs_through_sdpa():
     assert processors == {"AttnProcessor2_0"}  # diffusers' F.scaled_dot_product_attention processor
 
 
-def test_model_offload_moves_the_text_encoders_and_captioner_only_for_their_phase(monkeypatch):
-    restorer = Restorer("tiny").to("cpu", offload="model")
+def test_offload_moves_each_network_group_only_for_its_phase(monkeypatch):
+    restorer = Restorer("tiny")
     moves: list[tuple[str, str]] = []
-    for name in ("text_encoder", "text_encoder_2"):
-        module = getattr(restorer.networks, name)
+    networks = {
+        "unet+adaptor": restorer.model,
+        "vae": restorer.networks.vae,
+        "robust encoder": restorer.encoder,
+        "text_encoder": restorer.networks.text_encoder,
+        "text_encoder_2": restorer.networks.text_encoder_2,
+    }
+    for name, module in networks.items():
         monkeypatch.setattr(module, "to", lambda device, name=name: moves.append((name, str(device))))
     monkeypatch.setattr(Restorer, "device", property(lambda self: torch.device("cuda")))  # as on a GPU
-    with restorer._on_device(restorer.networks.text_encoder, restorer.networks.text_encoder_2):
-        assert moves == [("text_encoder", "cuda"), ("text_encoder_2", "cuda")]
-    assert moves[2:] == [("text_encoder", "cpu"), ("text_encoder_2", "cpu")]
-    moves.clear()
-    restorer.offload = "none"
-    with restorer._on_device(restorer.networks.text_encoder):
-        pass
-    assert moves == []
+
+    def visits(offload: str, group: str) -> list[tuple[str, str]]:
+        restorer.offload = offload
+        moves.clear()
+        with restorer._on_device(group):
+            inside = list(moves)
+        return [*inside, ("--", "--"), *moves[len(inside) :]]
+
+    assert visits("model", "text") == [
+        ("text_encoder", "cuda"), ("text_encoder_2", "cuda"), ("--", "--"), ("text_encoder", "cpu"), ("text_encoder_2", "cpu")
+    ]  # fmt: skip
+    assert visits("model", "model") == visits("model", "vae") == visits("none", "text") == [("--", "--")]
+    assert visits("all", "model") == [("unet+adaptor", "cuda"), ("--", "--"), ("unet+adaptor", "cpu")]
+    assert visits("all", "vae") == [("vae", "cuda"), ("robust encoder", "cuda"), ("--", "--"), ("vae", "cpu"), ("robust encoder", "cpu")]
+    with pytest.raises(Exception, match="offload 'some'"):
+        restorer.to("cpu", offload="some")
+
+
+def test_offloaded_restores_equal_the_resident_one(trained_state, image):
+    """On the CPU the moves are no-ops; what this checks is that every phase finds its networks where it runs."""
+    sampler = SamplerConfig(steps=2)
+    resident = _restorer("fp32", trained_state).restore(image, prompt="a cat", sampler=sampler)
+    for offload in ("model", "all"):
+        restorer = Restorer.from_pretrained("tiny", device="cpu", offload=offload)
+        restorer.load_trained_state(trained_state, "perturbed")
+        assert np.array_equal(np.asarray(restorer.restore(image, prompt="a cat", sampler=sampler).image), np.asarray(resident.image))

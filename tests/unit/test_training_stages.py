@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from restoration.degradations import single_degrade
+from restoration.models.adaptor import enable_gradient_checkpointing
 from restoration.restorer import Restorer
 from training.config import TrainConfig
-from training.stages import Batch, Stage, enable_gradient_checkpointing, prepare_restorer
+from training.stages import Batch, Stage, prepare_restorer
 
 
 @pytest.fixture(scope="module")
