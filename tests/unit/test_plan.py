@@ -101,6 +101,25 @@ def test_the_tiny_plan_matches_the_networks_the_restorer_builds(tiny_plan):
     assert {gpu["gpu"] for gpu in tiny_plan["gpus"]} >= {"H100-SXM", "A100-80G", "A100-40G", "L40S", "A10G", "RTX-4090", "L4"}
 
 
+def test_gpu_bench_runs_in_cpu_tiny_mode_beside_the_plan(tiny_plan, tmp_path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(tiny_plan))
+    result = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--tiny", "--plan", str(plan_file), "--json", str(tmp_path / "rows.json")],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["row"]: row for row in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    for name in ("restore 64: one step", "ReFIR 64 paired: one step", "ReFIR 64 shared: one step", "restore 128 tiled: one step",
+                 "train 64 batch 1", "train 64 batch 1 (checkpointing)"):  # fmt: skip
+        assert rows[name]["seconds"] > 0 and rows[name]["tflops"] > 0 and rows[name]["plan_peak_gib"] > 0, name
+        assert name in result.stdout
+    mismatched = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--plan", str(plan_file)], capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env()
+    )
+    assert mismatched.returncode != 0 and "was made for" in mismatched.stderr  # a plan of other sizes is refused
+
+
 def test_plan_refuses_sizes_the_model_does_not_take():
     from restoray.cli import main
 

@@ -22,6 +22,9 @@ RUNTIME_FILES = (
     "restoration/sampling/presets/supir-paper.toml",
     "restoration/sampling/presets/supir-release.toml",
     *(f"restoration/models/base_configs/sdxl_{name}.json" for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")),
+    "restoration/models/base_configs/llava_1.5_7b.json",
+    "restoration/models/base_configs/llava_1.5_13b.json",
+    "restoration/planning/gpus.toml",
     *(
         f"restoration/evaluation/protocols/{name}.toml"
         for name in ("realesrgan-x4", "spire-parameterized", "abair-5task", "abair-heldout", "paired", "no-reference")
@@ -80,6 +83,14 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     assert all(path.startswith(str(target)) for path in json.loads(where.stdout)), where.stdout  # not the repository's
     presets = run("-m", "restoray", "list", "presets")
     assert presets.returncode == 0 and "tiny" in presets.stdout and "sdxl" in presets.stdout, presets.stderr
+    # `restoray plan`'s GPU table and the configs it sizes the sdxl preset from (SDXL's UNet, LLaVA-1.5 13B), offline.
+    planning = run(
+        "-c",
+        "from restoration.models.presets import load_preset; from restoration.planning.configs import network_config; "
+        "from restoration.planning.plan import gpu_table; preset = load_preset('sdxl'); print(len(gpu_table()[1]), "
+        "network_config(preset.unet, 'unet')['sample_size'], network_config(preset.captioner, 'vlm')['text_config']['hidden_size'])",
+    )
+    assert planning.returncode == 0 and planning.stdout.split() == ["8", "128", "5120"], planning.stderr[-2000:]
     protocols = run("-m", "restoray", "list", "protocols")
     assert protocols.returncode == 0 and "abair-heldout" in protocols.stdout and "no-reference" in protocols.stdout, protocols.stderr
     config = run("-m", "restoray", "list", "config")
