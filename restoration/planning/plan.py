@@ -69,6 +69,7 @@ class Gpu(StrictModel):
     name: str
     memory_mib: int = Field(gt=0)
     bf16_tflops: float = Field(gt=0)
+    memory_gbs: float = Field(gt=0)
 
     def usable_bytes(self, reserved_gib: float) -> float:
         return self.memory_mib * 2**20 - reserved_gib * GiB
@@ -279,6 +280,8 @@ def plan(config: PlanConfig, progress=None) -> dict[str, Any]:
     language = sum(p.numel() for name, p in nets.captioner.named_parameters() if "language_model" in name or "lm_head" in name)
     max_new = nets.preset.captioner.max_new_tokens
     caption_flops = prefill.flops + 2 * language * max_new
+    # Each generated token reads every language-model weight once: bandwidth, not FLOPs, bounds generation.
+    caption_reads = max_new * language * (torch.finfo(nets.dtype).bits // 8)
     rows.append(_phase("caption (own phase)", "caption", caption_flops, ("captioner",), prefill, f"prefill + {max_new} tokens x 2 x LM"))
 
     say(f"one training step at {config.train_size}: batch 1 and 2, with and without gradient checkpointing")
@@ -305,6 +308,9 @@ def plan(config: PlanConfig, progress=None) -> dict[str, Any]:
         "phases": [{**row, "peak_bytes": {offload: phase_peak(row, group_bytes, offload) for offload in OFFLOADS}} for row in rows],
         "peaks": peaks,
         "restore_flops_per_image": restore_flops,
+        "step_flops": 2 * one_pass.flops,
+        "caption_prefill_flops": prefill.flops,
+        "caption_generation_bytes": caption_reads,
         "training": training,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -400,7 +406,11 @@ def _fits(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "gpu": gpu.name,
                 "memory_gib": round(gpu.memory_mib / 1024, 1),
                 "fits": fits,  # workload -> the offload policies it fits with
-                "seconds_per_image": {key: flops / rate for key, flops in result["restore_flops_per_image"].items()},
+                "seconds_per_step": result["step_flops"] / rate,
+                "seconds_per_image": {
+                    **{key: flops / rate for key, flops in result["restore_flops_per_image"].items()},
+                    "caption": result["caption_prefill_flops"] / rate + result["caption_generation_bytes"] / (gpu.memory_gbs * 1e9),
+                },
                 "train_batch": {mode: largest_batch(result["training"], mode, usable) for mode in result["training"]["steps"]},
                 "train_seconds_per_sample": {mode: row["flops_per_sample"] / rate for mode, row in result["training"]["steps"].items()},
             }
@@ -454,20 +464,22 @@ def format_plan(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"{'GPU':<11}{'GiB':>5}  {'restore':<8}{'tiled':<7}{'ReFIR':<7}{'VLM':<5}"
-        f"{'s/image':>8}{'tiled':>8}{'paired':>8}{'caption':>8}{'batch':>7}{'ckpt':>6}{'s/sample':>9}",
+        f"{'s/step':>7}{'s/image':>8}{'tiled':>8}{'paired':>8}{'caption':>8}{'batch':>8}{'ckpt':>8}{'s/sample':>9}",
     ]
     for gpu in result["gpus"]:
         seconds, fits = gpu["seconds_per_image"], gpu["fits"]
         lines.append(
             f"{gpu['gpu']:<11}{gpu['memory_gib']:>5.0f}  {offload(fits[native]):<8}{offload(fits[tiled]):<7}"
-            f"{offload(fits[refir]):<7}{'yes' if fits['caption'] else 'no':<5}{seconds['native']:>8.2f}{seconds['tiled']:>8.2f}"
-            f"{seconds['refir_paired']:>8.2f}{seconds['caption']:>8.2f}{gpu['train_batch']['plain']:>7}"
-            f"{gpu['train_batch']['checkpointing']:>6}{gpu['train_seconds_per_sample']['plain']:>9.3f}"
+            f"{offload(fits[refir]):<7}{'yes' if fits['caption'] else 'no':<5}{gpu['seconds_per_step']:>7.3f}"
+            f"{seconds['native']:>8.2f}{seconds['tiled']:>8.2f}"
+            f"{seconds['refir_paired']:>8.2f}{seconds['caption']:>8.2f}{gpu['train_batch']['plain']:>8}"
+            f"{gpu['train_batch']['checkpointing']:>8}{gpu['train_seconds_per_sample']['plain']:>9.3f}"
         )
     lines += [
         "",
         "restore/tiled/ReFIR: the least offload that fits (none, model, all) or no; VLM: the captioner in its own phase.",
-        "s/image: lower bounds (FLOPs / dense bf16 rate) of the restore without the caption; caption: the VLM's own.",
+        "s/step, s/image: lower bounds (FLOPs / dense bf16 rate) of one CFG step and of the restore without the caption;",
+        "caption: the VLM's own (prefill FLOPs / rate + every generated token reading the language model once / bandwidth).",
         "batch/ckpt: the largest training batch per GPU without / with gradient checkpointing; s/sample: its lower bound.",
         "Not seen: cuDNN/cuBLAS workspaces, allocator fragmentation, the CUDA context (the table keeps "
         f"{gpu_table()[0]:g} GiB of every card for them).",
