@@ -77,6 +77,7 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     print("\n".join("      " + line for line in index_summary.table().splitlines()))
     from PIL import Image
 
+    from restoration.precision import dtype_name, inference_device
     from restoration.restorer import Restorer
     from restoration.retrieval.references import ReferenceIndex
     from restoray.train import print_summary, train_from_config
@@ -94,7 +95,8 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
 
     restore_started = time.monotonic()
     weights = resolve(trained["model"], config.storage, config.mlflow) if trained["model"] else config.preset
-    restorer = Restorer.from_pretrained(weights)
+    options = config.restore
+    restorer = Restorer.from_pretrained(weights, device=inference_device(), dtype=options.dtype, offload=options.offload)
     photo = Image.open(images[0]).convert("RGB")
     photo = photo.resize((photo.width // 4, photo.height // 4))  # a quick restore on CPU
     sampler = config.sampler.model_copy(update={"steps": 4})  # a quick restore on CPU
@@ -103,7 +105,8 @@ def run_demo(config: RunConfig, output_dir: str = "data/demo") -> int:
     restored_path = Path(output_dir) / f"restored-{images[0].stem}.png"
     restored.image.save(restored_path)
     took = time.monotonic() - restore_started
-    print(f"[8/{STEPS}] restored {images[0].name} with {trained['model'] or config.preset} -> {restored_path} in {took:.1f}s")
+    precision = f"{dtype_name(restorer.dtype)} on {restorer.device.type} (restore.dtype {options.dtype})"
+    print(f"[8/{STEPS}] restored {images[0].name} with {trained['model'] or config.preset}, {precision} -> {restored_path} in {took:.1f}s")
     retrieval = restored.retrieval
     if retrieval.fell_back:
         print(f"      reference: none at or above min_similarity {retrieval.min_similarity:g}: restored without one")

@@ -91,6 +91,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     # ... and the restore uses it.
     restored = list((tmp_path / "data" / "demo").glob("restored-*.png"))
     assert len(restored) == 1 and "[8/10] restored" in out and "with models:/restoray-adaptor/1" in out
+    assert "fp32 on cpu (restore.dtype auto)" in out  # auto: fp32 where there is no GPU
     # ... with a reference the index returned (the tiny CLIP's similarities are near 1: above min_similarity 0.8).
     assert "      reference: " in out and "(cosine 0." in out
     # The service: started, one request through the HTTP API (captioned, with a retrieved reference), stopped.
