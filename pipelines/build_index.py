@@ -397,8 +397,9 @@ def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
     clock = time.perf_counter()
     held_out = np.setdiff1d(np.arange(count), trained_positions)
     pool = held_out if len(held_out) >= min(config.tuning_queries, count) else np.arange(count)
-    queries = mapped[np.sort(rng.choice(pool, min(config.tuning_queries, len(pool)), replace=False))]
-    search = faiss_index.tune(faiss_index.Searcher(index, mapped), np.asarray(queries), config.target_recall)
+    query_ids = np.sort(rng.choice(pool, min(config.tuning_queries, len(pool)), replace=False))
+    searcher = faiss_index.Searcher(index, mapped)
+    search = faiss_index.tune(searcher, np.asarray(mapped[query_ids]), config.target_recall, query_ids=query_ids)
     seconds["tune"] = round(time.perf_counter() - clock, 2)
     if search.recall < config.target_recall:
         log.warning(

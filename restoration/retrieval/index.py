@@ -294,10 +294,33 @@ def _gain(point: dict, current: dict) -> float:
     return (point["recall"] - current["recall"]) / max(point["seconds"] - current["seconds"], 1e-6)
 
 
-def tune(searcher: Searcher, queries: np.ndarray, target_recall: float, k: int = RECALL_K, repeats: int = 1) -> SearchParameters:
-    """The cheapest setting found whose k-recall@k on `queries` reaches `target_recall` (or the best there is)."""
+def without_self(ids: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
+    """The first k ids of each row with the query's own position left out (own[i]: query i's position in the index)."""
+    if own is None:
+        return ids[:, :k]
+    kept = np.full((len(ids), k), -1, dtype=np.int64)
+    for row, (found, self_id) in enumerate(zip(ids, own, strict=True)):
+        others = found[found != self_id][:k]
+        kept[row, : len(others)] = others
+    return kept
+
+
+def tune(
+    searcher: Searcher,
+    queries: np.ndarray,
+    target_recall: float,
+    k: int = RECALL_K,
+    repeats: int = 1,
+    query_ids: np.ndarray | None = None,
+) -> SearchParameters:
+    """The cheapest setting found whose k-recall@k on `queries` reaches `target_recall` (or the best there is).
+    `query_ids`: the queries' own positions when they are vectors of the index: every search then asks for k + 1 and
+    drops the query itself from truth and results, so the recall is what a new query sees (each query finds itself
+    at distance 0, which alone would add up to 1/k to the recall)."""
+    depth = k + 1 if query_ids is not None else k
     truth_started = time.perf_counter()
-    _, truth = exact_neighbours(searcher.vectors, queries, k)
+    _, truth = exact_neighbours(searcher.vectors, queries, depth)
+    truth = without_self(truth, query_ids, k)
     exact_seconds = time.perf_counter() - truth_started
     exact_qps = len(queries) / max(exact_seconds, 1e-9)
     if searcher.exact:
@@ -315,8 +338,9 @@ def tune(searcher: Searcher, queries: np.ndarray, target_recall: float, k: int =
         best = math.inf
         for _ in range(repeats):
             started = time.perf_counter()
-            _, found = searcher.search(queries, k)
+            _, found = searcher.search(queries, depth)
             best = min(best, time.perf_counter() - started)
+        found = without_self(found, query_ids, k)
         point = {"faiss": text, "rerank": candidate.rerank, "recall": recall_at(found, truth, k), "seconds": best}
         evaluated.append(point)
         return point

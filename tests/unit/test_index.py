@@ -24,6 +24,7 @@ from restoration.retrieval.index import (
     recall_at,
     train_index,
     tune,
+    without_self,
 )
 
 DIM = 32
@@ -112,6 +113,20 @@ def test_each_type_reaches_the_recall_target_after_tuning(data, plan):
     if plan.type != "flat":
         # The untuned start (the cheapest setting) is below the target for compressed codes: tuning did something.
         assert tuned.evaluated and (tuned.faiss or tuned.rerank > 1)
+
+
+def test_tuning_queries_taken_from_the_index_do_not_count_themselves(data):
+    vectors, _ = data
+    plan = plan_index(20_000, DIM, PQ_BUDGET, index_type="ivf_pq")
+    searcher = Searcher(build(plan, vectors), vectors)
+    ids = np.arange(0, len(vectors), 200)  # queries that are vectors of the index, as the build's tuning draws them
+    tuned = tune(searcher, vectors[ids], 0.5, query_ids=ids)  # a low target: tuning stops at a cheap setting
+    _, truth = exact_neighbours(vectors, vectors[ids], 11)
+    _, found = searcher.search(vectors[ids], 11)
+    held_out = recall_at(without_self(found, ids, 10), without_self(truth, ids, 10))
+    assert tuned.recall == pytest.approx(held_out)  # what a query that is not in the index sees
+    assert all(query not in row for query, row in zip(ids, without_self(found, ids, 10), strict=True))
+    assert recall_at(found[:, :10], truth[:, :10]) > held_out  # counting each query's own hit reads high
 
 
 def test_pq_codes_alone_miss_what_reranking_from_the_vectors_finds(data):
