@@ -39,13 +39,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from pipelines import duplicates
 from pipelines.config import DataBuildConfig
 from pipelines.rows import REASONS, batch_of, is_rejected, row_stage, rows_of
 from pipelines.sink import ShardSink
 from pipelines.sources import list_units, read_units
 from pipelines.stages.crop import crop_row
 from pipelines.stages.decode import decode_row
-from pipelines.stages.dedup import dedup_row, find_duplicates, hashes_row
+from pipelines.stages.dedup import dedup_row, hashes_row
 from pipelines.stages.degrade import DegradeStage
 from pipelines.stages.quality import quality_row
 from pipelines.timer import start_stage_timer
@@ -299,9 +300,9 @@ def _scan_duplicates(units, config: DataBuildConfig, storage: StorageConfig, fs,
             pq.write_table(table, handle)
         with fs.open(f"{root}/_work/scan.json", "wb") as handle:
             handle.write(json.dumps({"fingerprint": fp, "images": table.num_rows}).encode())
-    return find_duplicates(
-        table.column("source").to_pylist(), table.column("sha256").to_pylist(), table.column("phash").to_pylist(), config.dedup
-    )
+    # The decisions in Ray tasks (pipelines/duplicates.py): hash groups and band buckets shuffled by key, Hamming
+    # distances vectorised, only the duplicates return.
+    return duplicates.find_duplicates(ray.data.from_arrow(table), config.dedup, duplicates.partitions_for(table.num_rows))
 
 
 _SCAN_SCHEMA = pa.schema([("source", pa.string()), ("sha256", pa.string()), ("phash", pa.int64())])

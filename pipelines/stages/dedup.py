@@ -1,8 +1,9 @@
 """Duplicates: exact (SHA-256 of the source bytes) and near (64-bit DCT perceptual hash within a Hamming radius).
 
 Deciding needs every image's hashes, so it is a global step: a first pass computes (source, sha256, phash) for the
-images that pass decoding and basic quality, `find_duplicates` groups them on the driver, and the dedup stage
-of the main pass rejects the sources it named. In each group the smallest source URI is kept, so the choice does
+images that pass decoding and basic quality, `pipelines.duplicates.find_duplicates` decides in Ray tasks, and the
+dedup stage of the main pass rejects the sources it named. `find_duplicates` here is the single-process reference
+the distributed pass is tested equal to. In each group the smallest source URI is kept, so the choice does
 not depend on the order Ray processed the rows in. Near-duplicate candidates are found with LSH on four 16-bit
 bands of the hash (two hashes within distance <= 3 share a band) and then checked exactly; max_hamming above 3
 may miss pairs that share no band, which is the usual trade of banding.

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.build_dataset import build_dataset
-from pipelines.config import DataBuildConfig
+from pipelines.config import DataBuildConfig, DedupConfig
 from restoration.errors import InputError
 from restoration.images import decode_image
 from runtime.config import StorageConfig
@@ -414,3 +414,47 @@ def test_training_rows_that_do_not_decode_are_counted_and_too_many_fail(local_ra
     strict = TrainConfig(resolution=64, max_decode_failure_share=0.1, decode_failure_min_rows=1)
     with pytest.raises(TooManyDecodeFailures, match="1 of 4 training rows did not decode"):
         PrepareRows(strict, seed=0, counter=new_decode_counter())(table)
+
+
+def _planted_scan(count: int, seed: int) -> tuple[list[str], list[str], list[int]]:
+    """Hashes with planted exact copies, near copies (1-3 bits), chains of near copies and crowded band buckets."""
+    rng = np.random.default_rng(seed)
+    sources = [f"s3://corpus/{rng.integers(10**9):09d}-{i}.jpg" for i in range(count)]
+    sha = [f"sha-{i}" for i in range(count)]
+    phash = rng.integers(0, 2**63, count, dtype=np.int64).tolist()
+    for i in range(0, count - 3, 7):
+        sha[i + 1] = sha[i]  # an exact copy (and so the same perceptual hash)
+        phash[i + 1] = phash[i]
+        phash[i + 2] = phash[i] ^ (1 << int(rng.integers(63)))  # a near copy (the scan stores signed int64)
+        phash[i + 3] = phash[i + 2] ^ (0b11 << int(rng.integers(61)))  # a chain: 2 bits from the near copy
+    shared_band = int(rng.integers(2**16))
+    for i in range(count // 3, count // 3 + 200):  # 200 hashes sharing one 16-bit band: a crowded bucket
+        phash[i] = (phash[i] & ~0xFFFF) | shared_band
+    return sources, sha, phash
+
+
+@pytest.mark.parametrize(
+    ("dedup", "partitions"),
+    [
+        (DedupConfig(), 3),
+        (DedupConfig(exact=False), 3),
+        (DedupConfig(), 1),
+        (DedupConfig(exact=False), 1),
+        (DedupConfig(perceptual=False), 1),
+        (DedupConfig(max_hamming=1), 1),
+    ],
+    ids=["default, shuffled", "perceptual only, shuffled", "default", "perceptual only", "exact only", "max_hamming 1"],
+)
+def test_ray_data_dedup_equals_the_single_process_pass(local_ray, dedup, partitions):
+    import ray
+
+    from pipelines.duplicates import find_duplicates as distributed
+    from pipelines.stages.dedup import find_duplicates as reference
+
+    sources, sha, phash = _planted_scan(3000, seed=5)
+    expected = reference(sources, sha, phash, dedup)
+    assert sum(reason == "near_duplicate" for reason, _ in expected.values()) > (300 if dedup.perceptual else -1)
+    order = np.random.default_rng(1).permutation(len(sources))  # rows in another order, in several blocks
+    table = pa.table({"source": [sources[i] for i in order], "sha256": [sha[i] for i in order], "phash": [phash[i] for i in order]})
+    scan = ray.data.from_arrow(table).repartition(4)
+    assert distributed(scan, dedup, partitions) == expected
