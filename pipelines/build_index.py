@@ -22,9 +22,12 @@ import resource
 import shutil
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -352,6 +355,19 @@ def _add_task(trained_empty: np.ndarray, vectors: np.ndarray, first_id: int) -> 
     return faiss_index.add_part(trained_empty, vectors, first_id)
 
 
+def windowed(submit: Callable[[int], Any], starts: Sequence[int], window: int, get: Callable[[Any], Any]) -> Iterator[Any]:
+    """`get(submit(start))` for each start, in order, with at most `window` submissions outstanding: the oldest is
+    collected before the next is submitted, so a part's input slice and result are released once it is merged (the
+    index's parts never all sit in the object store at once)."""
+    in_flight: deque = deque()
+    for start in starts:
+        if len(in_flight) >= window:
+            yield get(in_flight.popleft())
+        in_flight.append(submit(start))
+    while in_flight:
+        yield get(in_flight.popleft())
+
+
 def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
     """Train, add (in Ray tasks for IVF types), tune; writes vectors.npy and index.faiss (+ .ivfdata) into `work`."""
     from restoration.retrieval.index import faiss
@@ -376,13 +392,17 @@ def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
     else:
         empty = faiss_index.empty_copy(index)
         empty_ref = ray.put(empty)
-        starts = range(0, count, config.add_batch)
-        pending = [_add_task.remote(empty_ref, ray.put(np.ascontiguousarray(vectors[a : a + config.add_batch])), a) for a in starts]
+        window = max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+        def submit(start: int):
+            return _add_task.remote(empty_ref, ray.put(np.ascontiguousarray(vectors[start : start + config.add_batch])), start)
+
+        parts = windowed(submit, range(0, count, config.add_batch), window, ray.get)
         if plan.on_disk:
             part_files = []
-            for number, ref in enumerate(pending):
+            for number, serialized in enumerate(parts):
                 part = work / f".part-{number}.faiss"
-                faiss.write_index(faiss.deserialize_index(ray.get(ref)), str(part))
+                faiss.write_index(faiss.deserialize_index(serialized), str(part))
                 part_files.append(part)
             faiss_index.merge_parts_on_disk(empty, part_files, index_path)
             for part in part_files:
@@ -390,8 +410,8 @@ def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
             index = faiss_index.read_index(index_path, on_disk=True)
         else:
             index = faiss.deserialize_index(empty)
-            for ref in pending:  # merged as they arrive; each part freed after
-                index.merge_from(faiss.deserialize_index(ray.get(ref)), 0)
+            for serialized in parts:  # merged in order; each part freed after
+                index.merge_from(faiss.deserialize_index(serialized), 0)
             faiss.write_index(index, str(index_path))
     seconds["add"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()

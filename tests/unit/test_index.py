@@ -167,3 +167,24 @@ def test_parts_merged_on_disk_search_like_the_merged_index(data, tmp_path):
         faiss.ParameterSpace().set_index_parameters(index, "nprobe=16")
     assert on_disk.ntotal == in_memory.ntotal == len(vectors)
     np.testing.assert_array_equal(on_disk.search(queries, 10)[1], in_memory.search(queries, 10)[1])
+
+
+def test_index_parts_are_added_in_a_bounded_window():
+    from pipelines.build_index import windowed
+
+    outstanding: set[int] = set()
+    peak = 0
+
+    def submit(start: int) -> int:
+        nonlocal peak
+        outstanding.add(start)
+        peak = max(peak, len(outstanding))
+        return start
+
+    def get(ref: int) -> int:
+        outstanding.discard(ref)  # collected: its slice and result are released
+        return ref * 10
+
+    starts = range(0, 50, 5)
+    assert list(windowed(submit, starts, 3, get)) == [start * 10 for start in starts]  # in order
+    assert peak == 3 and not outstanding
