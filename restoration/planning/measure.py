@@ -20,6 +20,7 @@ Facts this relies on (torch 2.14):
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.hooks import RemovableHandle
 
 for _name, _formula in (
     ("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
@@ -80,11 +82,6 @@ def parameter_stats(module: nn.Module, trainable: Iterable[nn.Parameter] | None 
     )
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 class _Tracker(MemTracker):
     """MemTracker that tolerates frozen parameters (see the module docstring) and keeps only the global peak: its own
     `_update_peak_stats` also walks every module seen so far on every op, to keep per-module peaks the plan does not
@@ -99,7 +96,8 @@ class _Tracker(MemTracker):
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
         for parameter in module.parameters():
             if not parameter.requires_grad and self._param_to_grad_hook_handles.get(parameter) is None:
-                self._param_to_grad_hook_handles[parameter] = (_NoHook(), _NoHook())
+                # Handles of hooks never registered: their remove() finds nothing to remove.
+                self._param_to_grad_hook_handles[parameter] = (RemovableHandle(OrderedDict()), RemovableHandle(OrderedDict()))
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
 
