@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# restore.offload -> the network groups kept in CPU memory between their phases (`Restorer.to`; `restoray plan` sizes
+# each phase from the same table): "text" = text encoders + captioner, "model" = UNet + adaptor, "vae" = VAE + robust encoder.
+OFFLOADED = {"none": (), "model": ("text",), "all": ("text", "model", "vae")}
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:

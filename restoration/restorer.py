@@ -46,7 +46,7 @@ from restoration.models.encoder import RobustEncoder
 from restoration.models.estimator import DegradationEstimator
 from restoration.models.experts import add_expert, expert_names, set_expert_weights
 from restoration.models.presets import load_preset
-from restoration.precision import module_dtype, place, resolve_dtype, vae_dtype
+from restoration.precision import OFFLOADED, module_dtype, place, resolve_dtype, vae_dtype
 from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install, uninstall
 from restoration.sampling.colorfix import wavelet_color_fix
@@ -57,8 +57,6 @@ from restoration.seeding import torch_seeded
 from restoration.settings import RestoreConfig, SamplerConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "restorer.json", "model.safetensors"
-# restore.offload -> the network groups kept in CPU memory between their phases (`Restorer.to`)
-OFFLOADED = {"none": (), "model": ("text",), "all": ("text", "model", "vae")}
 SIZE_MULTIPLE = 64  # SUPIR's: working sizes are multiples of 64 px
 
 

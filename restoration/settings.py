@@ -13,8 +13,6 @@ from restoration.prompts import BLIND_PROMPT
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Offload = Literal["none", "model", "all"]
-# Settings a model is loaded with, not per-restore ones: a serving request cannot change them.
-LOAD_SETTINGS = ("dtype", "offload")
 
 
 class SamplerConfig(StrictModel):

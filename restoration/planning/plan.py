@@ -40,6 +40,7 @@ from restoration.config_model import StrictModel
 from restoration.models.presets import NetworkSpec
 from restoration.planning.configs import network_config
 from restoration.planning.measure import Measurement, ParameterStats, fake_module, measure, parameter_stats
+from restoration.precision import OFFLOADED
 
 GPU_TABLE = Path(__file__).with_name("gpus.toml")
 GiB = 2**30
@@ -118,7 +119,6 @@ class Networks:
         self.text_length = int(text_configs[1].get("max_position_embeddings", 77))
         self.text_width = int(text_configs[0]["hidden_size"]) + int(text_configs[1]["hidden_size"])
         self.pooled_width = int(text_configs[1].get("projection_dim", text_configs[1]["hidden_size"]))
-        self.for_training = False
 
     @property
     def captioner(self):
@@ -198,8 +198,9 @@ def _measure(networks: Networks, fn, *modules) -> Measurement:
     return measure(fn, modules, networks.mode)
 
 
-# The network groups a phase needs on the device, as `Restorer` moves them under restore.offload.
-GROUPS = {"none": ("model", "vae", "text"), "model": ("model", "vae"), "all": ()}
+# The network groups resident on the device whatever the phase, under each restore.offload (the rest visit it for
+# their phase only): the complement of what `Restorer` keeps in CPU memory.
+GROUPS = {offload: tuple(g for g in ("model", "vae", "text") if g not in kept) for offload, kept in OFFLOADED.items()}
 OFFLOADS = tuple(GROUPS)
 
 
