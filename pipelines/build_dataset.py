@@ -1,19 +1,22 @@
-"""`restoray data build`: corpus -> training shards, on Ray Data.
+"""`restoray data build`: corpus -> training shards, on Ray Data: the job as its sequence of passes.
 
-Stages (DESIGN.md's order): read -> decode -> basic quality -> dedup -> CLIP embedding (aesthetic) -> caption ->
-image-text score -> crop -> degrade -> write (shards and rejects through one sink) -> generated negatives (SUPIR's
-negative-quality samples from the preset's SDXL, when `data.negatives.count` > 0; written through the same sink) ->
-manifest.
-
-Dedup needs every image's hashes before it can decide, so when it is on a first, lighter pass (read, decode,
-quality, hashes) collects (source, sha256, phash) for the images that pass quality; the driver groups them and
-the main pass rejects the duplicates at the dedup stage. The scan is cached in the output, so a resumed build
-does not repeat it.
+1. listing (pipelines/listing.py): the corpus's units of work, listed in Ray tasks;
+2. dedup (when exact or perceptual dedup is on): a first, lighter read (read, decode, quality, hashes) writes
+   (source, sha256, phash) to _work/scan/ and pipelines/duplicates.py decides in Ray tasks; the scan is kept with
+   the config's fingerprint, so a resumed build does not repeat it;
+3. resume (pipelines/resume.py): the sources an earlier run finished;
+4. known sources (pipelines/known_sources.py): the duplicate decisions and finished sources joined onto the units
+   that hold them, so a read task skips finished sources and rejects duplicates without reading either;
+5. the main pass: read -> decode -> basic quality -> CLIP embedding (aesthetic) -> caption -> image-text score ->
+   crop -> degrade -> write (shards and rejects through one sink, whose write results count the sources);
+6. semantic dedup (pipelines/semantic_dedup.py, with embeddings and data.dedup.clip_threshold);
+7. generated negatives (SUPIR's negative-quality samples from the preset's SDXL, `data.negatives.count` > 0);
+8. counts (pipelines/counts.py) and the manifest.
 
 Resume: committed shard and reject files name their sources. A re-run skips sources already complete (all
-variants written, or rejected) before decoding them, skips sample ids already written, and a re-run of a
-completed build with the same input and config is a no-op that says so. `retry_rejected` drops the reject rows of
-the given reasons first (e.g. `read_error` after an outage), so those sources are read again.
+variants written, or rejected) before reading them, skips sample ids already written, and a re-run of a completed
+build with the same input and config is a no-op that says so. `retry_rejected` drops the reject rows of the given
+reasons first (e.g. `read_error` after an outage), so those sources are read again.
 
 Failures: a storage failure that outlasts the retries (runtime/storage.py) stops the build with `StorageError`
 (exit 1) and writes no reject for it; so does a `read_error` share above `data.source.max_read_error_share` once
@@ -28,12 +31,10 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,25 +42,29 @@ import ray
 
 from pipelines import duplicates
 from pipelines.config import DataBuildConfig
-from pipelines.rows import REASONS, batch_of, is_rejected, row_stage, rows_of
+from pipelines.counts import count_output
+from pipelines.known_sources import NOTE_SCHEMA, with_known
+from pipelines.listing import Listing, check_input, list_sources
+from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
+from pipelines.reading import BuildStopped, front_stages, plain_job_errors, read_stage, source_rows
+from pipelines.resume import finished_sources
+from pipelines.rows import REASONS, is_rejected, row_stage, rows_of
 from pipelines.sink import ShardSink
-from pipelines.sources import list_units, read_units
 from pipelines.stages.crop import crop_row
-from pipelines.stages.decode import decode_row
-from pipelines.stages.dedup import dedup_row, hashes_row
+from pipelines.stages.dedup import hashes_row
 from pipelines.stages.degrade import DegradeStage
-from pipelines.stages.quality import quality_row
 from pipelines.timer import start_stage_timer
 from restoration.degradations import REGISTRY
 from restoration.errors import InputError, RestorayError
 from runtime import faults
 from runtime.config import StorageConfig
 from runtime.resources import awaiting_resources, check_cpus_left
-from runtime.storage import filesystem, find_cause, retrying, storage_cause
+from runtime.storage import arrow_filesystem, filesystem, full_uri
 
+__all__ = ["BuildStopped", "BuildSummary", "build_dataset"]
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-SCAN = "_work/scan.parquet"
+SCAN = "_work/scan"  # the dedup scan's parquet files; its fingerprint in _work/scan.json
 
 
 @dataclass
@@ -102,210 +107,78 @@ def fingerprint(input_uri: str, config: DataBuildConfig, preset: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-class BuildStopped(RestorayError):
-    """The build stopped while working for a reason that is not one source's (exit 1)."""
-
-
-def read_json(fs, path: str, storage: StorageConfig) -> dict | None:
-    """The JSON file's content; None only when the file does not exist. A corrupt file is an error naming it."""
-
-    def read() -> bytes | None:
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as handle:
-            return handle.read()
-
-    payload = retrying(read, path, storage)
-    if payload is None:
-        return None
-    try:
-        value = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is corrupt ({err}); remove it (or the whole output) to build afresh") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path} is corrupt (not a JSON object); remove it (or the whole output) to build afresh")
-    return value
-
-
-def parquet_files(fs, root: str, name: str) -> list[str]:
-    directory = f"{root}/{name}"
-    # Write tasks add files behind this process's back; s3fs would answer from the listing it cached earlier.
-    fs.invalidate_cache(directory)
-    if not fs.exists(directory):
-        return []
-    return sorted(p for p in fs.find(directory) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
-
-
-def read_parquet(fs, path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
-    def read() -> pa.Table:
-        with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
-
-    try:
-        return retrying(read, path, storage)
-    except (pa.ArrowInvalid, EOFError) as err:
-        raise InputError(f"{path} is corrupt ({err}); remove it to rebuild what it held") from None
-
-
-def read_table(fs, root: str, name: str, columns: list[str], storage: StorageConfig) -> pa.Table | None:
-    files = parquet_files(fs, root, name)
-    if not files:
-        return None
-    return pa.concat_tables([read_parquet(fs, path, storage, columns) for path in files])
-
-
-def _drop_rejects(fs, root: str, reasons: set[str], storage: StorageConfig) -> int:
-    """Remove the reject rows of `reasons` (each file rewritten without them), so resume reads those sources again."""
-    dropped = 0
-    for path in parquet_files(fs, root, "rejects"):
-        table = read_parquet(fs, path, storage)
-        keep = [reason not in reasons for reason in table.column("reason").to_pylist()]
-        if all(keep):
+def _rewrite_rejects(batch: dict, reasons: list[str], storage: StorageConfig) -> dict:
+    """Each rejects file without the rows of `reasons` (a Ray task per batch of files); the rows dropped."""
+    dropped = []
+    for path in batch["path"]:
+        fs, local = filesystem(str(path), storage)
+        table = read_parquet(fs, local, storage)
+        drop = pc.is_in(table.column("reason"), pa.array(reasons, pa.string()))
+        count = int(pc.sum(drop).as_py() or 0)
+        dropped.append(count)
+        if not count:
             continue
-        dropped += keep.count(False)
-        kept = table.filter(pa.array(keep))
+        kept = table.filter(pc.invert(drop))
         if kept.num_rows:
-            directory, name = path.rsplit("/", 1)
-            replacement = f"{directory}/{name.removesuffix('.parquet')}-kept.parquet"
+            directory, name = local.rsplit("/", 1)
             partial = f"{directory}/.{name}.partial"
             with fs.open(partial, "wb") as handle:
                 pq.write_table(kept, handle, compression="zstd")
-            fs.mv(partial, replacement)
-        fs.rm(path)
-    return dropped
+            fs.mv(partial, f"{directory}/{name.removesuffix('.parquet')}-kept.parquet")
+        fs.rm(local)
+    return {"dropped": np.array(dropped, dtype=np.int64)}
 
 
-def _existing_output(fs, root: str, variants: int, storage: StorageConfig) -> tuple[set[str], frozenset[str]]:
-    """(sources already complete, sample ids of sources written only in part)."""
-    done: set[str] = set()
-    partial_ids: set[str] = set()
-    rejects = read_table(fs, root, "rejects", ["source"], storage)
-    if rejects is not None:
-        done.update(rejects.column("source").to_pylist())
-    shards = read_table(fs, root, "shards", ["source", "id"], storage)
-    if shards is not None:
-        by_source: dict[str, list[str]] = {}
-        for source, sample in zip(shards.column("source").to_pylist(), shards.column("id").to_pylist(), strict=True):
-            by_source.setdefault(source, []).append(sample)
-        for source, ids in by_source.items():
-            if len(set(ids)) >= variants:
-                done.add(source)
-            else:
-                partial_ids.update(ids)
-    return done, frozenset(partial_ids)
-
-
-_object_cache: dict[str, Any] = {}
-
-
-@contextmanager
-def plain_job_errors() -> Iterator[None]:
-    """Ray wraps what a task raised (posing as it): a storage failure or a stopped build inside is raised as its plain
-    self, not as a remote traceback (every job of this package runs its Ray Data work inside this)."""
-    try:
-        yield
-    except Exception as err:
-        cause = storage_cause(err) or find_cause(err, BuildStopped)
-        if cause is not None and cause is not err:
-            raise cause from None
-        raise
-
-
-def get_cached(ref_holder: dict) -> Any:
-    key = ref_holder["key"]
-    if key not in _object_cache:
-        _object_cache[key] = ray.get(ref_holder["ref"])
-    return _object_cache[key]
-
-
-def broadcast(value: Any) -> dict:
-    """Put a read-only value in the object store once; tasks fetch it once per worker process."""
-    return {"key": f"{id(value)}-{time.monotonic_ns()}", "ref": ray.put(value)}
-
-
-def read_stage(timer, label: str, skip: dict | None, config: DataBuildConfig):
-    max_share, min_sources = config.source.max_read_error_share, config.source.read_error_min_sources
-
-    def udf(batch: dict) -> dict:
-        rows = rows_of(batch)
-        done = get_cached(skip) if skip else set()
-        kept = [row for row in rows if row["source"] not in done]
-        read_errors = sum(1 for row in kept if (row.get("error") or "").startswith("read_error"))
-        # Counted, not timed (reading happens in read_units); the answer is the build's running totals.
-        total, total_errors = ray.get(timer.count_reads.remote(label, len(rows), read_errors))
-        if done:
-            ray.get(timer.add.remote("skipped (already written)", len(rows) - len(kept), 0.0))
-        if total >= min_sources and total_errors > max_share * total:
-            raise BuildStopped(
-                f"{total_errors} of the first {total} sources could not be read (read_error), more than "
-                f"data.source.max_read_error_share = {max_share:g}: the corpus or its storage is broken, not a few files; "
-                f"fix it and rerun (add --retry-rejected read_error to read the rejected ones again)"
-            )
-        return batch_of(kept)
-
-    return udf
-
-
-def source_rows(units: list[dict], config: DataBuildConfig, storage: StorageConfig) -> ray.data.Dataset:
-    blocks = max(1, min(len(units), config.source.read_parallelism * 4))
-    return ray.data.from_items(units, override_num_blocks=blocks).map_batches(
-        read_units, batch_size=1, fn_kwargs={"config": config.source, "storage": storage}
+def _drop_rejects(fs, root: str, output_uri: str, reasons: set[str], storage: StorageConfig) -> int:
+    """Remove the reject rows of `reasons` (each file rewritten without them, in Ray tasks), so resume reads those
+    sources again; the number of rows dropped."""
+    files = [full_uri(fs, path) for path in parquet_files(fs, root, "rejects")]
+    if not files:
+        return 0
+    rewritten = ray.data.from_items([{"path": path} for path in files]).map_batches(
+        _rewrite_rejects, fn_kwargs={"reasons": sorted(reasons), "storage": storage}, batch_size=16
     )
+    return int(rewritten.sum("dropped") or 0)
 
 
-def front_stages(dataset: ray.data.Dataset, config: DataBuildConfig, timer, prefix: str = "") -> ray.data.Dataset:
-    max_chars = config.source.max_caption_chars
+def _scan_duplicates(
+    listing: Listing, config: DataBuildConfig, storage: StorageConfig, fs, root: str, output_uri: str, fp: str, timer
+) -> ray.data.Dataset:
+    """The dedup pass: a first, lighter read (read, decode, quality, hashes) writes (source, sha256, phash) of the
+    images that pass quality to _work/scan/ from Ray tasks; pipelines/duplicates.py decides in Ray tasks. The scan
+    is kept with the config's fingerprint, so a resumed build does not repeat it."""
+    cached = read_json(fs, f"{root}/{SCAN}.json", storage)
+    if not (cached and cached.get("fingerprint") == fp and fs.exists(f"{root}/{SCAN}")):
+        if fs.exists(f"{root}/{SCAN}"):
+            fs.rm(f"{root}/{SCAN}", recursive=True)  # an interrupted scan: its files are not all there
+        read = read_stage(timer, "scan", config)
+        scan = front_stages(source_rows(listing.units, listing.count, config, storage).map_batches(read), config, timer, "scan: ")
 
-    def decode(row: dict) -> dict:
-        return decode_row(row, config.decode, max_chars)
-
-    # Decode must also see rows with read errors (to turn them into rejects), so it is not a row_stage.
-    def decode_udf(batch: dict) -> dict:
-        started = time.perf_counter()
-        rows = [decode(row) if not is_rejected(row) else row for row in rows_of(batch)]
-        ray.get(timer.add.remote(prefix + "decode", len(rows), time.perf_counter() - started))
-        return batch_of(rows)
-
-    return dataset.map_batches(decode_udf, batch_size=8).map_batches(
-        row_stage(prefix + "quality", lambda row: quality_row(row, config.quality), timer), batch_size=8
-    )
-
-
-def _scan_duplicates(units, config: DataBuildConfig, storage: StorageConfig, fs, root: str, fp: str, timer) -> dict[str, tuple[str, str]]:
-    cached = read_json(fs, f"{root}/_work/scan.json", storage)
-    if cached and cached.get("fingerprint") == fp and fs.exists(f"{root}/{SCAN}"):
-        table = read_parquet(fs, f"{root}/{SCAN}", storage)
-        log.info("dedup: reusing the hash scan of an earlier run (%d images)", table.num_rows)
-    else:
-        read = read_stage(timer, "scan", None, config)
-        scan = front_stages(source_rows(units, config, storage).map_batches(read), config, timer, "scan: ")
-
-        def hashes(batch: dict) -> dict:
+        def hashes(batch: dict) -> pa.Table:
             rows = [hashes_row(row) for row in rows_of(batch) if not is_rejected(row)]
-            return {
-                "source": [row["source"] for row in rows],
-                "sha256": [row["sha256"] for row in rows],
-                "phash": [row["phash"] for row in rows],
-            }
+            return pa.Table.from_pylist([{name: row[name] for name in _SCAN_SCHEMA.names} for row in rows], schema=_SCAN_SCHEMA)
 
-        table = pa.concat_tables(
-            [
-                pa.Table.from_pydict(b, schema=_SCAN_SCHEMA)
-                for b in scan.map_batches(hashes, batch_size=8).iter_batches(batch_format="pyarrow")
-            ]
-            or [_SCAN_SCHEMA.empty_table()]
+        pafs, _ = arrow_filesystem(output_uri, storage)
+        scan.map_batches(hashes, batch_size=8).write_parquet(
+            f"{root}/{SCAN}" if pafs is not None else full_uri(fs, f"{root}/{SCAN}"), filesystem=pafs
         )
-        fs.makedirs(f"{root}/_work", exist_ok=True)
-        with fs.open(f"{root}/{SCAN}", "wb") as handle:
-            pq.write_table(table, handle)
-        with fs.open(f"{root}/_work/scan.json", "wb") as handle:
-            handle.write(json.dumps({"fingerprint": fp, "images": table.num_rows}).encode())
-    # The decisions in Ray tasks (pipelines/duplicates.py): hash groups and band buckets shuffled by key, Hamming
-    # distances vectorised, only the duplicates return.
-    return duplicates.find_duplicates(ray.data.from_arrow(table), config.dedup, duplicates.partitions_for(table.num_rows))
+        write_json(fs, f"{root}/{SCAN}.json", {"fingerprint": fp})
+    else:
+        log.info("dedup: reusing the hash scan of an earlier run")
+    found = table_dataset(fs, root, output_uri, SCAN, _SCAN_SCHEMA.names, storage)
+    if found is None:
+        return ray.data.from_arrow(duplicates.DECISION_SCHEMA.empty_table())
+    scanned, rows = found
+    return duplicates.find_duplicates(scanned, config.dedup, duplicates.partitions_for(rows))
 
 
 _SCAN_SCHEMA = pa.schema([("source", pa.string()), ("sha256", pa.string()), ("phash", pa.int64())])
+
+
+def _decisions_as_notes(batch: pa.Table) -> pa.Table:
+    return pa.table(
+        [batch.column("source"), batch.column("reason"), batch.column("detail"), pa.nulls(batch.num_rows, pa.binary())], schema=NOTE_SCHEMA
+    )
 
 
 def build_dataset(
@@ -315,13 +188,13 @@ def build_dataset(
     preset: str,
     storage: StorageConfig | None = None,
     *,
-    listed: tuple[str, list[dict]] | None = None,
+    listed: Listing | None = None,
     retry_rejected: tuple[str, ...] = (),
 ) -> BuildSummary:
     """Run the build; Ray must be initialised by the caller. Raises InputError for unusable inputs/outputs (exit 2),
     StorageError / BuildStopped when it stops while working (exit 1).
 
-    `listed` is `list_units`' result when the caller already listed the input (listing a large S3 prefix is slow).
+    `listed`: the input's listing (`pipelines.listing.list_sources`) when the caller has it already.
     `retry_rejected`: reject reasons whose sources are read again (their reject rows are dropped first).
     """
     started = time.time()
@@ -331,7 +204,7 @@ def build_dataset(
         raise InputError(f"--retry-rejected: unknown reasons {', '.join(unknown)}; reasons: {', '.join(REASONS)}")
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
-    units_format, units = listed if listed is not None else list_units(input_uri, config.source, storage)
+    check_input(input_uri, storage)
     out_fs, root = filesystem(output_uri, storage)
     try:
         out_fs.makedirs(root, exist_ok=True)
@@ -341,11 +214,13 @@ def build_dataset(
     manifest = read_json(out_fs, f"{root}/{MANIFEST}", storage)
     if manifest and manifest.get("fingerprint") not in (None, fp):
         raise InputError(f"{output_uri} holds a build of another input or config; choose a new --output or remove it")
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if retry_rejected:
-        dropped = _drop_rejects(out_fs, root, set(retry_rejected), storage)
+        with plain_job_errors():
+            dropped = _drop_rejects(out_fs, root, output_uri, set(retry_rejected), storage)
         log.info("retry-rejected %s: %d rejected sources will be read again", ",".join(retry_rejected), dropped)
-        if dropped and out_fs.exists(f"{root}/_work/scan.json"):
-            out_fs.rm(f"{root}/_work/scan.json")  # the dedup scan never saw those sources
+        if dropped and out_fs.exists(f"{root}/{SCAN}.json"):
+            out_fs.rm(f"{root}/{SCAN}.json")  # the dedup scan never saw those sources
         if dropped:
             manifest = None
     if manifest and manifest.get("complete") and manifest.get("fingerprint") == fp:
@@ -353,27 +228,30 @@ def build_dataset(
     write_json(out_fs, f"{root}/{MANIFEST}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
 
     needs = _check_resources(config)
-    # A UDF's own exception (StorageError, BuildStopped) reaches the driver as itself, not as a UserCodeException.
-    ray.data.DataContext.get_current().raise_original_map_exception = True
     with awaiting_resources(needs, "the data build's actor pools"), plain_job_errors():
-        summary = _run(units, units_format, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
+        listing = listed or list_sources(input_uri, config.source, storage)
+        summary = _run(listing, input_uri, output_uri, config, preset, storage, out_fs, root, fp, started)
     return summary
 
 
-def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, preset, storage, out_fs, root, fp, started) -> BuildSummary:
+def _run(listing: Listing, input_uri, output_uri, config: DataBuildConfig, preset, storage, out_fs, root, fp, started) -> BuildSummary:
     timer = start_stage_timer()
-    decisions: dict[str, tuple[str, str]] = {}
+    notes: list[ray.data.Dataset] = []
+    note_count = 0
     if config.dedup.exact or config.dedup.perceptual:
-        decisions = _scan_duplicates(units, config, storage, out_fs, root, fp, timer)
-    done, partial_ids = _existing_output(out_fs, root, config.degrade.variants, storage)
-    if done or partial_ids:
-        log.info("resuming: %d sources already written, %d sample ids of partly written sources", len(done), len(partial_ids))
+        decisions = _scan_duplicates(listing, config, storage, out_fs, root, output_uri, fp, timer)
+        notes.append(decisions.map_batches(_decisions_as_notes, batch_format="pyarrow"))
+        note_count += decisions.count()
+    finished = finished_sources(out_fs, root, output_uri, storage, ("rejects",), ("shards", config.degrade.variants))
+    if finished.count or finished.partial_ids:
+        log.info("resuming: %d sources already written, %d sample ids of partly written sources", finished.count, len(finished.partial_ids))
+    if finished.notes is not None:
+        notes.append(finished.notes)
+        note_count += finished.count
+    pending = with_known(listing, notes[0].union(*notes[1:]) if len(notes) > 1 else (notes[0] if notes else None), note_count)
 
-    rows = source_rows(units, config, storage).map_batches(read_stage(timer, "read", broadcast(done) if done else None, config))
+    rows = source_rows(pending.units, pending.count, config, storage).map_batches(read_stage(timer, "read", config))
     rows = front_stages(rows, config, timer)
-    if decisions:
-        decisions_ref = broadcast(decisions)
-        rows = rows.map_batches(row_stage("dedup", lambda row: dedup_row(row, get_cached(decisions_ref)), timer), batch_size=8)
     # Model stages are imported only when used: torch and transformers cost every Ray worker seconds to import.
     if config.embed.enabled:
         from pipelines.stages.embed import ClipScoreStage, EmbedStage
@@ -388,18 +266,20 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     rows = rows.map_batches(row_stage("crop", lambda row: crop_row(row, config.crop, config.seed), timer), batch_size=8)
     samples = rows.map_batches(DegradeStage(config.degrade, config.seed, timer).__call__, batch_size=4)
     fail_after_rows = faults.fault("build.fail_after_rows")
-    samples.write_datasink(ShardSink(output_uri, storage, config.write.max_rows_per_shard, partial_ids, fail_after_rows))
+    sink = ShardSink(output_uri, storage, config.write.max_rows_per_shard, finished.partial_ids, fail_after_rows)
+    samples.write_datasink(sink)
+    sources_in = finished.count + sink.totals.get("sources", 0)
     if config.embed.enabled and config.dedup.clip_threshold is not None:
-        _clip_dedup(out_fs, root, output_uri, config.dedup.clip_threshold, storage)
+        _semantic_dedup(out_fs, root, output_uri, config, storage)
     if config.negatives.count:
         _generate_negatives(config, preset, storage, out_fs, root, output_uri, timer)
 
-    summary = _summarise(out_fs, root, output_uri, ray.get(timer.totals.remote()), started, storage)
+    summary = _summarise(out_fs, root, output_uri, sources_in, ray.get(timer.totals.remote()), started, storage)
     manifest = {
         "complete": True,
         "fingerprint": fp,
         "input": input_uri,
-        "input_format": units_format,
+        "input_format": listing.format,
         "sources_in": summary.sources_in,
         "sources_accepted": summary.sources_accepted,
         "sources_rejected": summary.sources_rejected,
@@ -420,45 +300,74 @@ def _run(units, units_format, input_uri, output_uri, config: DataBuildConfig, pr
     return summary
 
 
-def _clip_dedup(fs, root: str, output_uri: str, threshold: float, storage: StorageConfig) -> None:
-    """The second global pass: CLIP near-duplicates among the written sources (pipelines/stages/dedup.py) become
-    clip_duplicate rejects, then every rejected source's rows leave shards/ and embeddings/. Idempotent: a rerun after
-    an interruption finds the same decisions and finishes the removal."""
-    from pipelines.sink import commit_table
-    from pipelines.stages.dedup import find_clip_duplicates
-    from restoration.dataset import REJECT_SCHEMA, embedding_matrix
+def _semantic_dedup(fs, root: str, output_uri: str, config: DataBuildConfig, storage: StorageConfig) -> None:
+    """The CLIP pass over the written sources (pipelines/semantic_dedup.py): its decisions become clip_duplicate
+    rejects (written from Ray tasks), then every rejected source's rows leave shards/ and embeddings/, a file per
+    task. Idempotent: a rerun after an interruption finds the same decisions and finishes the removal."""
+    from pipelines.semantic_dedup import find_semantic_duplicates
 
-    embeddings = read_table(fs, root, "embeddings", ["source", "embedding"], storage)
-    if embeddings is None:
+    found = table_dataset(fs, root, output_uri, "embeddings", ["source", "embedding"], storage)
+    if found is None:
         return
-    rejects = read_table(fs, root, "rejects", ["source"], storage)
-    rejected = set(rejects.column("source").to_pylist()) if rejects is not None else set()
-    latest: dict[str, bytes] = {}
-    for source, value in zip(embeddings.column("source").to_pylist(), embeddings.column("embedding").to_pylist(), strict=True):
-        if source not in rejected:
-            latest[source] = value
-    sources = sorted(latest)
-    dropped = find_clip_duplicates(sources, embedding_matrix([latest[s] for s in sources]), threshold) if sources else {}
+    embeddings, rows = found
+    earlier = table_dataset(fs, root, output_uri, "rejects", ["source", "reason"], storage)
+    if earlier is not None:  # an interrupted removal leaves embeddings of sources already rejected
+        rejected_refs = earlier[0].select_columns(["source"]).materialize().to_arrow_refs()
+        embeddings = embeddings.map_batches(_without_sources, fn_kwargs={"rejected": rejected_refs}, batch_format="pyarrow")
+    decisions = find_semantic_duplicates(embeddings, rows, config.dedup, config.seed)
+    dropped = decisions.count()
     if dropped:
-        log.info("CLIP near-duplicates: %d sources (cosine >= %g)", len(dropped), threshold)
-        rows = [{"source": s, "stage": "clip_dedup", "reason": "clip_duplicate", "detail": detail} for s, detail in sorted(dropped.items())]
-        commit_table(output_uri.rstrip("/"), storage, "rejects", pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), "source")
-        rejected |= set(dropped)
-    for table_name in ("shards", "embeddings"):
-        for path in parquet_files(fs, root, table_name):
-            table = read_parquet(fs, path, storage)
-            keep = pc.invert(pc.is_in(table.column("source"), pa.array(sorted(rejected), pa.string())))
-            if pc.all(keep).as_py():
-                continue
-            kept = table.filter(keep)
-            if kept.num_rows == 0:
-                fs.rm(path)
-                continue
-            directory, name = path.rsplit("/", 1)
-            partial = f"{directory}/.{name}.partial"
-            with fs.open(partial, "wb") as handle:
-                pq.write_table(kept, handle, compression="zstd")
-            fs.mv(partial, path)  # keeps its name: a rerun of the same build rewrites it the same way
+        log.info("CLIP near-duplicates: %d sources (cosine >= %g)", dropped, config.dedup.clip_threshold)
+        decisions.map_batches(_commit_rejects, fn_kwargs={"output": output_uri, "storage": storage}, batch_format="pyarrow").materialize()
+    found = table_dataset(fs, root, output_uri, "rejects", ["source"], storage)
+    if found is None:
+        return
+    rejected_refs = found[0].materialize().to_arrow_refs()
+    files = [full_uri(fs, path) for name in ("shards", "embeddings") for path in parquet_files(fs, root, name)]
+    ray.data.from_items([{"path": path} for path in files]).map_batches(
+        _rewrite_without, fn_kwargs={"rejected": rejected_refs, "storage": storage}, batch_size=4
+    ).materialize()
+
+
+def _rejected_set(refs: list) -> pa.Array:
+    return pa.concat_arrays([block.column("source").combine_chunks() for block in ray.get(refs)] or [pa.array([], pa.string())])
+
+
+def _without_sources(batch: pa.Table, rejected: list) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column("source"), _rejected_set(rejected))))
+
+
+def _commit_rejects(batch: pa.Table, output: str, storage: StorageConfig) -> pa.Table:
+    from pipelines.sink import commit_table
+    from restoration.dataset import REJECT_SCHEMA
+
+    if batch.num_rows:
+        stage = pa.array(["clip_dedup"] * batch.num_rows, pa.string())
+        table = pa.table([batch.column("source"), stage, batch.column("reason"), batch.column("detail")], schema=REJECT_SCHEMA)
+        commit_table(output.rstrip("/"), storage, "rejects", table.sort_by("source"), "source")
+    return pa.table({"written": [batch.num_rows]})
+
+
+def _rewrite_without(batch: dict, rejected: list, storage: StorageConfig) -> dict:
+    """Each file of the batch rewritten (in place, through a temporary name) without the rejected sources' rows."""
+    removed = []
+    for path in batch["path"]:
+        fs, local = filesystem(str(path), storage)
+        table = read_parquet(fs, local, storage)
+        keep = pc.invert(pc.is_in(table.column("source"), _rejected_set(rejected)))
+        kept = table.filter(keep)
+        removed.append(table.num_rows - kept.num_rows)
+        if kept.num_rows == table.num_rows:
+            continue
+        if kept.num_rows == 0:
+            fs.rm(local)
+            continue
+        directory, name = local.rsplit("/", 1)
+        partial = f"{directory}/.{name}.partial"
+        with fs.open(partial, "wb") as handle:
+            pq.write_table(kept, handle, compression="zstd")
+        fs.mv(partial, local)  # keeps its name: a rerun of the same build rewrites it the same way
+    return {"removed": np.array(removed, dtype=np.int64)}
 
 
 def _generate_negatives(config: DataBuildConfig, preset: str, storage: StorageConfig, fs, root: str, output_uri: str, timer) -> None:
@@ -467,8 +376,11 @@ def _generate_negatives(config: DataBuildConfig, preset: str, storage: StorageCo
     from restoration.prompts import NEGATIVE_QUALITY_PROMPT
 
     negatives = config.negatives
-    shards = read_table(fs, root, "shards", ["id", "kind"], storage)
-    written = set(shards.filter(pc.equal(shards.column("kind"), "negative")).column("id").to_pylist()) if shards is not None else set()
+    found = table_dataset(fs, root, output_uri, "shards", ["id", "kind"], storage)
+    written: set[str] = set()  # at most data.negatives.count ids
+    if found is not None:
+        negatives_only = found[0].map_batches(lambda b: b.filter(pc.equal(b.column("kind"), "negative")), batch_format="pyarrow")
+        written = {row["id"] for row in negatives_only.take_all()}
     todo = [i for i in range(negatives.count) if negative_id(NEGATIVE_QUALITY_PROMPT, negative_seed(config.seed, i)) not in written]
     if not todo:
         return
@@ -530,35 +442,21 @@ def _check_resources(config: DataBuildConfig) -> dict[str, float]:
     )
 
 
-def _summarise(fs, root: str, output_uri: str, totals: dict, started: float, storage: StorageConfig) -> BuildSummary:
-    shards = read_table(fs, root, "shards", ["source", "id", "kind"], storage)
-    rejects = read_table(fs, root, "rejects", ["source", "reason"], storage)
-    # Generated negatives are samples without a source: they stay out of the source accounting.
-    kinds = shards.column("kind").to_pylist() if shards is not None else []
-    sources = shards.column("source").to_pylist() if shards is not None else []
-    accepted = {source for source, kind in zip(sources, kinds, strict=True) if kind != "negative"}
-    reject_sources = rejects.column("source").to_pylist() if rejects is not None else []
-    by_reason: dict[str, int] = {}
-    for reason in rejects.column("reason").to_pylist() if rejects is not None else []:
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    by_kind: dict[str, int] = {}
-    for kind in shards.column("kind").to_pylist() if shards is not None else []:
-        by_kind[kind] = by_kind.get(kind, 0) + 1
-    ids = shards.column("id").to_pylist() if shards is not None else []
-    if len(ids) != len(set(ids)):
-        raise RestorayError(f"{output_uri}: {len(ids) - len(set(ids))} duplicate sample ids in the shards")
-    if len(reject_sources) != len(set(reject_sources)) or accepted & set(reject_sources):
+def _summarise(fs, root: str, output_uri: str, sources_in: int, totals: dict, started: float, storage: StorageConfig) -> BuildSummary:
+    counts = count_output(fs, root, output_uri, storage, "shards")
+    if counts.repeated_ids:
+        raise RestorayError(f"{output_uri}: {counts.repeated_ids} duplicate sample ids in the shards")
+    if counts.rejected_twice or counts.accepted_and_rejected:
         raise RestorayError(f"{output_uri}: a source is both accepted and rejected, or rejected twice")
-    sources_in = totals.get("read", (0, 0.0))[0]
     summary = BuildSummary(
         output=output_uri,
         sources_in=sources_in,
-        sources_accepted=len(accepted),
-        sources_rejected=len(reject_sources),
-        rejected_by_reason=by_reason,
-        samples_written=len(ids),
-        samples_by_kind=by_kind,
-        negatives_generated=by_kind.get("negative", 0),
+        sources_accepted=counts.accepted_sources,
+        sources_rejected=counts.rejected,
+        rejected_by_reason=counts.rejected_by_reason,
+        samples_written=counts.samples,
+        samples_by_kind=counts.samples_by_kind,
+        negatives_generated=counts.samples_by_kind.get("negative", 0),
         stage_rows_per_second={stage: rows / seconds for stage, (rows, seconds) in totals.items() if seconds > 0},
         seconds=time.time() - started,
     )
@@ -582,10 +480,3 @@ def _summary_from_manifest(output_uri: str, manifest: dict) -> BuildSummary:
         negatives_generated=manifest.get("negatives_generated", 0),
         already_complete=True,
     )
-
-
-def write_json(fs, path: str, payload: dict) -> None:
-    partial = f"{path}.partial"
-    with fs.open(partial, "wb") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-    fs.mv(partial, path)

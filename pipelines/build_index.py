@@ -6,10 +6,13 @@ once: shards hold several crops and variants per source; the sources are read fr
 on Ray Data: read -> decode -> basic quality (the run's data.source/decode/quality) -> embed in an actor pool (or take
 the embedding `data build` stored, `--embeddings`) and resize to the restoration model's size -> one sink writing
 embeddings/, references/ and rejects/. It resumes as the dataset build does: sources already embedded or rejected
-are skipped before decoding. Stage 2, on the driver and Ray tasks: the vectors sorted by id into vectors.npy, the
-index type from the count and index.max_memory, training on a sample, vectors added in parts by Ray tasks into
-copies of the trained empty index and merged (in memory, or on disk through faiss.contrib.ondisk), search parameters
-tuned on held-out queries, then index.faiss and manifest.json. Layout: docs/architecture.md, "Reference index".
+are skipped before they are read (pipelines/resume.py, pipelines/known_sources.py); a dataset's accepted sources and
+the stored embeddings of `--embeddings` reach each read task joined onto its own units, never as a dict shipped to
+every actor. Stage 2, in one Ray task sized from the index plan (`memory`): the vectors sorted by id into
+vectors.npy, the index type from the count and index.max_memory, training on a sample, vectors added in parts by
+Ray tasks (a bounded window) into copies of the trained empty index and merged (in memory, or on disk through
+faiss.contrib.ondisk), search parameters tuned on held-out queries, then index.faiss; the driver writes
+manifest.json. Layout: docs/architecture.md, "Reference index".
 """
 
 from __future__ import annotations
@@ -33,24 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import Datasink
 
-from pipelines.build_dataset import (
-    broadcast,
-    front_stages,
-    get_cached,
-    parquet_files,
-    plain_job_errors,
-    read_json,
-    read_parquet,
-    read_stage,
-    read_table,
-    source_rows,
-    write_json,
-)
 from pipelines.config import DataBuildConfig, IndexConfig
-from pipelines.sink import block_rows, commit_table, reject_row
-from pipelines.sources import list_units
+from pipelines.counts import count_output
+from pipelines.known_sources import KEEP, NOTE_SCHEMA, STORED, with_known
+from pipelines.listing import check_input, list_sources
+from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
+from pipelines.reading import front_stages, plain_job_errors, read_stage, source_rows
+from pipelines.resume import finished_sources
+from pipelines.sink import CountingSink, block_rows, commit_table, reject_row
 from pipelines.timer import start_stage_timer
 from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix, one_row_per_id
 from restoration.errors import InputError, RestorayError
@@ -59,7 +53,7 @@ from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENC
 from runtime import faults
 from runtime.config import StorageConfig
 from runtime.resources import awaiting_resources, check_cpus_left
-from runtime.storage import filesystem, is_remote, retrying
+from runtime.storage import filesystem, full_uri, is_remote, retrying
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +95,7 @@ class IndexSummary:
         return "\n".join(lines)
 
 
-class IndexSink(Datasink):
+class IndexSink(CountingSink):
     """embeddings/, references/ and rejects/ from one write task: references first, so a source counted as
     embedded (what resume reads) always has its stored image."""
 
@@ -110,6 +104,8 @@ class IndexSink(Datasink):
         self.storage = storage
         self.max_rows = max_rows
         self.fail_after_rows = fail_after_rows  # runtime.faults' index.fail_after_rows (tests)
+        self.totals = {}
+        self.finished_before = 0
 
     def get_name(self) -> str:
         return "IndexSink"
@@ -139,33 +135,54 @@ class IndexSink(Datasink):
         if rejects:
             rejects.sort(key=lambda row: row["source"])
             commit_table(self.output, self.storage, "rejects", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), "source")
-        return {"embedded": len(rows), "rejects": len(rejects)}
+        return {"sources": len(rows) + len(rejects), "embedded": len(rows), "rejects": len(rejects)}
 
 
-def _dataset_sources(fs, root: str, storage: StorageConfig) -> tuple[str, set[str]] | None:
-    """(its corpus, its accepted sources) when `root` is a dataset `data build` wrote, else None."""
+def _as_notes(reason: str):
+    def notes(batch: pa.Table) -> pa.Table:
+        count = batch.num_rows
+        embedding = batch.column("embedding") if "embedding" in batch.column_names else pa.nulls(count, pa.binary())
+        return pa.table(
+            [batch.column("source"), pa.array([reason] * count, pa.string()), pa.nulls(count, pa.string()), embedding], schema=NOTE_SCHEMA
+        )
+
+    return notes
+
+
+def _dataset_sources(fs, root: str, output_uri: str, storage: StorageConfig) -> tuple[str, ray.data.Dataset, int] | None:
+    """(its corpus, its accepted sources as `keep` notes, their row count) when `root` is a dataset `data build`
+    wrote, else None."""
     manifest = read_json(fs, f"{root}/manifest.json", storage)
     if not manifest or not fs.exists(f"{root}/shards"):
         return None
     if not manifest.get("complete"):
         raise InputError(f"{root} is a dataset build that did not finish; complete it first (rerun `restoray data build`)")
-    shards = read_table(fs, root, "shards", ["source", "kind"], storage)
-    if shards is None:
-        return manifest["input"], set()
-    photos = shards.filter(pc.not_equal(shards.column("kind"), "negative"))  # generated negatives have no source
-    return manifest["input"], set(photos.column("source").unique().to_pylist())
+    found = table_dataset(fs, root, output_uri, "shards", ["source", "kind"], storage)
+    if found is None:
+        return manifest["input"], ray.data.from_arrow(NOTE_SCHEMA.empty_table()), 0
+    # Generated negatives have no source; each source's K variants become K notes, merged per source by the join.
+    photos = found[0].map_batches(lambda b: b.filter(pc.not_equal(b.column("kind"), "negative")), batch_format="pyarrow")
+    notes = photos.map_batches(_as_notes(KEEP), batch_format="pyarrow").materialize()
+    return manifest["input"], notes, notes.count()
 
 
-def stored_embeddings(uri: str, storage: StorageConfig) -> dict[str, bytes]:
-    """{source: embedding bytes} from a dataset (its embeddings/) or an embeddings directory."""
+def stored_embeddings(uri: str, storage: StorageConfig) -> tuple[ray.data.Dataset, int]:
+    """A dataset's (its embeddings/) or an embeddings directory's rows as `stored` notes (source, embedding), read
+    in Ray tasks, and their count."""
     fs, root = filesystem(uri, storage)
     directory = root if not fs.exists(f"{root}/embeddings") else f"{root}/embeddings"
     files = [path for path in (fs.find(directory) if fs.exists(directory) else []) if path.endswith(".parquet")]
     files = [path for path in files if not path.rsplit("/", 1)[-1].startswith(".")]
     if not files:
         raise InputError(f"--embeddings {uri}: no embeddings parquet files there (a dataset built with data.embed.enabled has embeddings/)")
-    table = pa.concat_tables([read_parquet(fs, path, storage, ["source", "embedding"]) for path in sorted(files)])
-    return dict(zip(table.column("source").to_pylist(), table.column("embedding").to_pylist(), strict=True))
+    from runtime.storage import arrow_filesystem
+
+    pafs, _ = arrow_filesystem(uri, storage)
+    table = ray.data.read_parquet(
+        [p if pafs is not None else full_uri(fs, p) for p in sorted(files)], filesystem=pafs, columns=["source", "embedding"]
+    )
+    notes = table.map_batches(_as_notes(STORED), batch_format="pyarrow").materialize()
+    return notes, notes.count()
 
 
 def fingerprint(input_uri: str, config: IndexConfig, data: DataBuildConfig, preset: str, embeddings_uri: str | None) -> str:
@@ -193,7 +210,7 @@ def build_index(
 ) -> IndexSummary:
     """Run the build; Ray must be initialised by the caller. InputError for unusable inputs (exit 2), StorageError /
     BuildStopped when it stops while working (exit 1)."""
-    from restoration.models.base import native_size
+    from restoration.models.base import load_clip_scorer, native_size
     from restoration.models.presets import load_preset
 
     started = time.time()
@@ -201,13 +218,7 @@ def build_index(
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
     spec = load_preset(preset)
-    in_fs, in_root = filesystem(input_uri, storage)
-    dataset = _dataset_sources(in_fs, in_root, storage) if in_fs.exists(in_root) else None
-    corpus, wanted = (dataset[0], dataset[1]) if dataset else (input_uri, None)
-    if dataset is not None and not wanted:
-        raise InputError(f"{input_uri}: the dataset has no accepted sources to index")
-    units_format, units = list_units(corpus, data.source, storage)
-    stored = stored_embeddings(embeddings_uri, storage) if embeddings_uri else None
+    check_input(input_uri, storage)
     out_fs, root = filesystem(output_uri, storage)
     try:
         out_fs.makedirs(root, exist_ok=True)
@@ -219,7 +230,6 @@ def build_index(
         raise InputError(f"{output_uri} holds an index of another input or config; choose a new --output or remove it")
     if manifest and manifest.get("complete"):
         return _summary_from_manifest(output_uri, manifest)
-    write_json(out_fs, f"{root}/{MANIFEST_FILE}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
     needs = check_cpus_left(
         config.embed.actors * config.embed.num_cpus, 1.0, "the embedding actor pool", "lower index.embed.num_cpus or actors",
         gpus=config.embed.actors * config.embed.num_gpus,
@@ -227,104 +237,86 @@ def build_index(
 
     ray.data.DataContext.get_current().raise_original_map_exception = True
     timer = start_stage_timer()
+    in_fs, in_root = filesystem(input_uri, storage)
+    with plain_job_errors():
+        dataset = _dataset_sources(in_fs, in_root, input_uri, storage)
+        if dataset is not None and dataset[2] == 0:
+            raise InputError(f"{input_uri}: the dataset has no accepted sources to index")
+        stored = stored_embeddings(embeddings_uri, storage) if embeddings_uri else None
+    write_json(out_fs, f"{root}/{MANIFEST_FILE}", {"complete": False, "fingerprint": fp, "input": input_uri, "started": started})
+    corpus = dataset[0] if dataset else input_uri
     with awaiting_resources(needs, "the index build's embedding actors"), plain_job_errors():
         embed_started = time.perf_counter()
-        _embed_sources(units, wanted, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)
+        listing = list_sources(corpus, data.source, storage)
+        sink = _embed_sources(listing, dataset, stored, config, data, preset, native_size(spec), storage, out_fs, root, output_uri, timer)
         embed_seconds = time.perf_counter() - embed_started
-    totals = ray.get(timer.totals.remote())
-    reads, embedded_now = totals.get("read", (0, 0.0))[0], totals.get("embed", (0, 0.0))[0]
-    embeddings = _read_embeddings(out_fs, root, storage)
-    rejects = read_table(out_fs, root, "rejects", ["source", "reason"], storage)
-    by_reason: dict[str, int] = {}
-    for reason in rejects.column("reason").to_pylist() if rejects is not None else []:
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    rejected = sum(by_reason.values())
-    if embeddings.num_rows == 0:
+    counts = count_output(out_fs, root, output_uri, storage, None)
+    by_reason, rejected = counts.rejected_by_reason, counts.rejected
+    found = table_dataset(out_fs, root, output_uri, "embeddings", ["source"], storage)
+    if found is None or found[1] == 0:
         raise InputError(
             f"{input_uri}: nothing to index ({'an empty corpus' if not rejected else f'all {rejected} sources rejected: {by_reason}'})"
         )
-    vectors = embedding_matrix(embeddings.column("embedding"))
-    from restoration.models.base import load_clip_scorer
-
-    if stored is not None:
-        dim = load_clip_scorer(spec.clip_scorer, seed=spec.seed).dim
-        if vectors.shape[1] != dim:
-            raise InputError(
-                f"--embeddings {embeddings_uri}: {vectors.shape[1]}-dim embeddings, but preset {preset}'s open-clip embeds {dim}"
-            )
-
+    dim = load_clip_scorer(spec.clip_scorer, seed=spec.seed).dim if stored is not None else None
     index_started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="restoray-index-")) if is_remote(output_uri) else Path(root)
-    try:
-        plan, search, seconds = _build_faiss(vectors, config, work)
-        manifest = {
-            "complete": True,
-            "fingerprint": fp,
-            "input": input_uri,
-            "input_kind": "dataset" if dataset else "corpus",
-            "corpus": corpus,
-            "input_format": units_format,
-            "embeddings_from": embeddings_uri,
-            "count": len(vectors),
-            "dim": int(vectors.shape[1]),
-            "preset": preset,
-            "clip": spec.clip_scorer.architecture,
-            "reference_short_side": native_size(spec),
-            "plan": plan.to_dict(),
-            "search": {key: value for key, value in search.__dict__.items() if key != "evaluated"},
-            "tuning": search.evaluated,
-            "sources_in": int(reads),
-            "embedded": len(vectors),
-            "rejected": rejected,
-            "rejected_by_reason": by_reason,
-            "seconds": {"embed": round(embed_seconds, 2), **seconds, "index": round(time.perf_counter() - index_started, 2)},
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # the driver's (Linux: KiB)
-            "config": config.model_dump(mode="json"),
-            "packages": {name: version(name) for name in ("faiss-cpu", "open_clip_torch", "torch", "ray", "numpy", "pyarrow")},
-            "python": platform.python_version(),
-            "started": started,
-            "finished": time.time(),
-        }
-        if is_remote(output_uri):
-            for path in sorted(work.iterdir()):
-                retrying(lambda path=path: out_fs.put_file(str(path), f"{root}/{path.name}"), f"{output_uri}/{path.name}", storage, "write")
-    finally:
-        if is_remote(output_uri):
-            shutil.rmtree(work, ignore_errors=True)
+    with plain_job_errors():
+        built = _build_in_a_task(output_uri, storage, config, found[1], dim, embeddings_uri)
+    manifest = {
+        "complete": True,
+        "fingerprint": fp,
+        "input": input_uri,
+        "input_kind": "dataset" if dataset else "corpus",
+        "corpus": corpus,
+        "input_format": listing.format,
+        "embeddings_from": embeddings_uri,
+        "count": built["count"],
+        "dim": built["dim"],
+        "preset": preset,
+        "clip": spec.clip_scorer.architecture,
+        "reference_short_side": native_size(spec),
+        "plan": built["plan"],
+        "search": built["search"],
+        "tuning": built["tuning"],
+        "sources_in": int(sink.finished_before + sink.totals.get("sources", 0)),
+        "embedded": built["count"],
+        "rejected": rejected,
+        "rejected_by_reason": by_reason,
+        "seconds": {"embed": round(embed_seconds, 2), **built["seconds"], "index": round(time.perf_counter() - index_started, 2)},
+        "peak_memory_bytes": built["peak_memory_bytes"],  # the index task's (it holds the vectors; the driver never does)
+        "driver_peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "config": config.model_dump(mode="json"),
+        "packages": {name: version(name) for name in ("faiss-cpu", "open_clip_torch", "torch", "ray", "numpy", "pyarrow")},
+        "python": platform.python_version(),
+        "started": started,
+        "finished": time.time(),
+    }
     if manifest["sources_in"] != manifest["embedded"] + rejected:
         raise RestorayError(
-            f"{output_uri}: {reads} sources read but {len(vectors)} embedded + {rejected} rejected; the output is inconsistent"
+            f"{output_uri}: {manifest['sources_in']} sources read but {manifest['embedded']} embedded + {rejected} rejected; "
+            "the output is inconsistent"
         )
     write_json(out_fs, f"{root}/{MANIFEST_FILE}", manifest)
     summary = _summary_from_manifest(output_uri, manifest, already_complete=False)
-    summary.embedded_now = embedded_now
+    summary.embedded_now = sink.totals.get("embedded", 0)
     return summary
 
 
 def _embed_sources(
-    units, wanted, stored, config: IndexConfig, data: DataBuildConfig, preset, short_side, storage, fs, root, output_uri, timer
-):
+    listing, dataset, stored, config: IndexConfig, data: DataBuildConfig, preset, short_side, storage, fs, root, output_uri, timer
+) -> IndexSink:
+    """Stage 1: the sources read, embedded (or given their stored embedding) and written; the sink, its counts in
+    `totals` and the number of sources an earlier run finished in `finished_before`."""
     from pipelines.stages.reference import ReferenceStage
 
-    done: set[str] = set()
-    for table_name in ("embeddings", "rejects"):
-        table = read_table(fs, root, table_name, ["source"], storage)
-        if table is not None:
-            done.update(table.column("source").to_pylist())
-    if done:
-        log.info("resuming: %d sources already embedded or rejected", len(done))
-    skip = broadcast(done) if done else None
-    rows = source_rows(units, data, storage)
-    if wanted is not None:
-        wanted_ref = broadcast(wanted)
-
-        def only_wanted(batch: dict) -> dict:
-            keep = get_cached(wanted_ref)
-            mask = [source in keep for source in batch["source"]]
-            return {key: [value for value, kept in zip(values, mask, strict=True) if kept] for key, values in batch.items()}
-
-        rows = rows.map_batches(only_wanted)
-    rows = front_stages(rows.map_batches(read_stage(timer, "read", skip, data)), data, timer)
+    finished = finished_sources(fs, root, output_uri, storage, ("embeddings", "rejects"))
+    if finished.count:
+        log.info("resuming: %d sources already embedded or rejected", finished.count)
+    notes = [part for part in (finished.notes, dataset[1] if dataset else None, stored[0] if stored else None) if part is not None]
+    note_count = finished.count + (dataset[2] if dataset else 0) + (stored[1] if stored else 0)
+    union = notes[0].union(*notes[1:]) if len(notes) > 1 else (notes[0] if notes else None)
+    pending = with_known(listing, union, note_count, only_noted=dataset is not None)
+    rows = source_rows(pending.units, pending.count, data, storage, only_noted=dataset is not None)
+    rows = front_stages(rows.map_batches(read_stage(timer, "read", data)), data, timer)
     rows = rows.map_batches(
         ReferenceStage,
         fn_constructor_kwargs={
@@ -332,7 +324,6 @@ def _embed_sources(
             "config": config.embed,
             "short_side": short_side,
             "image_format": config.reference_format,
-            "stored": broadcast(stored) if stored else None,
             "timer": timer,
         },
         batch_size=config.embed.batch_size,
@@ -340,7 +331,10 @@ def _embed_sources(
         num_cpus=config.embed.num_cpus,
         num_gpus=config.embed.num_gpus,
     )
-    rows.write_datasink(IndexSink(output_uri, storage, config.max_rows_per_shard, faults.fault("index.fail_after_rows")))
+    sink = IndexSink(output_uri, storage, config.max_rows_per_shard, faults.fault("index.fail_after_rows"))
+    rows.write_datasink(sink)
+    sink.finished_before = finished.count
+    return sink
 
 
 def _read_embeddings(fs, root: str, storage: StorageConfig) -> pa.Table:
@@ -348,6 +342,47 @@ def _read_embeddings(fs, root: str, storage: StorageConfig) -> pa.Table:
     if not files:
         return EMBEDDING_SCHEMA.empty_table()
     return one_row_per_id(pa.concat_tables([read_parquet(fs, path, storage) for path in files]))
+
+
+def _build_in_a_task(
+    output_uri: str, storage: StorageConfig, config: IndexConfig, rows: int, expected_dim: int | None, embeddings_uri
+) -> dict:
+    """Stage 2 in one Ray task (`max_calls=1`: a fresh worker, so its peak memory is the build's) whose `memory`
+    comes from the index plan: on a cluster it lands on a node that has it, and the driver never holds a vector."""
+    plan = faiss_index.plan_index(rows, expected_dim or 1024, int(config.max_memory), config.index_type, config.on_disk)
+    width = 4 * (expected_dim or 1280)  # an upper bound per vector (ViT-bigG is 1280-d) when the width is not known yet
+    memory = int(3 * rows * width + plan.resident_bytes + 512 * 2**20)
+    task = ray.remote(num_cpus=1, max_calls=1)(_build_task).options(memory=memory)
+    return ray.get(task.remote(output_uri, storage, config, expected_dim, embeddings_uri))
+
+
+def _build_task(output_uri: str, storage: StorageConfig, config: IndexConfig, expected_dim: int | None, embeddings_uri) -> dict:
+    fs, root = filesystem(output_uri, storage)
+    embeddings = _read_embeddings(fs, root, storage)
+    vectors = embedding_matrix(embeddings.column("embedding"))
+    del embeddings
+    if expected_dim is not None and vectors.shape[1] != expected_dim:
+        raise InputError(
+            f"--embeddings {embeddings_uri}: {vectors.shape[1]}-dim embeddings, but the preset's open-clip embeds {expected_dim}"
+        )
+    work = Path(tempfile.mkdtemp(prefix="restoray-index-")) if is_remote(output_uri) else Path(root)
+    try:
+        plan, search, seconds = _build_faiss(vectors, config, work)
+        if is_remote(output_uri):
+            for path in sorted(work.iterdir()):
+                retrying(lambda path=path: fs.put_file(str(path), f"{root}/{path.name}"), f"{output_uri}/{path.name}", storage, "write")
+    finally:
+        if is_remote(output_uri):
+            shutil.rmtree(work, ignore_errors=True)
+    return {
+        "count": len(vectors),
+        "dim": int(vectors.shape[1]),
+        "plan": plan.to_dict(),
+        "search": {key: value for key, value in search.__dict__.items() if key != "evaluated"},
+        "tuning": search.evaluated,
+        "seconds": seconds,
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 @ray.remote(num_cpus=1)

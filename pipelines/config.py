@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ByteSize, Field, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
 from restoration.config_model import StrictModel
 from restoration.degradations import CompositeConfig, NegativeConfig, ParameterizedConfig, RealESRGANConfig
@@ -56,6 +56,28 @@ class DedupConfig(StrictModel):
         description="After the build, drop sources whose CLIP image embedding has cosine >= this with a kept source of "
         "smaller URI (clip_duplicate); unset = no CLIP pass (also off without data.embed.enabled).",
     )
+    clusters: int | Literal["auto"] = Field(
+        "auto",
+        description="Semantic dedup: k-means clusters the CLIP pass compares within; auto: one per ~1,000 embeddings "
+        "(at least 1, at most 65,536).",
+    )
+    assign: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Semantic dedup: each embedding joins its this-many nearest clusters, so pairs near a cluster "
+        "boundary are still compared (recall against the exact pass rises with it; so does the work).",
+    )
+    kmeans_sample: int = Field(
+        262_144, ge=1_000, description="Semantic dedup: embeddings k-means trains on (a random sample; all below it)."
+    )
+
+    @field_validator("clusters")
+    @classmethod
+    def _positive_clusters(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("clusters must be 'auto' or a positive count")
+        return value
 
 
 class EmbedConfig(StrictModel):

@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.config import DedupConfig
+from pipelines.rows import concat_blocks
 
 BANDS, BAND_BITS = 4, 16
 BLOCK = 1024  # rows of a bucket compared at once: a BLOCK x bucket matrix of distances
@@ -79,7 +80,7 @@ def _matches(bucket: pa.Table, max_hamming: int) -> pa.Table:
     )
 
 
-def _groups(table: pa.Table, key: str):
+def groups_of(table: pa.Table, key: str):
     """The groups of a table by one key column, each a table (a task's own grouping: no shuffle)."""
     if table.num_rows == 0:
         return
@@ -118,28 +119,39 @@ def _components(edge_batches) -> list[tuple[str, str, str]]:
     return decisions
 
 
-@ray.remote(num_cpus=1)
-def _components_task(edges: ray.data.Dataset) -> list[tuple[str, str, str]]:
-    return _components(edges.iter_batches(batch_format="pyarrow", batch_size=65536))
+def _decision_table(decisions: list[tuple[str, str, str]]) -> pa.Table:
+    return pa.table([list(column) for column in zip(*decisions, strict=True)] or [[], [], []], schema=DECISION_SCHEMA)
+
+
+def _exact_decisions(batch: pa.Table) -> pa.Table:
+    repeats = _kept(batch, False)
+    details = [f"same bytes as {kept}" for kept in repeats.column("kept_as").to_pylist()]
+    return pa.table(
+        [repeats.column("source"), pa.array(["duplicate"] * repeats.num_rows, pa.string()), pa.array(details, pa.string())],
+        schema=DECISION_SCHEMA,
+    )
 
 
 @ray.remote(num_cpus=1)
-def _one_task(blocks: list[ray.ObjectRef], config: DedupConfig) -> dict[str, tuple[str, str]]:
+def _components_task(edges: ray.data.Dataset) -> pa.Table:
+    return _decision_table(_components(edges.iter_batches(batch_format="pyarrow", batch_size=65536)))
+
+
+@ray.remote(num_cpus=1)
+def _one_task(blocks: list[ray.ObjectRef], config: DedupConfig) -> pa.Table:
     """The whole pass in one task, grouping in the task: for scans small enough that a shuffle costs more than it
     spreads (its aggregators and per-partition tasks add seconds). The same per-group functions as the shuffle path."""
-    scan = pa.concat_tables(ray.get(blocks))
-    decisions: dict[str, tuple[str, str]] = {}
+    scan = concat_blocks(ray.get(blocks), pa.schema([("source", pa.string()), ("sha256", pa.string()), ("phash", pa.int64())]))
+    decisions: list[pa.Table] = [DECISION_SCHEMA.empty_table()]
     survivors = scan.select(["source", "phash"])
     if config.exact:
-        grouped = pa.concat_tables([_exact_group(group) for group in _groups(scan, "sha256")] or [_exact_group(scan.slice(0, 0))])
-        for source, kept in zip(*(_kept(grouped, False).column(name).to_pylist() for name in ("source", "kept_as")), strict=True):
-            decisions[source] = ("duplicate", f"same bytes as {kept}")
+        grouped = pa.concat_tables([_exact_group(group) for group in groups_of(scan, "sha256")] or [_exact_group(scan.slice(0, 0))])
+        decisions.append(_exact_decisions(grouped))
         survivors = _kept(grouped, True).select(["source", "phash"])
     if config.perceptual:
-        edges = [_matches(bucket, config.max_hamming) for bucket in _groups(_bands(survivors), "band_key")]
-        for source, reason, detail in _components(edges):
-            decisions[source] = (reason, detail)
-    return decisions
+        edges = [_matches(bucket, config.max_hamming) for bucket in groups_of(_bands(survivors), "band_key")]
+        decisions.append(_decision_table(_components(edges)))
+    return pa.concat_tables(decisions)
 
 
 def _kept(batch: pa.Table, kept: bool) -> pa.Table:
@@ -154,30 +166,32 @@ def partitions_for(rows: int, rows_per_partition: int = 500_000) -> int:
     return max(1, -(-rows // rows_per_partition))
 
 
-def find_duplicates(scan: ray.data.Dataset, config: DedupConfig, partitions: int = 1) -> dict[str, tuple[str, str]]:
-    """{rejected source: (reason, detail)} of the scan (source, sha256, phash), computed in Ray tasks over
-    `partitions` hash partitions (1: the whole pass in one task, no shuffle); only the decisions (duplicates) reach
-    the caller."""
+def find_duplicates(scan: ray.data.Dataset, config: DedupConfig, partitions: int = 1) -> ray.data.Dataset:
+    """The scan's (source, sha256, phash) rows -> a materialized Dataset of decisions (DECISION_SCHEMA: one row per
+    rejected source), computed in Ray tasks over `partitions` hash partitions (1: the whole pass in one task, no
+    shuffle). Nothing of it passes through the caller."""
     if partitions == 1:
-        return ray.get(_one_task.remote(scan.select_columns(["source", "sha256", "phash"]).to_arrow_refs(), config))
-    decisions: dict[str, tuple[str, str]] = {}
+        return ray.data.from_arrow_refs([_one_task.remote(scan.to_arrow_refs(), config)]).materialize()
+    parts: list[ray.data.Dataset] = []
     if config.exact:
         grouped = scan.groupby("sha256", num_partitions=partitions).map_groups(_exact_group, batch_format="pyarrow").materialize()
-        repeats = grouped.map_batches(_kept, fn_kwargs={"kept": False}, batch_format="pyarrow")
-        for batch in repeats.iter_batches(batch_format="pyarrow", batch_size=65536):
-            for source, kept in zip(batch.column("source").to_pylist(), batch.column("kept_as").to_pylist(), strict=True):
-                decisions[source] = ("duplicate", f"same bytes as {kept}")
+        parts.append(grouped.map_batches(_exact_decisions, batch_format="pyarrow"))
         survivors = grouped.map_batches(_kept, fn_kwargs={"kept": True}, batch_format="pyarrow").select_columns(["source", "phash"])
     else:
         survivors = scan.select_columns(["source", "phash"])
     if config.perceptual:
-        max_hamming = config.max_hamming
         edges = (
             survivors.map_batches(_bands, batch_format="pyarrow")
             .groupby("band_key", num_partitions=partitions)
-            .map_groups(_matches, fn_kwargs={"max_hamming": max_hamming}, batch_format="pyarrow")
+            .map_groups(_matches, fn_kwargs={"max_hamming": config.max_hamming}, batch_format="pyarrow")
             .materialize()
         )
-        for source, reason, detail in ray.get(_components_task.remote(edges)):
-            decisions[source] = (reason, detail)
-    return decisions
+        parts.append(ray.data.from_arrow_refs([_components_task.remote(edges)]))
+    if not parts:
+        return ray.data.from_arrow(DECISION_SCHEMA.empty_table())
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+
+
+def as_dict(decisions: ray.data.Dataset) -> dict[str, tuple[str, str]]:
+    """{source: (reason, detail)}: for tests and small corpora only (it gathers the decisions)."""
+    return {row["source"]: (row["reason"], row["detail"]) for row in decisions.take_all()}

@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from pipelines.build_dataset import MANIFEST
 from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
-from pipelines.report import thumbnail_cell
+from pipelines.report import MANIFEST, thumbnail_cell
 from restoration.errors import InputError
 from restoration.evaluation.learned import LEARNED, build_scorer, plan_metrics
 from restoration.evaluation.metrics import PLAIN_METRICS

@@ -1,4 +1,9 @@
-"""`--report PATH`: an HTML page with HQ / LQ / mask examples and histograms of the recorded quality scores."""
+"""`--report PATH`: an HTML page with HQ / LQ / mask examples and histograms of the recorded quality scores.
+
+Nothing corpus-sized in this process: the examples are the first rows of one shard file, the histograms are
+streamed (each Ray task bins its block's scores into fixed edges from a first min/max pass; only the bin counts
+come back), the reject list shows its first REJECTS_SHOWN rows beside the manifest's counts by reason.
+Ray must be initialised."""
 
 from __future__ import annotations
 
@@ -9,13 +14,17 @@ import json
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
-from pipelines.build_dataset import MANIFEST, read_json, read_table
+from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset
 from restoration.images import decode_image, encode_png
 from runtime.config import StorageConfig
 from runtime.storage import filesystem
 
+MANIFEST = "manifest.json"
 SCORES = ("sharpness", "entropy", "jpeg_quality", "aesthetic", "clip_score")
+BINS = 20
+REJECTS_SHOWN = 200
 
 
 def thumbnail_cell(data: bytes | None, size: int = 160, mask: bool = False) -> str:
@@ -35,15 +44,60 @@ def thumbnail_cell(data: bytes | None, size: int = 160, mask: bool = False) -> s
     return f'<td><img src="data:image/png;base64,{base64.b64encode(encode_png(image)).decode()}"></td>'
 
 
-def _histogram(values: list[float], title: str) -> str:
+def _scores(batch: pa.Table) -> pa.Table:
+    """The recorded scores of a block of samples, one float column per score (NaN where not recorded)."""
+    qualities = [json.loads(q) if q else {} for q in batch.column("quality").to_pylist()]
+    return pa.table({score: [float(q[score]) if isinstance(q.get(score), int | float) else np.nan for q in qualities] for score in SCORES})
+
+
+def score_histograms(fs, root: str, output_uri: str, storage: StorageConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{score: (counts, edges)} over every sample, computed in Ray tasks: a min/max pass, then per-block bin counts."""
+    found = table_dataset(fs, root, output_uri, "shards", ["quality"], storage)
+    if found is None:
+        return {}
+    scores = found[0].map_batches(_scores, batch_format="pyarrow").materialize()
+
+    def bounds(batch: pa.Table) -> pa.Table:
+        columns = {}
+        for score in SCORES:
+            values = batch.column(score).to_numpy(zero_copy_only=False)
+            values = values[~np.isnan(values)]
+            columns[f"{score}_min"] = [float(values.min()) if len(values) else np.inf]
+            columns[f"{score}_max"] = [float(values.max()) if len(values) else -np.inf]
+            columns[f"{score}_n"] = [len(values)]
+        return pa.table(columns)
+
+    per_block = scores.map_batches(bounds, batch_format="pyarrow", batch_size=None).materialize()
+    edges = {}
+    for score in SCORES:
+        if per_block.sum(f"{score}_n"):
+            low, high = per_block.min(f"{score}_min"), per_block.max(f"{score}_max")
+            edges[score] = np.linspace(low, high if high > low else low + 1.0, BINS + 1)
+
+    def binned(batch: pa.Table) -> pa.Table:
+        columns = {}
+        for score, score_edges in edges.items():
+            values = batch.column(score).to_numpy(zero_copy_only=False)
+            columns[score] = [np.histogram(values[~np.isnan(values)], bins=score_edges)[0].tolist()]
+        return pa.table(columns)
+
+    totals = {score: np.zeros(BINS, np.int64) for score in edges}
+    for batch in scores.map_batches(binned, batch_format="pyarrow", batch_size=None).iter_batches(batch_format="pyarrow"):
+        for score in edges:
+            for counts in batch.column(score).to_pylist():
+                totals[score] += np.asarray(counts, np.int64)
+    return {score: (totals[score], edges[score]) for score in edges}
+
+
+def _histogram(counts: np.ndarray, edges: np.ndarray, title: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(3.2, 2.2), dpi=100)
-    axis.hist(values, bins=20, color="#4878a8")
-    axis.set_title(f"{title} (n={len(values)})", fontsize=9)
+    axis.stairs(counts, edges, fill=True, color="#4878a8")
+    axis.set_title(f"{title} (n={int(counts.sum())})", fontsize=9)
     axis.tick_params(labelsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -56,8 +110,15 @@ def write_report(output_uri: str, report_path: str, storage: StorageConfig | Non
     storage = storage or StorageConfig()
     fs, root = filesystem(output_uri, storage)
     manifest = read_json(fs, f"{root}/{MANIFEST}", storage) or {}
-    shards = read_table(fs, root, "shards", ["source", "kind", "hq", "lq", "mask", "restoration_prompt", "caption", "quality"], storage)
-    rejects = read_table(fs, root, "rejects", ["source", "stage", "reason", "detail"], storage)
+    shard_files = parquet_files(fs, root, "shards")
+    columns = ["source", "kind", "hq", "lq", "mask", "restoration_prompt", "caption"]
+    shards = read_parquet(fs, shard_files[0], storage, columns).slice(0, examples) if shard_files else None
+    reject_files = parquet_files(fs, root, "rejects")
+    rejects = (
+        pa.concat_tables([read_parquet(fs, path, storage) for path in reject_files[:REJECTS_SHOWN]]).slice(0, REJECTS_SHOWN)
+        if reject_files
+        else None
+    )
     parts = [
         "<!doctype html><meta charset='utf-8'><title>restoray dataset report</title>",
         "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:4px;font-size:12px}img{display:block}</style>",
@@ -70,7 +131,7 @@ def write_report(output_uri: str, report_path: str, storage: StorageConfig | Non
     ]
     if shards is not None and shards.num_rows:
         parts.append("<h2>Examples</h2><table><tr><th>HQ</th><th>LQ</th><th>mask</th><th>sample</th></tr>")
-        rows = shards.slice(0, examples).to_pylist()
+        rows = shards.to_pylist()
         for row in rows:
             prompt = html.escape(row["restoration_prompt"] or "(no restoration prompt)")
             caption = html.escape((row["caption"] or "")[:200])
@@ -78,13 +139,12 @@ def write_report(output_uri: str, report_path: str, storage: StorageConfig | Non
             cells = thumbnail_cell(row["hq"]) + thumbnail_cell(row["lq"]) + thumbnail_cell(row["mask"], mask=True)
             parts.append(f"<tr>{cells}<td>{description}</td></tr>")
         parts.append("</table><h2>Quality scores of accepted images</h2>")
-        qualities = [json.loads(q) for q in shards.column("quality").to_pylist() if q]
-        for score in SCORES:
-            values = [q[score] for q in qualities if isinstance(q.get(score), int | float)]
-            if values:
-                parts.append(_histogram(values, score))
+        for score, (counts, edges) in score_histograms(fs, root, output_uri, storage).items():
+            parts.append(_histogram(counts, edges, score))
     if rejects is not None and rejects.num_rows:
-        parts.append("<h2>Rejected sources</h2><table><tr><th>source</th><th>stage</th><th>reason</th><th>detail</th></tr>")
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted((manifest.get("rejected_by_reason") or {}).items()))
+        parts.append(f"<h2>Rejected sources</h2><p>{html.escape(by_reason)}; the first {rejects.num_rows} shown</p>")
+        parts.append("<table><tr><th>source</th><th>stage</th><th>reason</th><th>detail</th></tr>")
         for row in rejects.to_pylist():
             parts.append(
                 "<tr>" + "".join(f"<td>{html.escape(str(row[k]))}</td>" for k in ("source", "stage", "reason", "detail")) + "</tr>"

@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
-from ray.data import Datasink
 
-from pipelines.build_dataset import broadcast, plain_job_errors, read_json, read_stage, read_table, source_rows, write_json
 from pipelines.config import DataBuildConfig, RestoreBatchConfig
+from pipelines.counts import count_output
+from pipelines.known_sources import with_known
+from pipelines.listing import check_input, list_sources
+from pipelines.outputs import read_json, table_dataset, write_json
+from pipelines.reading import plain_job_errors, read_stage, source_rows
+from pipelines.resume import finished_sources
 from pipelines.rows import batch_of, is_rejected, rows_of
-from pipelines.sink import block_rows, commit_table, reject_row
-from pipelines.sources import list_units
+from pipelines.sink import CountingSink, block_rows, commit_table, reject_row
 from pipelines.stages.decode import decode_row
 from pipelines.timer import start_stage_timer
 from restoration.dataset import REJECT_SCHEMA
@@ -77,11 +80,12 @@ class RestoreBatchSummary:
         return "\n".join(lines)
 
 
-class RestoreSink(Datasink):
+class RestoreSink(CountingSink):
     """images/ (one file per source, written first), then results/ and rejects/ parts from one write task."""
 
     def __init__(self, output: str, storage: StorageConfig, max_rows: int, fail_after_rows: int = 0):
         self.output, self.storage, self.max_rows, self.fail_after_rows = output.rstrip("/"), storage, max_rows, fail_after_rows
+        self.totals = {}
 
     def get_name(self) -> str:
         return "RestoreSink"
@@ -111,7 +115,7 @@ class RestoreSink(Datasink):
         if rejects:
             rejects = sorted((reject_row(row) for row in rejects), key=lambda row: row["source"])
             commit_table(self.output, self.storage, "rejects", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), "source")
-        return {"restored": len(rows), "rejects": len(rejects)}
+        return {"sources": len(rows) + len(rejects), "restored": len(rows), "rejects": len(rejects)}
 
 
 def fingerprint(
@@ -153,7 +157,7 @@ def restore_batch(
     mlflow = mlflow or MlflowConfig()
     if input_uri.rstrip("/") == output_uri.rstrip("/"):
         raise InputError("--output must differ from --input")
-    units_format, units = list_units(input_uri, data.source, storage)
+    check_input(input_uri, storage)
     out_fs, root = filesystem(output_uri, storage)
     try:
         out_fs.makedirs(root, exist_ok=True)
@@ -171,13 +175,6 @@ def restore_batch(
         gpus=config.actors * config.num_gpus,
     )  # fmt: skip
 
-    done: set[str] = set()
-    for table_name in ("results", "rejects"):
-        table = read_table(out_fs, root, table_name, ["source"], storage)
-        if table is not None:
-            done.update(table.column("source").to_pylist())
-    if done:
-        log.info("resuming: %d sources already restored or rejected", len(done))
     ray.data.DataContext.get_current().raise_original_map_exception = True
     timer = start_stage_timer()
     input_root = _source_prefix(input_uri, storage)
@@ -189,7 +186,13 @@ def restore_batch(
     from pipelines.stages.restore import RestoreStage
 
     job_started = time.perf_counter()
-    rows = source_rows(units, data, storage).map_batches(read_stage(timer, "read", broadcast(done) if done else None, data))
+    with plain_job_errors():
+        listing = list_sources(input_uri, data.source, storage)
+        finished = finished_sources(out_fs, root, output_uri, storage, ("results", "rejects"))
+        if finished.count:
+            log.info("resuming: %d sources already restored or rejected", finished.count)
+        pending = with_known(listing, finished.notes, finished.count)
+    rows = source_rows(pending.units, pending.count, data, storage).map_batches(read_stage(timer, "read", data))
     rows = rows.map_batches(decode, batch_size=8).map_batches(
         RestoreStage,
         fn_constructor_kwargs={
@@ -211,28 +214,26 @@ def restore_batch(
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
     )
+    sink = RestoreSink(output_uri, storage, config.max_rows_per_shard, faults.fault("restore.fail_after_rows"))
     with awaiting_resources(needs, "the Restorer actor pool"), plain_job_errors():
-        rows.write_datasink(RestoreSink(output_uri, storage, config.max_rows_per_shard, faults.fault("restore.fail_after_rows")))
-    totals = ray.get(timer.totals.remote())
-    results = read_table(out_fs, root, "results", ["source"], storage)
-    rejects = read_table(out_fs, root, "rejects", ["source", "reason"], storage)
-    by_reason: dict[str, int] = {}
-    for reason in rejects.column("reason").to_pylist() if rejects is not None else []:
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    restored = results.num_rows if results is not None else 0
-    sources = len(done) + totals.get("read", (0, 0.0))[0] - totals.get("skipped (already written)", (0, 0.0))[0]
+        rows.write_datasink(sink)
+    counts = count_output(out_fs, root, output_uri, storage, None)
+    by_reason = counts.rejected_by_reason
+    found = table_dataset(out_fs, root, output_uri, "results", ["source"], storage)
+    restored = found[1] if found is not None else 0
+    sources = finished.count + sink.totals.get("sources", 0)
     if sources != restored + sum(by_reason.values()):
         raise RestorayError(f"{output_uri}: {sources} sources but {restored} restored + {sum(by_reason.values())} rejected; inconsistent")
     manifest = {
         "complete": True,
         "fingerprint": fp,
         "input": input_uri,
-        "input_format": units_format,
+        "input_format": listing.format,
         "weights": weights,
         "index": index,
         "sources_in": sources,
         "restored": restored,
-        "restored_now": totals.get("restore", (0, 0.0))[0],
+        "restored_now": sink.totals.get("restored", 0),
         "rejected": sum(by_reason.values()),
         "rejected_by_reason": by_reason,
         "seconds": round(time.perf_counter() - job_started, 2),

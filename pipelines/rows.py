@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import ray
 
+from pipelines.timer import report
 from restoration.dataset import REASONS
 
 # Columns between the read and degrade stages.
@@ -103,7 +103,7 @@ def run_on_live(
     if live:
         process(live)
     if timer is not None:
-        ray.get(timer.add.remote(stage, len(rows), time.perf_counter() - started))
+        report(timer, stage, len(rows), time.perf_counter() - started)
     return batch_of(rows, tuple(batch))
 
 
@@ -115,3 +115,12 @@ def row_stage(stage: str, function: Callable[[dict], dict], timer=None) -> Calla
 
     udf.__name__ = stage
     return udf
+
+
+def concat_blocks(blocks, schema):
+    """Ray Data blocks (pyarrow tables) as one table of `schema`'s columns: empty blocks (which may carry no columns)
+    are skipped, an empty table of `schema` when none has rows."""
+    import pyarrow as pa
+
+    tables = [block.select(schema.names).cast(schema) for block in blocks if block.num_rows]
+    return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -22,7 +22,22 @@ from runtime.config import StorageConfig
 from runtime.storage import filesystem, retrying
 
 
-class ShardSink(Datasink):
+class CountingSink(Datasink):
+    """A Datasink whose write tasks return counts (a dict of ints) and whose `totals` sums them once the write is
+    done: a job's exact counts of this run, without a call per row or batch to any actor. (Ray gathers every write
+    task's return value in the driver anyway; a few ints per task add nothing that grows with the corpus.)"""
+
+    totals: dict[str, int]
+
+    def on_write_complete(self, write_result) -> None:
+        totals: dict[str, int] = {}
+        for counts in write_result.write_returns:
+            for name, value in (counts or {}).items():
+                totals[name] = totals.get(name, 0) + int(value)
+        self.totals = totals
+
+
+class ShardSink(CountingSink):
     def __init__(
         self, output: str, storage: StorageConfig, max_rows_per_shard: int, existing_ids: frozenset[str], fail_after_rows: int = 0
     ):
@@ -31,6 +46,7 @@ class ShardSink(Datasink):
         self.max_rows = max_rows_per_shard
         self.existing_ids = existing_ids
         self.fail_after_rows = fail_after_rows  # runtime.faults' build.fail_after_rows (tests)
+        self.totals = {}
 
     def get_name(self) -> str:
         return "ShardSink"
@@ -39,10 +55,13 @@ class ShardSink(Datasink):
         samples: list[dict] = []
         rejects: list[dict] = []
         embeddings: dict[str, bytes] = {}
+        sources = 0  # arriving this run: each rejected row, and each accepted source's variant 0
         for row in block_rows(blocks):
             if row.get("reject_reason"):
                 rejects.append(reject_row(row))
+                sources += 1
             else:
+                sources += row.get("variant") == 0
                 if row["id"] not in self.existing_ids:
                     samples.append({field.name: row.get(field.name) for field in SAMPLE_SCHEMA})
                 if row.get("embedding") is not None:
@@ -69,7 +88,7 @@ class ShardSink(Datasink):
                     pa.Table.from_pylist(rows[start : start + self.max_rows], schema=EMBEDDING_SCHEMA),
                     "id",
                 )
-        return {"samples": len(samples), "rejects": len(rejects)}
+        return {"sources": sources, "samples": len(samples), "rejects": len(rejects)}
 
     def _commit(self, table_name: str, table: pa.Table) -> None:
         commit_table(self.output, self.storage, table_name, table, "lq" if "lq" in table.column_names else "source")

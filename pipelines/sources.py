@@ -1,7 +1,7 @@
 """Corpus readers: an image folder, img2dataset-style parquet, or webdataset tars; local paths or s3://.
 
-The driver lists only *units of work* (file names; parquet row groups; tar files), never image bytes; Ray tasks
-read each unit and stream rows out in small batches, so memory stays bounded whatever the corpus size.
+Units of work (one file; one parquet row group; one tar file) are listed in Ray tasks (pipelines/listing.py); Ray
+tasks read each unit and stream rows out in small batches, so memory stays bounded whatever the corpus size.
 
 Every row: `source` (a stable URI naming the sample: the file path, `file.parquet#row=N`, `shard.tar#key`),
 `data` (image bytes, or null), `caption` (text or null), `error` (why the row cannot be read, or null).
@@ -23,10 +23,10 @@ import fsspec
 import pyarrow as pa
 
 from pipelines.config import SourceConfig
-from pipelines.rows import rows_of
+from pipelines.known_sources import KEEP, STORED
 from restoration.errors import InputError
 from runtime.config import StorageConfig
-from runtime.storage import Backoff, StorageError, filesystem, full_uri, is_storage_error, read_bytes, retrying
+from runtime.storage import Backoff, StorageError, filesystem, is_storage_error, read_bytes, retrying
 
 log = logging.getLogger(__name__)
 ROWS_PER_BATCH = 16
@@ -34,78 +34,15 @@ ROWS_PER_BATCH = 16
 CORRUPT_FILE_ERRORS = (tarfile.TarError, pa.ArrowInvalid, EOFError, ValueError)
 
 
-def detect_format(fs: fsspec.AbstractFileSystem, root: str, config: SourceConfig) -> str:
-    if config.format != "auto":
-        return config.format
-    if fs.isfile(root):
-        return "parquet" if root.endswith(".parquet") else "webdataset" if root.endswith(".tar") else "folder"
-    for path in fs.find(root):
-        if path.endswith(".parquet"):
-            return "parquet"
-        if path.endswith(".tar"):
-            return "webdataset"
-    return "folder"
-
-
-def list_units(uri: str, config: SourceConfig, storage: StorageConfig) -> tuple[str, list[dict]]:
-    """The corpus format and its units of work. Raises `InputError` naming the URI when it cannot be listed."""
-    fs, root = filesystem(uri, storage)
-    try:
-        if not fs.exists(root):
-            raise InputError(f"input {uri} does not exist")
-        fmt = detect_format(fs, root, config)
-        files = [root] if fs.isfile(root) else sorted(fs.find(root))
-        return fmt, _units(fs, fmt, files, config, storage)
-    except InputError:
-        raise
-    except Exception as err:  # s3fs/botocore raise many classes for credentials, buckets and endpoints
-        raise InputError(f"cannot list input {uri}: {type(err).__name__}: {err}") from err
-
-
-def _units(fs: fsspec.AbstractFileSystem, fmt: str, files: list[str], config: SourceConfig, storage: StorageConfig) -> list[dict]:
-    if fmt == "folder":
-        caption_ext = tuple(config.caption_extensions)
-        by_stem: dict[str, list[str]] = {}
-        for path in files:
-            if posixpath.basename(path).startswith("."):
-                continue
-            by_stem.setdefault(posixpath.splitext(path)[0], []).append(path)
-        units = []
-        for _stem, paths in sorted(by_stem.items()):
-            captions = sorted(p for p in paths if p.lower().endswith(caption_ext))
-            for image in sorted(p for p in paths if not p.lower().endswith(caption_ext)):
-                units.append({"kind": "file", "path": full_uri(fs, image), "caption_path": full_uri(fs, captions[0]) if captions else None})
-        return units
-    if fmt == "parquet":
-        units = []
-        for path in (p for p in files if p.endswith(".parquet")):
-            uri = full_uri(fs, path)
-            try:
-                metadata = retrying(lambda path=path: _parquet_metadata(fs, path), uri, storage, "list")
-            except CORRUPT_FILE_ERRORS as err:  # a corrupt footer: the file's rows are unknown, so the file is one reject
-                units.append({"kind": "unreadable", "path": uri, "error": f"read_error: {uri} is not a readable parquet file: {err}"})
-                continue
-            offset = 0
-            for group in range(metadata.num_row_groups):
-                rows = metadata.row_group(group).num_rows
-                units.append({"kind": "row_group", "path": uri, "row_group": group, "offset": offset, "rows": rows})
-                offset += rows
-        return units
-    return [{"kind": "tar", "path": full_uri(fs, p)} for p in files if p.endswith(".tar")]
-
-
-def _parquet_metadata(fs: fsspec.AbstractFileSystem, path: str):
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata
-
-
-def read_units(batch: dict, config: SourceConfig, storage: StorageConfig) -> Iterator[dict]:
-    """Ray Data UDF: units of work in, batches of source rows out (a generator, so rows stream)."""
+def read_units(batch: pa.Table, config: SourceConfig, storage: StorageConfig, only_noted: bool = False) -> Iterator[dict]:
+    """Ray Data UDF (pyarrow batches of pipelines.listing.UNIT_SCHEMA, with `known`): units of work in, batches of
+    source rows out (a generator, so rows stream). A unit's notes (pipelines/known_sources.py) are applied while
+    reading: finished sources are skipped and decided ones rejected, both without reading their bytes; with
+    `only_noted`, so is every source without a note (an index of a dataset's accepted sources)."""
     rows: list[dict] = []
-    for unit in rows_of(batch):
-        for row in _read_unit(unit, config, storage):
+    for unit in batch.to_pylist():
+        notes = {note["source"]: note for note in unit.get("known") or ()}
+        for row in _read_unit(unit, config, storage, _Plan(notes, only_noted)):
             rows.append(row)
             if len(rows) >= ROWS_PER_BATCH:
                 yield _to_batch(rows)
@@ -114,22 +51,52 @@ def read_units(batch: dict, config: SourceConfig, storage: StorageConfig) -> Ite
         yield _to_batch(rows)
 
 
+ROW_COLUMNS = ("source", "data", "caption", "error", "embedding", "reject_stage", "reject_reason", "reject_detail")
+
+
 def _to_batch(rows: list[dict]) -> dict:
-    return {key: [row[key] for row in rows] for key in ("source", "data", "caption", "error")}
+    return {key: [row.get(key) for row in rows] for key in ROW_COLUMNS}
 
 
 def _row(source: str, data: bytes | None, caption: str | None, error: str | None) -> dict:
     return {"source": source, "data": data, "caption": caption, "error": error}
 
 
-def _read_unit(unit: dict, config: SourceConfig, storage: StorageConfig) -> Iterator[dict]:
+class _Plan:
+    """What a unit's notes say about each of its sources."""
+
+    def __init__(self, notes: dict[str, dict], only: bool):
+        self.notes, self.only = notes, only
+
+    def skipped(self, source: str) -> bool:
+        note = self.notes.get(source)
+        return (note is not None and note["reason"] is None) or (self.only and note is None)
+
+    def decided(self, source: str) -> dict | None:
+        """A reject row for a source decided without reading, else None."""
+        note = self.notes.get(source)
+        if note is None or note["reason"] in (None, KEEP, STORED):
+            return None
+        return {**_row(source, None, None, None), "reject_stage": "dedup", "reject_reason": note["reason"], "reject_detail": note["detail"]}
+
+    def finish(self, row: dict) -> dict:
+        note = self.notes.get(row["source"])
+        if note is not None and note.get("embedding") is not None:
+            row["embedding"] = note["embedding"]
+        return row
+
+
+def _read_unit(unit: dict, config: SourceConfig, storage: StorageConfig, plan: _Plan) -> Iterator[dict]:
     if unit["kind"] == "file":
-        yield _read_file(unit, storage)
+        if plan.skipped(unit["path"]):
+            return
+        decided = plan.decided(unit["path"])
+        yield decided if decided is not None else plan.finish(_read_file(unit, storage))
     elif unit["kind"] == "row_group":
-        yield from _read_row_group(unit, config, storage)
+        yield from _read_row_group(unit, config, storage, plan)
     elif unit["kind"] == "tar":
-        yield from _read_tar(unit, config, storage)
-    else:  # "unreadable": found corrupt while listing
+        yield from _read_tar(unit, config, storage, plan)
+    elif not plan.skipped(unit["path"]):  # "unreadable": found corrupt while listing
         yield _row(unit["path"], None, None, unit["error"])
 
 
@@ -171,7 +138,7 @@ def _read_file(unit: dict, storage: StorageConfig) -> dict:
     return _row(unit["path"], data, caption, error)
 
 
-def _read_row_group(unit: dict, config: SourceConfig, storage: StorageConfig) -> Iterator[dict]:
+def _read_row_group(unit: dict, config: SourceConfig, storage: StorageConfig, plan: _Plan) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     fs, path = filesystem(unit["path"], storage)
@@ -193,26 +160,31 @@ def _read_row_group(unit: dict, config: SourceConfig, storage: StorageConfig) ->
         raise
     except (*CORRUPT_FILE_ERRORS, OSError) as err:  # a corrupt row group: each of its rows is a reject
         for index in range(unit["rows"]):
-            yield _row(
-                f"{unit['path']}#row={unit['offset'] + index}", None, None, f"read_error: corrupt row group {unit['row_group']}: {err}"
-            )
+            source = f"{unit['path']}#row={unit['offset'] + index}"
+            if not plan.skipped(source):
+                yield _row(source, None, None, f"read_error: corrupt row group {unit['row_group']}: {err}")
         return
     images = table.column(config.image_column).to_pylist()
     captions = table.column(config.caption_column).to_pylist() if config.caption_column in names else [None] * len(images)
     for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
         source = f"{unit['path']}#row={unit['offset'] + index}"
+        if plan.skipped(source):
+            continue
+        if (decided := plan.decided(source)) is not None:
+            yield decided
+            continue
         caption = caption if caption is None else str(caption)
         if isinstance(image, str):  # a path or URI to read
             if "://" in image and not image.startswith("s3://"):
                 yield _row(source, None, caption, f"read_error: unsupported image URI {image!r}")
                 continue
             data, error = _read_bytes(image, storage)
-            yield _row(source, data, caption, error)
+            yield plan.finish(_row(source, data, caption, error))
         else:
-            yield _row(source, image, caption, None)
+            yield plan.finish(_row(source, image, caption, None))
 
 
-def _read_tar(unit: dict, config: SourceConfig, storage: StorageConfig) -> Iterator[dict]:
+def _read_tar(unit: dict, config: SourceConfig, storage: StorageConfig, plan: _Plan) -> Iterator[dict]:
     """Group members by key (the basename up to its first dot) ourselves: tars need not be ordered by key.
 
     A storage error part-way through re-opens the tar (with backoff) and skips the keys already yielded; a corrupt
@@ -223,22 +195,24 @@ def _read_tar(unit: dict, config: SourceConfig, storage: StorageConfig) -> Itera
     backoff = Backoff(uri, storage)
     while True:
         try:
-            for key, row in _tar_rows(fs, path, uri, config):
+            for key, row in _tar_rows(fs, path, uri, config, plan):
                 if key not in yielded:
                     yielded.add(key)
                     yield row
             return
         except CORRUPT_FILE_ERRORS as err:
-            yield _row(uri, None, None, f"read_error: {uri} is not a readable tar: {err}")
+            if not plan.skipped(uri):
+                yield _row(uri, None, None, f"read_error: {uri} is not a readable tar: {err}")
             return
         except Exception as err:
             if not is_storage_error(err, uri):
-                yield _row(uri, None, None, f"read_error: {uri} is not a readable tar: {type(err).__name__}: {err}")
+                if not plan.skipped(uri):
+                    yield _row(uri, None, None, f"read_error: {uri} is not a readable tar: {type(err).__name__}: {err}")
                 return
             backoff.failed(err)  # sleeps, or raises StorageError once the attempts are spent
 
 
-def _tar_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str, config: SourceConfig) -> Iterator[tuple[str, dict]]:
+def _tar_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str, config: SourceConfig, plan: _Plan) -> Iterator[tuple[str, dict | None]]:
     image_ext = tuple(config.image_extensions)
     caption_ext = tuple(config.caption_extensions)
     with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
@@ -252,6 +226,11 @@ def _tar_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str, config: Source
         for key in sorted(groups):
             members = groups[key]
             source = f"{uri}#{key}"
+            if plan.skipped(source):
+                continue
+            if (decided := plan.decided(source)) is not None:
+                yield key, decided
+                continue
             image_member = next((members[e] for e in members if e.endswith(image_ext)), None)
             caption_member = next((members[e] for e in sorted(members) if e.endswith(caption_ext)), None)
             caption, error = None, None
@@ -260,4 +239,4 @@ def _tar_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str, config: Source
             if image_member is None:
                 yield key, _row(source, None, caption, f"not_image: no member with an image extension ({', '.join(sorted(members))})")
                 continue
-            yield key, _row(source, tar.extractfile(image_member).read(), caption, error)
+            yield key, plan.finish(_row(source, tar.extractfile(image_member).read(), caption, error))

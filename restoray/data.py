@@ -19,14 +19,14 @@ def run_data_build(
     if not cluster_address(config.ray):
         loopback_only()  # before anything imports Ray
     from pipelines.build_dataset import build_dataset
-    from pipelines.sources import list_units
+    from pipelines.listing import check_input
     from restoration.models.presets import load_preset
 
     load_preset(config.preset)  # an unknown preset is bad input: fail before Ray starts
     check_shared_storage(on_cluster(config.ray), {"--input": input_uri, "--output": output_uri}, config.storage)
-    listed = list_units(input_uri, config.data.source, config.storage)  # unreadable input: fail before Ray starts
+    check_input(input_uri, config.storage)  # a missing or unreachable input: fail before Ray starts
     print(f"Ray: {connect(config.ray)}")
-    summary = build_dataset(input_uri, output_uri, config.data, config.preset, config.storage, listed=listed, retry_rejected=retry_rejected)
+    summary = build_dataset(input_uri, output_uri, config.data, config.preset, config.storage, retry_rejected=retry_rejected)
     print(summary.table())
     if report_path:
         from pipelines.report import write_report

@@ -42,13 +42,27 @@ class StorageError(RestorayError):
 
     def __init__(self, uri: str, cause: BaseException, attempts: int = 1):
         self.uri = uri
-        self.cause_text = f"{type(cause).__name__}: {cause}"
+        self.cause_text = f"{type(cause).__name__}: {cause}{_service_code(cause)}"
         super().__init__(
             f"storage failure on {uri} after {attempts} attempt(s): {self.cause_text}; nothing was recorded as a reject, rerun to resume"
         )
 
     def __reduce__(self):  # crosses Ray task boundaries intact
         return (_rebuild_storage_error, (self.uri, self.cause_text, str(self)))
+
+
+def _service_code(error: BaseException) -> str:
+    """' (S3 403 AccessDenied)' when botocore's error is in the chain: s3fs turns it into a PermissionError whose text
+    is only the service's message, and which answer it was is what an operator needs."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            return f" (S3 {status} {response['Error'].get('Code', '')})".replace("  ", " ")
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _rebuild_storage_error(uri: str, cause_text: str, message: str) -> StorageError:

@@ -2,11 +2,13 @@
 
 Deciding needs every image's hashes, so it is a global step: a first pass computes (source, sha256, phash) for the
 images that pass decoding and basic quality, `pipelines.duplicates.find_duplicates` decides in Ray tasks, and the
-dedup stage of the main pass rejects the sources it named. `find_duplicates` here is the single-process reference
-the distributed pass is tested equal to. In each group the smallest source URI is kept, so the choice does
-not depend on the order Ray processed the rows in. Near-duplicate candidates are found with LSH on four 16-bit
-bands of the hash (two hashes within distance <= 3 share a band) and then checked exactly; max_hamming above 3
-may miss pairs that share no band, which is the usual trade of banding.
+main pass's read tasks reject the sources it named without reading them (pipelines/known_sources.py). The
+`find_duplicates` here is the single-process reference the distributed pass is tested equal to, and
+`find_clip_duplicates` the exact CLIP pass semantic dedup (pipelines/semantic_dedup.py) is measured against. In
+each group the smallest source URI is kept, so the choice does not depend on the order Ray processed the rows in.
+Near-duplicate candidates are found with LSH on four 16-bit bands of the hash (two hashes within distance <= 3
+share a band) and then checked exactly; max_hamming above 3 may miss pairs that share no band, which is the usual
+trade of banding.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.config import DedupConfig
-from pipelines.rows import image_of, quality_of, reject, set_quality
+from pipelines.rows import image_of, quality_of
 from restoration.measures import hamming, perceptual_hash
 
 
@@ -92,11 +94,3 @@ def find_clip_duplicates(sources: list[str], vectors: np.ndarray, threshold: flo
             kept[position] = False
             dropped[sources[order[position]]] = f"CLIP cosine {cosine:.4f} with {sources[order[keeper]]}"
     return dropped
-
-
-def dedup_row(row: dict, decisions: dict[str, tuple[str, str]]) -> dict:
-    decision = decisions.get(row["source"])
-    if decision is not None:
-        return reject(row, "dedup", decision[0], decision[1])
-    set_quality(row, duplicate_checked=True)
-    return row

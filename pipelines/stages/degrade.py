@@ -12,10 +12,10 @@ import json
 import time
 
 import numpy as np
-import ray
 
 from pipelines.config import DegradeConfig
 from pipelines.rows import image_of, is_rejected, quality_of, rows_of
+from pipelines.timer import report
 from restoration.dataset import SAMPLE_COLUMNS
 from restoration.degradations import (
     REGISTRY,
@@ -30,7 +30,8 @@ from restoration.images import encode_jpeg, encode_mask_png, encode_png
 from restoration.seeding import numpy_generator
 
 # The source's CLIP embedding rides along for the sink's embeddings/ table (it is not a shard column).
-OUTPUT_COLUMNS = (*SAMPLE_COLUMNS, "embedding", "reject_stage", "reject_reason", "reject_detail")
+# `variant` (0..K-1; null on rejects and generated negatives) lets the sink count sources exactly: one variant 0 each.
+OUTPUT_COLUMNS = (*SAMPLE_COLUMNS, "variant", "embedding", "reject_stage", "reject_reason", "reject_detail")
 
 
 def sample_id(content_sha256: str, source: str, variant: int) -> str:
@@ -103,9 +104,10 @@ class DegradeStage:
                         "restoration_prompt": sample.restoration_prompt,
                         "mask": encode_mask_png(sample.mask) if sample.mask is not None else None,
                         "quality": row.get("quality"),
+                        "variant": variant,
                         "embedding": row.get("embedding"),
                     }
                 )
         if self.timer is not None:
-            ray.get(self.timer.add.remote("degrade", len(out), time.perf_counter() - started))
+            report(self.timer, "degrade", len(out), time.perf_counter() - started)
         return {column: np.array([row.get(column) for row in out] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

@@ -13,12 +13,12 @@ import json
 import time
 
 import numpy as np
-import ray
 import torch
 
 from pipelines.config import NegativesConfig
 from pipelines.rows import rows_of
 from pipelines.stages.degrade import OUTPUT_COLUMNS
+from pipelines.timer import report
 from restoration.degradations import parameterized_degrade, realesrgan_degrade
 from restoration.images import encode_jpeg, encode_png
 from restoration.models.base import load_sdxl, scheduler_config
@@ -87,5 +87,5 @@ class GenerateNegativesStage:
                 }
             )
         if self.timer is not None:
-            ray.get(self.timer.add.remote("generate negatives", len(out), time.perf_counter() - started))
+            report(self.timer, "generate negatives", len(out), time.perf_counter() - started)
         return {column: np.array([row.get(column) for row in out] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

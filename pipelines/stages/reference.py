@@ -7,11 +7,11 @@ import time
 
 import cv2
 import numpy as np
-import ray
 from PIL import Image
 
 from pipelines.config import IndexEmbedConfig
 from pipelines.rows import image_of, is_rejected, rows_of
+from pipelines.timer import report
 from restoration.dataset import source_id
 from restoration.images import encode_jpeg, encode_png
 
@@ -29,14 +29,14 @@ def reference_image(image: np.ndarray, short_side: int) -> np.ndarray:
 
 
 class ReferenceStage:
-    """Ray Data actor: the model loads on the first source without a stored embedding (none with --embeddings)."""
+    """Ray Data actor: the model loads on the first source without a stored embedding (none with --embeddings: the
+    read task attached each source's stored embedding to its row, pipelines/known_sources.py)."""
 
-    def __init__(self, preset: str, config: IndexEmbedConfig, short_side: int, image_format: str, stored=None, timer=None):
+    def __init__(self, preset: str, config: IndexEmbedConfig, short_side: int, image_format: str, timer=None):
         self.preset = preset
         self.config = config
         self.short_side = short_side
         self.image_format = image_format
-        self.stored = stored  # build_dataset.broadcast() of {source: embedding bytes}, or None
         self.timer = timer
         self.scorer = None
 
@@ -53,24 +53,19 @@ class ReferenceStage:
         return self.scorer
 
     def __call__(self, batch: dict) -> dict:
-        from pipelines.build_dataset import get_cached
-
         started = time.perf_counter()
         rows = rows_of(batch)
         live = [row for row in rows if not is_rejected(row)]
-        stored = get_cached(self.stored) if self.stored else {}
-        missing = [row for row in live if row["source"] not in stored]
+        missing = [row for row in live if row.get("embedding") is None]
         if missing:
             embeddings = self._scorer().embed_images([Image.fromarray(image_of(row)) for row in missing]).numpy()
             for row, embedding in zip(missing, embeddings, strict=True):
                 row["embedding"] = embedding.astype("<f4").tobytes()
         for row in live:
-            if row["source"] in stored:
-                row["embedding"] = stored[row["source"]]
             image = reference_image(image_of(row), self.short_side)
             row["image"] = encode_png(image) if self.image_format == "png" else encode_jpeg(image, 95)
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
             row["id"] = source_id(row["source"])
         if self.timer is not None:
-            ray.get(self.timer.add.remote("embed", len(live), time.perf_counter() - started))
+            report(self.timer, "embed", len(live), time.perf_counter() - started)
         return {column: np.array([row.get(column) for row in rows] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

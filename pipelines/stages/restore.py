@@ -7,10 +7,10 @@ import json
 import time
 
 import numpy as np
-import ray
 from PIL import Image
 
 from pipelines.rows import image_of, is_rejected, reject, rows_of
+from pipelines.timer import report
 from restoration.errors import InputError
 from restoration.images import encode_jpeg, encode_png
 
@@ -122,5 +122,5 @@ class RestoreStage:
                 row["model"] = self.weights  # the pinned URI (or preset name), not this node's cache path
                 row["seconds"] = json.dumps(result.seconds)
         if self.timer is not None:
-            ray.get(self.timer.add.remote("restore", len(live), time.perf_counter() - started))
+            report(self.timer, "restore", len(live), time.perf_counter() - started)
         return {column: np.array([row.get(column) for row in rows] + [None], dtype=object)[:-1] for column in OUTPUT_COLUMNS}

@@ -347,9 +347,9 @@ def test_corrupt_parquet_rows_are_rejects_and_read_error_share_stops_the_build(t
     folder.mkdir()
     for index, image in enumerate(photos(4)):
         (folder / f"{index}.png").write_bytes(png_bytes(image))
-    from pipelines.sources import list_units
+    from pipelines.listing import list_sources
 
-    listed = list_units(str(folder), DataBuildConfig().source, StorageConfig())
+    listed = list_sources(str(folder), DataBuildConfig().source, StorageConfig())
     for path in sorted(folder.glob("*.png"))[:3]:
         path.unlink()  # listed, then gone: three read errors among four sources
     config = small_config(source={"max_read_error_share": 0.5, "read_error_min_sources": 4})
@@ -365,9 +365,9 @@ def test_retry_rejected_reads_rejected_sources_again_and_corrupt_manifest_is_nam
     images = photos(3)
     for index, image in enumerate(images):
         (corpus / f"{index}.png").write_bytes(png_bytes(image))
-    from pipelines.sources import list_units
+    from pipelines.listing import list_sources
 
-    listed = list_units(str(corpus), DataBuildConfig().source, StorageConfig())
+    listed = list_sources(str(corpus), DataBuildConfig().source, StorageConfig())
     (corpus / "2.png").unlink()
     output = tmp_path / "out"
     first = build_dataset(str(corpus), str(output), small_config(), "tiny", listed=listed)
@@ -448,6 +448,7 @@ def _planted_scan(count: int, seed: int) -> tuple[list[str], list[str], list[int
 def test_ray_data_dedup_equals_the_single_process_pass(local_ray, dedup, partitions):
     import ray
 
+    from pipelines.duplicates import as_dict
     from pipelines.duplicates import find_duplicates as distributed
     from pipelines.stages.dedup import find_duplicates as reference
 
@@ -457,4 +458,4 @@ def test_ray_data_dedup_equals_the_single_process_pass(local_ray, dedup, partiti
     order = np.random.default_rng(1).permutation(len(sources))  # rows in another order, in several blocks
     table = pa.table({"source": [sources[i] for i in order], "sha256": [sha[i] for i in order], "phash": [phash[i] for i in order]})
     scan = ray.data.from_arrow(table).repartition(4)
-    assert distributed(scan, dedup, partitions) == expected
+    assert as_dict(distributed(scan, dedup, partitions)) == expected
