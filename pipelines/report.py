@@ -1,6 +1,6 @@
 """`--report PATH`: an HTML page with HQ / LQ / mask examples and histograms of the recorded quality scores.
 
-Nothing corpus-sized in this process: the examples are the first rows of one shard file, the histograms are
+Nothing corpus-sized in this process: the examples are the first rows of the first shard files, the histograms are
 streamed (each Ray task bins its block's scores into fixed edges from a first min/max pass; only the bin counts
 come back), the reject list shows its first REJECTS_SHOWN rows beside the manifest's counts by reason.
 Ray must be initialised."""
@@ -106,13 +106,25 @@ def _histogram(counts: np.ndarray, edges: np.ndarray, title: str) -> str:
     return f'<img alt="{html.escape(title)} histogram" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
+def _first_rows(fs, files: list[str], columns: list[str], count: int, storage: StorageConfig) -> pa.Table | None:
+    """The first `count` rows of the files in order, reading only as many files as that takes."""
+    tables, rows = [], 0
+    for path in files:
+        if rows >= count:
+            break
+        table = read_parquet(fs, path, storage, columns)
+        tables.append(table)
+        rows += table.num_rows
+    return pa.concat_tables(tables).slice(0, count) if tables else None
+
+
 def write_report(output_uri: str, report_path: str, storage: StorageConfig | None = None, examples: int = 12) -> None:
     storage = storage or StorageConfig()
     fs, root = filesystem(output_uri, storage)
     manifest = read_json(fs, f"{root}/{MANIFEST}", storage) or {}
     shard_files = parquet_files(fs, root, "shards")
     columns = ["source", "kind", "hq", "lq", "mask", "restoration_prompt", "caption"]
-    shards = read_parquet(fs, shard_files[0], storage, columns).slice(0, examples) if shard_files else None
+    shards = _first_rows(fs, shard_files, columns, examples, storage)
     reject_files = parquet_files(fs, root, "rejects")
     rejects = (
         pa.concat_tables([read_parquet(fs, path, storage) for path in reject_files[:REJECTS_SHOWN]]).slice(0, REJECTS_SHOWN)
