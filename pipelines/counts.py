@@ -78,12 +78,6 @@ def _group_counts(dataset: ray.data.Dataset, key: str, partitions: int) -> ray.d
     return dataset.groupby(key, num_partitions=partitions).count()
 
 
-def _sum_over(dataset: ray.data.Dataset, transform) -> int:
-    """Σ over blocks of transform(block) -> int, in tasks."""
-    partial = dataset.map_batches(lambda batch: pa.table({"n": [int(transform(batch))]}), batch_format="pyarrow")
-    return int(partial.sum("n") or 0)
-
-
 def count_output(
     fs, root: str, output_uri: str, storage: StorageConfig, samples_table: str | None, *, partitions: int | None = None
 ) -> OutputCounts:
