@@ -43,7 +43,7 @@ import ray
 from pipelines import duplicates
 from pipelines.config import DataBuildConfig
 from pipelines.counts import count_output
-from pipelines.known_sources import NOTE_SCHEMA, with_known
+from pipelines.known_sources import as_notes, with_known
 from pipelines.listing import Listing, check_input, list_sources
 from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
 from pipelines.reading import BuildStopped, front_stages, plain_job_errors, read_stage, source_rows
@@ -175,12 +175,6 @@ def _scan_duplicates(
 _SCAN_SCHEMA = pa.schema([("source", pa.string()), ("sha256", pa.string()), ("phash", pa.int64())])
 
 
-def _decisions_as_notes(batch: pa.Table) -> pa.Table:
-    return pa.table(
-        [batch.column("source"), batch.column("reason"), batch.column("detail"), pa.nulls(batch.num_rows, pa.binary())], schema=NOTE_SCHEMA
-    )
-
-
 def build_dataset(
     input_uri: str,
     output_uri: str,
@@ -240,7 +234,7 @@ def _run(listing: Listing, input_uri, output_uri, config: DataBuildConfig, prese
     note_count = 0
     if config.dedup.exact or config.dedup.perceptual:
         decisions = _scan_duplicates(listing, config, storage, out_fs, root, output_uri, fp, timer)
-        notes.append(decisions.map_batches(_decisions_as_notes, batch_format="pyarrow"))
+        notes.append(decisions.map_batches(as_notes, batch_format="pyarrow"))
         note_count += decisions.count()
     finished = finished_sources(out_fs, root, output_uri, storage, ("rejects",), ("shards", config.degrade.variants))
     if finished.count or finished.partial_ids:

@@ -39,7 +39,7 @@ import ray
 
 from pipelines.config import DataBuildConfig, IndexConfig
 from pipelines.counts import count_output
-from pipelines.known_sources import KEEP, NOTE_SCHEMA, STORED, with_known
+from pipelines.known_sources import KEEP, NOTE_SCHEMA, STORED, as_notes, with_known
 from pipelines.listing import check_input, list_sources
 from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
 from pipelines.reading import front_stages, plain_job_errors, read_stage, source_rows
@@ -138,17 +138,6 @@ class IndexSink(CountingSink):
         return {"sources": len(rows) + len(rejects), "embedded": len(rows), "rejects": len(rejects)}
 
 
-def _as_notes(reason: str):
-    def notes(batch: pa.Table) -> pa.Table:
-        count = batch.num_rows
-        embedding = batch.column("embedding") if "embedding" in batch.column_names else pa.nulls(count, pa.binary())
-        return pa.table(
-            [batch.column("source"), pa.array([reason] * count, pa.string()), pa.nulls(count, pa.string()), embedding], schema=NOTE_SCHEMA
-        )
-
-    return notes
-
-
 def _dataset_sources(fs, root: str, output_uri: str, storage: StorageConfig) -> tuple[str, ray.data.Dataset, int] | None:
     """(its corpus, its accepted sources as `keep` notes, their row count) when `root` is a dataset `data build`
     wrote, else None."""
@@ -162,7 +151,7 @@ def _dataset_sources(fs, root: str, output_uri: str, storage: StorageConfig) -> 
         return manifest["input"], ray.data.from_arrow(NOTE_SCHEMA.empty_table()), 0
     # Generated negatives have no source; each source's K variants become K notes, merged per source by the join.
     photos = found[0].map_batches(lambda b: b.filter(pc.not_equal(b.column("kind"), "negative")), batch_format="pyarrow")
-    notes = photos.map_batches(_as_notes(KEEP), batch_format="pyarrow").materialize()
+    notes = photos.map_batches(as_notes, fn_kwargs={"reason": KEEP}, batch_format="pyarrow").materialize()
     return manifest["input"], notes, notes.count()
 
 
@@ -181,7 +170,7 @@ def stored_embeddings(uri: str, storage: StorageConfig) -> tuple[ray.data.Datase
     table = ray.data.read_parquet(
         [p if pafs is not None else full_uri(fs, p) for p in sorted(files)], filesystem=pafs, columns=["source", "embedding"]
     )
-    notes = table.map_batches(_as_notes(STORED), batch_format="pyarrow").materialize()
+    notes = table.map_batches(as_notes, fn_kwargs={"reason": STORED}, batch_format="pyarrow").materialize()
     return notes, notes.count()
 
 

@@ -35,6 +35,20 @@ KNOWN_SCHEMA = UNIT_SCHEMA.append(pa.field("known", KNOWN_TYPE))
 SMALL_ROWS = 500_000
 
 
+def as_notes(batch: pa.Table, reason: str | None = None) -> pa.Table:
+    """Rows with a `source` column as notes: `reason`, `detail` and `embedding` from the batch's own columns where it
+    has them, else `reason` for every row and nulls (finished sources: reason None)."""
+    count = batch.num_rows
+
+    def column(name: str, type_: pa.DataType, default=None) -> pa.Array:
+        if name in batch.column_names:
+            return batch.column(name).combine_chunks().cast(type_)
+        return pa.array([default] * count, type_)
+
+    columns = [batch.column("source").combine_chunks(), column("reason", pa.string(), reason), column("detail", pa.string())]
+    return pa.table([*columns, column("embedding", pa.binary())], schema=NOTE_SCHEMA)
+
+
 def unit_of(source: str, fmt: str) -> str:
     """The path of the unit that holds `source`: the file itself (folders, and a container read as one reject), the
     parquet file of `file.parquet#row=N`, the tar of `shard.tar#key`."""

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines.duplicates import partitions_for
-from pipelines.known_sources import NOTE_SCHEMA, SMALL_ROWS
+from pipelines.known_sources import SMALL_ROWS, as_notes
 from pipelines.outputs import table_dataset
 from pipelines.rows import concat_blocks
 from runtime.config import StorageConfig
@@ -30,14 +30,6 @@ class Finished:
     notes: ray.data.Dataset | None  # NOTE_SCHEMA rows with a null reason: one per finished source
     count: int
     partial_ids: frozenset[str]  # sample ids of sources written only in part
-
-
-def _as_notes(batch: pa.Table) -> pa.Table:
-    count = batch.num_rows
-    return pa.table(
-        [batch.column("source"), pa.nulls(count, pa.string()), pa.nulls(count, pa.string()), pa.nulls(count, pa.binary())],
-        schema=NOTE_SCHEMA,
-    )
 
 
 def _photos(batch: pa.Table) -> pa.Table:
@@ -58,7 +50,7 @@ def _split_in_one_task(blocks: list, variants: int):
     schema = pa.schema([("source", pa.string()), ("id", pa.string()), ("kind", pa.string())])
     samples = _photos(concat_blocks(ray.get(blocks), schema))
     complete, partial_ids = _split_by_count(samples, variants)
-    return _as_notes(complete), partial_ids
+    return as_notes(complete), partial_ids
 
 
 def finished_sources(
@@ -71,7 +63,7 @@ def finished_sources(
     for name in tables:
         found = table_dataset(fs, root, output_uri, name, ["source"], storage)
         if found is not None:
-            parts.append(found[0].map_batches(_as_notes, batch_format="pyarrow"))
+            parts.append(found[0].map_batches(as_notes, batch_format="pyarrow"))
             count += found[1]
     partial_ids: list[str] = []
     if per_source_rows is not None:
@@ -90,9 +82,7 @@ def finished_sources(
                 def where(compare):
                     return lambda batch: batch.filter(compare(batch.column("count()"), variants)).select(["source"])
 
-                complete = counts.map_batches(where(pc.greater_equal), batch_format="pyarrow").map_batches(
-                    _as_notes, batch_format="pyarrow"
-                )
+                complete = counts.map_batches(where(pc.greater_equal), batch_format="pyarrow").map_batches(as_notes, batch_format="pyarrow")
                 partial = [row["source"] for row in counts.map_batches(where(pc.less), batch_format="pyarrow").take_all()]
                 if partial:
                     wanted = pa.array(partial, pa.string())
