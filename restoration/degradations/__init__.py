@@ -16,8 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-# name -> submodule that defines it. Asking for a registry name first imports `types`, which registers the
-# built-in degradation types: REGISTRY is never seen without them.
+# name -> submodule that defines it (REGISTRY loads the built-in types on its first use: registry.load_plugins).
 _WHERE = {
     "CompositeConfig": "composite",
     "composite_degrade": "composite",
@@ -57,8 +56,6 @@ assert sorted(__all__) == sorted(_WHERE)
 def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _WHERE[name] == "registry":
-        importlib.import_module(f"{__name__}.types")
     module = importlib.import_module(f"{__name__}.{_WHERE[name]}")
     value = getattr(module, name)
     globals()[name] = value

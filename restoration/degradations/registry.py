@@ -12,6 +12,7 @@ installed distributions, so every Ray worker with the plugin installed sees the 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ class DegradationRegistry:
         self._by_name[degradation.name] = degradation
 
     def load_plugins(self, force: bool = False) -> None:
+        """The built-in types (restoration.degradations.types registers them on import), then the entry points'."""
         if self._plugins_loaded and not force:
             return
         self._plugins_loaded = True
+        importlib.import_module("restoration.degradations.types")  # imported here: that module imports this one
         for entry_point in entry_points(group=ENTRY_POINT_GROUP):
             loaded = entry_point.load()
             items = loaded() if callable(loaded) and not isinstance(loaded, DegradationType) else loaded

@@ -373,3 +373,14 @@ def test_composites_mix_abairs_seen_types_by_default():
         seen |= {entry["type"] for entry in composite_degrade(hq, rng).ops}
     assert seen <= {"rain", "haze", "noise", "blur", "low_light"} and len(seen) >= 4
     assert CompositeConfig().types == ("rain", "haze", "noise", "blur", "low_light")
+
+
+def test_the_registry_holds_the_built_in_types_however_it_is_imported():
+    """The package loads its submodules lazily: the registry module alone, first in a fresh interpreter, still
+    knows the built-in types (the Serve UI's phrases and the experts' names come from it)."""
+    import subprocess
+    import sys
+
+    code = "from restoration.degradations.registry import REGISTRY; print(','.join(t.name for t in REGISTRY.all()))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(",")
+    assert {"noise", "blur", "jpeg"} <= set(names), names
