@@ -18,7 +18,7 @@ from pathlib import Path
 
 from restoration.errors import InputError, RestorayError
 from restoray.config import RunConfig
-from restoray.ray_env import cluster_address, connect, loopback_only
+from restoray.ray_env import cluster_address, connect, loopback_only, on_cluster
 
 CONFIG_HEADER = (
     "# Ray Serve config of the restoray application: `serve run serving/config.yaml` or `serve deploy serving/config.yaml`.\n"
@@ -60,15 +60,21 @@ class Service:
     url: str
     token: str | None  # the token this process generated (None: tokens came from the environment or a file)
     metrics_url: str | None  # Ray's Prometheus export on this node (Serve's metrics are among Ray's)
+    app_name: str
 
     def stop(self) -> None:
+        """Delete this application and its job board, nothing else: other applications on a connected cluster keep
+        serving (serve.shutdown would delete them all)."""
         from ray import serve
 
-        serve.shutdown()
+        from serving.jobs import stop_board
+
+        serve.delete(self.app_name)
+        stop_board(self.app_name)
 
 
 def wait_ready(url: str, timeout_s: float = 300.0) -> dict:
-    """Poll /readyz until the default model is loaded (the first call loads it on a Restorer replica)."""
+    """Poll /readyz until every deployment is healthy (the Restorer's replicas load the default model first)."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         try:
@@ -102,7 +108,7 @@ def start_service(config: RunConfig, app) -> Service:
     host = "127.0.0.1" if app.serve.host in ("0.0.0.0", "::") else app.serve.host
     url = f"http://{host}:{app.serve.port}"
     wait_ready(url)
-    return Service(url, token, metrics_url())
+    return Service(url, token, metrics_url(), APP_NAME)
 
 
 def metrics_url() -> str | None:
@@ -122,8 +128,13 @@ def run_serve(config: RunConfig, args: argparse.Namespace) -> int:
         path = write_deploy_config(app, args.write_config)
         print(f"wrote {path}: serve run {path}  (or serve deploy {path} on a cluster)")
         return 0
-    if app.serve.weights and not app.serve.weights.startswith(("s3://", "models:/")) and not Path(app.serve.weights).exists():
-        raise InputError(f"--weights {app.serve.weights}: no such directory")
+    for name, uri in {"--weights": app.serve.weights, **{f"serve.models.{key}": value for key, value in app.serve.models.items()}}.items():
+        if uri and not uri.startswith(("s3://", "models:/")) and not Path(uri).exists():
+            raise InputError(f"{name} {uri}: no such directory")
+    from runtime.storage import check_shared_storage
+
+    # Jobs written by one replica are read by any other: on a cluster their directory must be shared storage.
+    check_shared_storage(on_cluster(config.ray), {"serve.jobs_dir": app.serve.jobs_dir or "(unset: a node's temp dir)"}, config.storage)
     if app.serve.index and not app.serve.index.startswith("s3://") and not Path(app.serve.index).exists():
         raise InputError(f"--index {app.serve.index}: no such index (build one with `restoray index build`)")
     service = start_service(config, app)

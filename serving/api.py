@@ -1,29 +1,75 @@
 """The HTTP API of the ingress (FastAPI, built on each ingress replica by `Ingress.__serve_build_asgi_app__`).
 
-Auth: /v1/* needs `Authorization: Bearer TOKEN` when [serve] auth is on (401 without, 403 for a wrong one); the
-probes, the docs and the web UI are open (the UI asks for the token). Errors are JSON {"error", "field"}.
+Auth: /v1/* needs `Authorization: Bearer TOKEN` when [serve] auth is on (401 without, 403 for a wrong one), then
+passes the token's per-minute limit (429 + Retry-After); the probes, the docs and the web UI are open (the UI asks
+for the token). Every error is JSON `ErrorBody` {"error", "field", "request_id"}. Every answer is counted in the
+application's metrics and logged as one access line naming the token's name (never the token). The docs are served
+from packaged assets (fastapi-offline): they render with no network.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, format_sse_event
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
-from serving.auth import check_bearer
-from serving.deployments import CANCELLED
-from serving.requests import RequestError, RestoreRequest
+from serving.auth import UNNAMED, check_bearer
+from serving.codec import MEDIA_TYPES, as_base64
+from serving.jobs import FINISHED
+from serving.requests import ErrorBody, RequestError, RestoreRequest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve.restoray")  # under Serve's logger: its log files and its request id on every line
 # Module level: FastAPI resolves the dependency's annotation by name (this module uses postponed annotations).
 BEARER = HTTPBearer(auto_error=False, description="a token of serve.tokens_env / serve.token_file")
+STREAM_WAIT_S = 10.0  # an event stream sends a keep-alive state at least this often
+UI_DIR = Path(__file__).with_name("ui")
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)}
+
+
+class JobState(BaseModel):
+    id: str
+    state: str = Field(description="queued, captioning, retrieving, restoring, done, failed or cancelled")
+    step: int
+    total: int
+    created: float
+    updated: float
+    expires: float = Field(description="When the job and its result are removed (Unix time).")
+    error: dict[str, Any] | None = Field(None, description="failed: {status, message}")
+    version: int = Field(description="Increases with every change; the event stream's event id.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None = Field(description="The registry version (an alias resolved), else null until a replica loads it.")
+    loaded: bool = Field(description="Held by the Restorer replica that answered.")
+
+
+class ModelList(BaseModel):
+    default: str
+    preset: str
+    models: list[ModelInfo]
+    replica: dict[str, Any] = Field(description="What the answering Restorer replica holds: model names and versions, SDXL bases.")
+
+
+def request_id() -> str | None:
+    from ray.serve import context
+
+    try:
+        return context._get_serve_request_context().request_id or None
+    except Exception:  # outside a Serve request (a unit test of the app): no id
+        return None
 
 
 def _request_body_doc() -> dict[str, Any]:
@@ -50,39 +96,103 @@ def _request_body_doc() -> dict[str, Any]:
     }
 
 
+IMAGE_RESPONSES = {
+    200: {
+        "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+        | {"application/json": {"schema": {"type": "object", "description": "image (base64), format, width, height and the metadata"}}},
+        "description": "The restored image (or, with Accept: application/json, JSON).",
+    }
+}
+
+
+def spire_phrases() -> list[str]:
+    """The restoration-prompt phrases the UI offers: each registered degradation at the middle of its severity."""
+    from restoration.degradations.registry import REGISTRY
+    from restoration.prompts import BLIND_PROMPT, PRECISION, PromptOp, round_parameter
+
+    phrases = [BLIND_PROMPT]
+    for kind in REGISTRY.all():
+        if kind.name in PRECISION:
+            middle = round_parameter(kind.name, sum(kind.severity) / 2)
+            phrases.append(PromptOp(kind.name, middle).render())
+        else:
+            phrases.append(PromptOp(kind.phrase).render())
+    return phrases
+
+
 def wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
 
-def build_api(ingress) -> FastAPI:
-    from serving.app import MEDIA_TYPES, UI_DIR, BodyLimit, encode_image, spire_phrases
+def build_api(ingress):
+    from fastapi_offline import FastAPIOffline
 
     config = ingress.config
-    api = FastAPI(
+    api = FastAPIOffline(
         title="restoray",
         description="Diffusion-based image restoration (SUPIR, SPIRE, ABAIR, ReFIR) on Ray Serve.",
         version="1",
         docs_url="/docs",
+        redoc_url="/redoc",
+        responses=ERRORS,
     )
     api.add_middleware(BodyLimit, limit=config.serve.limits.max_upload_bytes)
 
-    async def authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    @api.middleware("http")
+    async def access_log(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unrouted"
+        ingress.metrics.answered(path, response.status_code)
+        log.info(
+            "%s %s %d %.1f ms token=%s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+            getattr(request.state, "token_name", "-"),
+        )
+        return response
+
+    async def authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
+        """The caller's owner key: its token's digest ("" with auth off)."""
         if not config.serve.auth:
-            return
-        status = check_bearer(request.headers.get("authorization"), ingress.digests)
+            return ""
+        status, owner = check_bearer(request.headers.get("authorization"), ingress.digests)
         if status == 401:
             raise RequestError(401, "missing bearer token: send Authorization: Bearer TOKEN")
         if status == 403:
             raise RequestError(403, "this token is not accepted")
+        request.state.token_name = ingress.digests.get(owner, UNNAMED)
+        return owner
+
+    # Dependencies as defaults, not Annotated aliases: with postponed annotations FastAPI resolves an annotation by
+    # name in this module's globals, where a local alias is not.
+    async def admitted(owner: str = Depends(authorized)) -> str:
+        """`authorized`, then the token's restores per minute ([serve.limits] requests_per_minute, counted on the
+        board for every ingress replica): the limit is on the routes that start a restoration, not on reads."""
+        per_minute = config.serve.limits.requests_per_minute
+        if per_minute:
+            wait_s = await ingress.board.admit.remote(owner, per_minute)
+            if wait_s > 0:
+                raise RequestError(429, f"over this token's {per_minute} restores per minute; retry in {wait_s:.0f} s", retry_after=wait_s)
+        return owner
 
     @api.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
         headers = {}
-        if err.status == 503:
-            headers["Retry-After"] = str(max(1, round(config.serve.retry_after_s)))
+        if err.status in (429, 503):
+            headers["Retry-After"] = str(max(1, round(err.retry_after if err.retry_after is not None else config.serve.retry_after_s)))
         if err.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(dict(err.body(), request_id=request_id()), status_code=err.status, headers=headers)
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = {"error": f"internal error ({type(err).__name__}); the service's log has it", "field": None, "request_id": request_id()}
+        return JSONResponse(body, status_code=500)
 
     api.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
@@ -94,107 +204,190 @@ def build_api(ingress) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="The default model is loaded and the deployments answer (open)")
+    @api.get("/readyz", summary="Every deployment of the application is up (open); never queues behind restorations")
     async def readyz() -> JSONResponse:
-        try:
-            ready = await asyncio.wait_for(ingress.restorer.options(multiplexed_model_id=ingress.default_model).ready.remote(), 60)
-        except Exception as err:  # not ready, for whatever reason: the probe says so
-            return JSONResponse({"status": "not ready", "error": f"{type(err).__name__}: {err}"}, status_code=503)
-        if "error" in ready:
-            return JSONResponse({"status": "not ready", "error": ready["error"]["message"]}, status_code=503)
-        return JSONResponse({"status": "ready", "model": ready["model"]})
+        statuses = await ingress.deployment_statuses()
+        ready = bool(statuses) and all(status == "HEALTHY" for status in statuses.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", "deployments": statuses}, status_code=200 if ready else 503)
 
-    @api.get("/v1/models", dependencies=[Depends(authorized)], summary="The default model and what a Restorer replica holds")
-    async def models() -> dict[str, Any]:
+    @api.get("/v1/models", summary="The models a request may name, with their versions", response_model=ModelList)
+    async def models(owner: str = Depends(authorized)) -> dict[str, Any]:
         replica = await ingress.call(ingress.restorer.models.remote())
-        return {"default": ingress.default_model, "preset": config.preset, "replica": replica}
+        loaded = dict(replica["models"])
+        listed = []
+        for name in ingress.catalog.names():
+            ref = await ingress.model(name)
+            listed.append({"name": name, "version": loaded.get(name, ref.version), "loaded": name in loaded})
+        return {"default": "default", "preset": config.preset, "models": listed, "replica": replica}
 
-    @api.get("/v1/options", dependencies=[Depends(authorized)], summary="What a request may choose (for clients and the UI)")
-    async def options() -> dict[str, Any]:
+    @api.get("/v1/options", summary="What a request may choose (for clients and the UI)")
+    async def options(owner: str = Depends(authorized)) -> dict[str, Any]:
         from restoration.sampling.presets import list_sampler_presets
 
         return {
             "samplers": list_sampler_presets(),
             "restoration_prompts": spire_phrases(),
+            "models": ingress.catalog.names(),
             "defaults": {"sampler": config.sampler.model_dump(), "restore": config.restore.model_dump()},
             "limits": config.serve.limits.model_dump(),
             "retrieval": bool(config.serve.index),
             "output_formats": list(MEDIA_TYPES),
         }
 
-    def answer(request: Request, result: dict[str, Any], output_format: str) -> Response:
-        headers = ingress.headers(result)
-        if wants_json(request):
-            return JSONResponse(ingress.describe(result, output_format), headers=headers)
-        return Response(encode_image(result["image"], output_format), media_type=MEDIA_TYPES[output_format], headers=headers)
-
     @api.post(
         "/v1/restore",
-        dependencies=[Depends(authorized)],
         summary="Restore one image",
         description="multipart/form-data (an `image` file, `reference` files, the fields as text) or application/json "
         "(`image` base64). Answers the image, or with `Accept: application/json` base64 and the metadata. The "
-        "X-Restoray-Model and X-Restoray-Model-Version headers name the model version that served it.",
+        "X-Restoray-Model and X-Restoray-Model-Version headers name the model and the version that served it.",
         openapi_extra=_request_body_doc(),
+        responses=IMAGE_RESPONSES,
     )
-    async def restore(request: Request) -> Response:
-        parsed = await ingress.parse(request)
-        result = await ingress.restore(parsed)
-        return answer(request, result, parsed.request.output_format)
+    async def restore(request: Request, owner: str = Depends(admitted)) -> Response:
+        started = time.perf_counter()
+        call = await ingress.parse(request)
+        parsed = time.perf_counter()
+        result = await ingress.restore(call)
+        composed = time.perf_counter()
+        as_json = wants_json(request)
+        data, described = await ingress.encoded(result, call.output_format, as_json)
+        encoded = time.perf_counter()
+        # Where the time went (W3C Server-Timing, ms): parsing, the deployments' calls (restore: the Restorer's own
+        # restoration, inside compose), encoding. bench/serving.py splits the Serve overhead with it.
+        timing = {
+            "parse": parsed - started,
+            "compose": composed - parsed,
+            "restore": result["seconds"]["total"],
+            "encode": encoded - composed,
+        }
+        headers = dict(
+            ingress.headers(result), **{"Server-Timing": ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in timing.items())}
+        )
+        if as_json:
+            return Response(json.dumps(described).encode(), media_type="application/json", headers=headers)
+        return Response(data, media_type=MEDIA_TYPES[call.output_format], headers=headers)
 
-    @api.post(
-        "/v1/jobs", dependencies=[Depends(authorized)], status_code=202, summary="Start a restore job", openapi_extra=_request_body_doc()
-    )
-    async def create_job(request: Request) -> dict[str, Any]:
-        parsed = await ingress.parse(request)
-        job_id = uuid.uuid4().hex
-        await ingress.board.create.remote(job_id, parsed.sampler.steps)
-        task = asyncio.create_task(run_job(job_id, parsed))
-        ingress.jobs.add(task)
-        task.add_done_callback(ingress.jobs.discard)
-        return {"id": job_id, "state": "queued", "total": parsed.sampler.steps}
-
-    async def run_job(job_id: str, parsed) -> None:
-        try:
-            result = await ingress.restore(parsed, job_id)
-        except RequestError as err:
-            if err.status != CANCELLED:
-                await ingress.board.fail.remote(job_id, err.status, err.message)
-            return
-        except Exception as err:  # the job fails, with its reason; the ingress goes on
-            log.exception("job %s failed", job_id)
-            await ingress.board.fail.remote(job_id, 500, f"{type(err).__name__}: {err}")
-            return
-        described = ingress.describe(result, parsed.request.output_format)
-        described["headers"] = ingress.headers(result)
-        await ingress.board.finish.remote(job_id, described)
-
-    async def job_or_404(job_id: str) -> dict[str, Any]:
-        job = await ingress.board.state.remote(job_id)
+    @api.post("/v1/jobs", status_code=202, summary="Start a restore job", openapi_extra=_request_body_doc(), response_model=JobState)
+    async def create_job(request: Request, owner: str = Depends(admitted)) -> dict[str, Any]:
+        call = await ingress.parse(request)
+        await ingress.model(call.model_name)  # an unknown model is refused now, not in the job
+        call.job_id = uuid.uuid4().hex
+        job = await ingress.board.create.remote(call.job_id, owner, call.sampler.steps)
         if job is None:
-            raise RequestError(404, f"no job {job_id!r} (unknown, or finished long enough ago to be dropped)", "id")
+            raise RequestError(503, f"busy: {config.serve.max_pending_jobs} jobs are pending (serve.max_pending_jobs). Retry later.")
+        ingress.jobs.start(call.job_id, ingress.run_job(call))
         return job
 
-    @api.get("/v1/jobs/{job_id}", dependencies=[Depends(authorized)], summary="A job's state and step/total")
-    async def job_state(job_id: str) -> dict[str, Any]:
-        return await job_or_404(job_id)
+    async def job_or_404(job_id: str, owner: str) -> dict[str, Any]:
+        job = await ingress.board.state.remote(job_id, owner)
+        if job is None:
+            raise RequestError(404, f"no job {job_id!r} (unknown, another token's, or expired)", "id")
+        return job
 
-    @api.get("/v1/jobs/{job_id}/result", dependencies=[Depends(authorized)], summary="A finished job's image (or JSON)")
-    async def job_result(request: Request, job_id: str) -> Response:
-        job = await job_or_404(job_id)
+    @api.get("/v1/jobs/{job_id}", summary="A job's state and step/total", response_model=JobState)
+    async def job_state(job_id: str, owner: str = Depends(authorized)) -> dict[str, Any]:
+        return await job_or_404(job_id, owner)
+
+    @api.get(
+        "/v1/jobs/{job_id}/events",
+        response_model=None,
+        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "state events"}},
+        summary="A job's progress as server-sent events (resumable with Last-Event-ID)",
+        description="One `state` event per change (JobState as JSON, id = its version), then the stream ends when the "
+        "job is done, failed or cancelled. A reconnect with Last-Event-ID gets only newer states.",
+    )
+    async def job_events(
+        job_id: str, owner: str = Depends(authorized), last_event_id: str | None = Header(None, alias="Last-Event-ID")
+    ) -> Response:
+        first = await job_or_404(job_id, owner)
+        if ingress.open_streams >= config.serve.max_event_streams:
+            raise RequestError(503, f"busy: {config.serve.max_event_streams} event streams are open on this replica. Retry later.")
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
+        return EventSourceResponse(_stream(job_id, owner, first, after), headers={"Cache-Control": "no-cache"})
+
+    async def _stream(job_id: str, owner: str, job: dict[str, Any], after: int) -> AsyncIterator[bytes]:
+        ingress.open_streams += 1
+        try:
+            while True:
+                if job["version"] > after:
+                    after = job["version"]
+                    yield format_sse_event(data_str=json.dumps(job), event="state", id=str(after))
+                if job["state"] in FINISHED:
+                    return
+                job = await ingress.board.wait.remote(job_id, owner, after, STREAM_WAIT_S)
+                if job is None:  # expired meanwhile
+                    return
+                if job["version"] <= after:
+                    yield b": keep-alive\n\n"
+        finally:
+            ingress.open_streams -= 1
+
+    @api.get("/v1/jobs/{job_id}/result", summary="A finished job's image (or JSON)", responses=IMAGE_RESPONSES)
+    async def job_result(request: Request, job_id: str, owner: str = Depends(authorized)) -> Response:
+        job = await job_or_404(job_id, owner)
         if job["state"] != "done":
             detail = f" ({job['error']['message']})" if job.get("error") else ""
             raise RequestError(409, f"job {job_id} is {job['state']}{detail}: no result", "id")
-        result = await ingress.board.result.remote(job_id)
+        stored = await asyncio.to_thread(ingress.jobs.store.read_result, job_id)
+        if stored is None:
+            raise RequestError(404, f"job {job_id}: its result expired", "id")
+        data, meta = stored
         if wants_json(request):
-            return JSONResponse({key: value for key, value in result.items() if key != "headers"}, headers=result["headers"])
-        return Response(base64.b64decode(result["image"]), media_type=MEDIA_TYPES[result["format"]], headers=result["headers"])
+            body = {key: value for key, value in meta.items() if key not in ("headers", "media_type")}
+            return JSONResponse(dict(body, image=as_base64(data)), headers=meta["headers"])
+        return Response(data, media_type=meta["media_type"], headers=meta["headers"])
 
-    @api.delete("/v1/jobs/{job_id}", dependencies=[Depends(authorized)], summary="Cancel a job (it stops at its next step)")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        job = await ingress.board.cancel.remote(job_id)
+    @api.delete("/v1/jobs/{job_id}", summary="Cancel a job (it stops at its next step)", response_model=JobState)
+    async def cancel_job(job_id: str, owner: str = Depends(authorized)) -> dict[str, Any]:
+        job = await ingress.board.cancel.remote(job_id, owner)
         if job is None:
-            raise RequestError(404, f"no job {job_id!r}", "id")
+            raise RequestError(404, f"no job {job_id!r} (unknown, another token's, or expired)", "id")
         return job
 
     return api
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes from Content-Length, and count while the body streams (a
+    client may send more than it declared, or no length at all)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, f"body: {int(declared):,} bytes declared, over the limit of {self.limit:,}")
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, f"body: over the limit of {self.limit:,} bytes")
+
+    @staticmethod
+    async def _refuse(send, message: str):
+        response = JSONResponse({"error": message, "field": "body", "request_id": request_id()}, status_code=413)
+        await response({"type": "http"}, None, send)

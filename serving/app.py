@@ -1,149 +1,61 @@
 """The Ray Serve application: a FastAPI ingress over the Restorer, Captioner and Retriever deployments.
 
     POST /v1/restore        image (multipart file or JSON base64) + fields -> the image, or JSON with the metadata
-    POST /v1/jobs           same body -> {id}; GET /v1/jobs/{id} (state, step/total), GET /v1/jobs/{id}/result,
-                            DELETE /v1/jobs/{id} (cancel: the sampler stops at its next step)
-    GET  /v1/models, /v1/options, /healthz, /readyz, /docs, /openapi.json, / (the web UI, packaged in serving/ui/)
+    POST /v1/jobs           same body -> {id}; GET /v1/jobs/{id} (state, step/total), GET /v1/jobs/{id}/events
+                            (server-sent events), GET /v1/jobs/{id}/result, DELETE /v1/jobs/{id} (cancel)
+    GET  /v1/models, /v1/options, /healthz, /readyz, /docs, /redoc, /openapi.json, / (the web UI, serving/ui/)
 
-The ingress composes the model deployments through the Restorer API: `stage1` (when a caption or retrieval needs the
-stage-1 image), the Captioner and the Retriever on it in parallel, then `restore(prompt, references)`. Models are
-multiplexed by id (the `model` field, or the `serve_multiplexed_model_id` header). Jobs live in the JobBoard, a named
-detached actor (serving/jobs.py). A full downstream queue raises BackPressureError here: 503 with Retry-After.
-Serve's proxy answers 408 past request_timeout_s and 503 when the ingress's own queue is full.
+The ingress (`Ingress`, its routes in serving/api.py) parses a request into one `RestoreCall` off its event loop,
+resolves the model name (serving/models.py: names only, aliases pinned to a version), and composes the model
+deployments: `stage1` (when a caption or retrieval needs the stage-1 image), the Captioner and the Retriever on it in
+parallel, then `restore(call)`; the answer is encoded off the loop too. Jobs (serving/jobs.py) run as tasks of the
+ingress replica under a lease on the application's job board. A full downstream queue raises BackPressureError
+here: 503 with Retry-After. Serve's proxy answers 408 past request_timeout_s and 503 when the ingress's own queue
+is full.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-from pathlib import Path
+import logging
 from typing import Any
 
-import numpy as np
-import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 
-from serving.config import AppConfig, DeploymentSettings
-from serving.deployments import CANCELLED, Captioner, Retriever, restorer_deployment
-from serving.jobs import BOARD_NAME, JobBoard
-from serving.requests import (
-    FORM_FILE_FIELDS,
-    RequestError,
-    check_request,
-    decode_base64,
-    decode_upload,
-    form_request,
-    parse_json_body,
-)
+from restoration.errors import InputError
+from serving.api import build_api
+from serving.catalog import ModelCatalog, ModelRef, UnknownModel
+from serving.codec import MEDIA_TYPES, as_base64, encode_image, off_loop
+from serving.config import DEFAULT_MODEL, AppConfig, DeploymentSettings
+from serving.deployments import CANCELLED, Captioner, Retriever, app_name, restorer_deployment
+from serving.jobs import JobRunner, JobStore, job_board, jobs_root
+from serving.requests import Reference, RequestError, RestoreCall
 
-UI_DIR = Path(__file__).with_name("ui")
 MODEL_HEADER = "serve_multiplexed_model_id"
 APP_NAME = "restoray"
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes from Content-Length, and count while the body streams (a
-    client may send more than it declared, or no length at all)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send, f"body: {int(declared):,} bytes declared, over the limit of {self.limit:,}")
-        received = 0
-        started = False
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send, f"body: over the limit of {self.limit:,} bytes")
-
-    @staticmethod
-    async def _refuse(send, message: str):
-        from fastapi.responses import JSONResponse
-
-        response = JSONResponse({"error": message, "field": "body"}, status_code=413)
-        await response({"type": "http"}, None, send)
-
-
-def encode_image(image: np.ndarray, output_format: str) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    options = {"quality": 95} if output_format in ("jpeg", "webp") else {}
-    Image.fromarray(image).save(buffer, format=output_format.upper(), **options)
-    return buffer.getvalue()
-
-
-def thumbnail(image: np.ndarray, side: int = 160) -> str:
-    from PIL import Image
-
-    picture = Image.fromarray(image)
-    picture.thumbnail((side, side))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def spire_phrases() -> list[str]:
-    """The restoration-prompt phrases the UI offers: each registered degradation at the middle of its severity."""
-    from restoration.degradations.registry import REGISTRY
-    from restoration.prompts import BLIND_PROMPT, PRECISION, PromptOp, round_parameter
-
-    phrases = [BLIND_PROMPT]
-    for kind in REGISTRY.all():
-        if kind.name in PRECISION:
-            middle = round_parameter(kind.name, sum(kind.severity) / 2)
-            phrases.append(PromptOp(kind.name, middle).render())
-        else:
-            phrases.append(PromptOp(kind.phrase).render())
-    return phrases
+log = logging.getLogger("ray.serve.restoray")  # under Serve's logger: its log files, its request ids
 
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, restorer, captioner, retriever, app_config: dict, token_digests: list[str]):
+    def __init__(self, restorer, captioner, retriever, app_config: dict, token_digests: dict[str, str]):
+        from serving.metrics import IngressMetrics
+
         self.config = AppConfig.model_validate(app_config)
         self.restorer, self.captioner, self.retriever = restorer, captioner, retriever
-        self.digests = token_digests
-        self.default_model = self.config.serve.weights or self.config.preset
-        self.board = (
-            ray.remote(JobBoard)
-            .options(name=BOARD_NAME, get_if_exists=True, lifetime="detached", num_cpus=0)
-            .remote(self.config.serve.jobs_kept)
+        self.digests = token_digests  # {sha256 of a token: its name}
+        self.catalog = ModelCatalog(self.config)
+        self.app_name = app_name()
+        self.board = job_board(self.app_name, self.config.serve, self.config.storage)
+        self.jobs = JobRunner(
+            self.board, JobStore(jobs_root(self.config.serve, self.app_name), self.config.storage), self.config.serve.job_lease_s
         )
-        self.jobs: set[asyncio.Task] = set()
+        self.metrics = IngressMetrics()
+        self.open_streams = 0
 
     def __serve_build_asgi_app__(self):
-        from serving.api import build_api
-
         return build_api(self)
 
     # ---- the composition --------------------------------------------------------------------------------------
@@ -158,86 +70,121 @@ class Ingress:
             raise RequestError(error["status"], error["message"])
         return reply
 
-    async def restore(self, parsed, job_id: str | None = None) -> dict[str, Any]:
-        model_id = parsed.model or self.default_model
-        restorer = self.restorer.options(multiplexed_model_id=model_id)
-        payload = dict(parsed.payload(), model=model_id, references=[])
-        captioned = parsed.request.prompt is None
-        auto = parsed.references == "auto"
+    async def model(self, name: str | None) -> ModelRef:
+        """The model a request names, resolved (404 listing the names for anything else)."""
+        try:
+            if "@" not in self.catalog.uris.get(name or DEFAULT_MODEL, ""):
+                return self.catalog.resolve(name)  # no alias, so no registry lookup: nothing to wait for
+            return await off_loop(self.catalog.resolve, name)
+        except UnknownModel as err:
+            raise RequestError(404, str(err), "model") from None
+        except InputError as err:
+            log.error("model %r: the registry could not resolve it: %s", name, err)
+            raise RequestError(503, f"model {name!r}: the model registry cannot be reached now. Retry later.", "model") from None
+
+    async def restore(self, call: RestoreCall) -> dict[str, Any]:
+        call.model = await self.model(call.model_name)
+        restorer = self.restorer.options(multiplexed_model_id=call.model.model_id)
         retrieval = None
-        if captioned or auto:
-            await self.job_state(job_id, "captioning" if captioned else "retrieving")
-            stage1 = (await self.call(restorer.stage1.remote(parsed.image, payload["options"], model_id)))["image"]
-            caption = self.captioner.caption.remote(stage1) if captioned else None
-            k, threshold = parsed.options.retrieval_k, parsed.options.min_similarity
-            found = self.retriever.query.remote(stage1, k) if auto else None
+        if call.captioned or call.references == "auto":
+            await self.job_state(call.job_id, "captioning" if call.captioned else "retrieving")
+            stage1 = (await self.call(restorer.stage1.remote(call)))["image"]
+            caption = self.captioner.caption.remote(stage1) if call.captioned else None
+            k, threshold = call.options.retrieval_k, call.options.min_similarity
+            found = self.retriever.query.remote(stage1, k) if call.references == "auto" else None
             if caption is not None:
-                payload["prompt"] = await self.call(caption)
+                call.prompt = await self.call(caption)
             if found is not None:
-                await self.job_state(job_id, "retrieving")
+                await self.job_state(call.job_id, "retrieving")
                 candidates = await self.call(found)
-                used = [ref for ref in candidates if ref["similarity"] >= threshold]
-                payload["references"] = used
+                call.references = [
+                    Reference(ref["image"], ref["similarity"], ref["source"]) for ref in candidates if ref["similarity"] >= threshold
+                ]
                 retrieval = {
                     "k": k,
                     "min_similarity": threshold,
                     "candidates": [
-                        {"source": ref["source"], "similarity": ref["similarity"], "thumbnail": thumbnail(ref["image"])}
-                        for ref in candidates
+                        {"source": ref["source"], "similarity": ref["similarity"], "thumbnail": ref["thumbnail"]} for ref in candidates
                     ],
-                    "fell_back": not used,
+                    "fell_back": not call.references,
                 }
-        elif parsed.references:
-            payload["references"] = [
-                {"image": image, "similarity": None, "source": f"upload:{i}"} for i, image in enumerate(parsed.references)
-            ]
-        if job_id is not None:
-            payload["job"] = (self.board, job_id)
-            await self.job_state(job_id, "restoring")
-        result = await self.call(restorer.restore.remote(payload))
-        return dict(result, captioned=captioned, retrieval=retrieval)
+        await self.job_state(call.job_id, "restoring")
+        result = await self.call(restorer.restore.remote(call))
+        return dict(result, captioned=call.captioned, retrieval=retrieval)
 
     async def job_state(self, job_id: str | None, state: str) -> None:
         if job_id is not None and not await self.board.set_state.remote(job_id, state):
             raise RequestError(CANCELLED, f"job {job_id} was cancelled")
 
-    def describe(self, result: dict[str, Any], output_format: str) -> dict[str, Any]:
-        """The JSON answer: the image as base64 and the Restoration's metadata."""
-        image = result["image"]
+    @staticmethod
+    def headers(result: dict[str, Any]) -> dict[str, str]:
+        model = result["model"]
         return {
-            "image": base64.b64encode(encode_image(image, output_format)).decode("ascii"),
+            "X-Restoray-Model": model["name"],
+            "X-Restoray-Model-Version": str(model["version"]),
+            "X-Restoray-Seed": str(result["seed"]),
+        }
+
+    @staticmethod
+    def _encoded(result: dict[str, Any], output_format: str, as_json: bool) -> tuple[bytes, dict[str, Any] | None]:
+        """The image in its format, and (as_json) the JSON answer around it: CPU work, run off the loop."""
+        data = encode_image(result["image"], output_format)
+        if not as_json:
+            return data, None
+        image = result["image"]
+        described = {
+            "image": as_base64(data),
             "format": output_format,
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
             **{key: value for key, value in result.items() if key != "image"},
         }
+        return data, described
 
-    def headers(self, result: dict[str, Any]) -> dict[str, str]:
-        model = result["model"]
-        return {"X-Restoray-Model": model["uri"], "X-Restoray-Model-Version": str(model["version"]), "X-Restoray-Seed": str(result["seed"])}
+    async def encoded(self, result: dict[str, Any], output_format: str, as_json: bool) -> tuple[bytes, dict[str, Any] | None]:
+        return await off_loop(self._encoded, result, output_format, as_json)
+
+    async def deployment_statuses(self) -> dict[str, str]:
+        """{deployment: Serve's status} of this application, from Serve's controller (not through any replica's
+        queue: a busy Restorer is still ready)."""
+        status = await off_loop(serve.status)
+        application = status.applications.get(self.app_name)
+        if application is None:
+            return {}
+        return {name: str(getattr(deployment.status, "value", deployment.status)) for name, deployment in application.deployments.items()}
+
+    # ---- jobs -------------------------------------------------------------------------------------------------
+    async def run_job(self, call: RestoreCall) -> None:
+        job_id = call.job_id
+        try:
+            result = await self.restore(call)
+            data, described = await self.encoded(result, call.output_format, as_json=True)
+            described.pop("image")
+            described["headers"] = self.headers(result)
+            described["media_type"] = MEDIA_TYPES[call.output_format]
+            await self.jobs.done(job_id, data, described)
+        except RequestError as err:
+            if err.status != CANCELLED:
+                await self.jobs.failed(job_id, err.status, err.message)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.jobs.failed(job_id, 500, "the ingress replica running it is stopping"))
+            raise
+        except Exception as err:  # the job fails, with its reason; the ingress goes on
+            log.exception("job %s failed", job_id)
+            await self.jobs.failed(job_id, 500, f"{type(err).__name__}: {err}")
 
     # ---- parsing ----------------------------------------------------------------------------------------------
-    async def parse(self, request) -> Any:
-        """The request's body (JSON or multipart) as a checked ParsedRequest; the model from the `model` field or
-        Serve's multiplexing header."""
-        parsed = await self._parse_body(request)
-        parsed.model = parsed.model or request.headers.get(MODEL_HEADER) or None
-        return parsed
+    async def parse(self, request) -> RestoreCall:
+        """The request's body (JSON or multipart) as a checked RestoreCall, decoded off the event loop; the model
+        from the `model` field or Serve's multiplexing header."""
+        from serving.requests import FORM_FILE_FIELDS, parse_form, parse_json
 
-    async def _parse_body(self, request) -> Any:
         limits = self.config.serve.limits
+        header_model = request.headers.get(MODEL_HEADER) or None
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
-            body = parse_json_body(await request.body())
-            if body.image is None:
-                raise RequestError(422, "image: missing (base64 in the JSON body)", "image")
-            image = decode_upload(decode_base64(body.image, "image"), "image", limits)
-            references: Any = body.references
-            if isinstance(references, list):
-                references = [
-                    decode_upload(decode_base64(text, f"references[{i}]"), f"references[{i}]", limits) for i, text in enumerate(references)
-                ]
-        elif content_type == "multipart/form-data":
+            return await off_loop(parse_json, await request.body(), self.config, header_model)
+        if content_type == "multipart/form-data":
             from starlette.datastructures import UploadFile
             from starlette.formparsers import MultiPartException
 
@@ -245,7 +192,8 @@ class Ingress:
                 form = await request.form(max_files=1 + limits.max_references, max_fields=32, max_part_size=limits.max_upload_bytes)
             except MultiPartException as err:
                 raise RequestError(400, f"body: not a usable multipart form ({err.message})") from None
-            fields, files = {}, {"image": [], "reference": []}
+            fields: dict[str, str] = {}
+            files: dict[str, list[bytes]] = {name: [] for name in FORM_FILE_FIELDS}
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     if key not in FORM_FILE_FIELDS:
@@ -253,40 +201,33 @@ class Ingress:
                     files[key].append(await value.read())
                 else:
                     fields[key] = value
-            if fields.get("references") == "upload":
-                fields.pop("references")
-            body = form_request(fields)
-            if len(files["image"]) != 1:
-                raise RequestError(422, f"image: send exactly one image file part (got {len(files['image'])})", "image")
-            image = decode_upload(files["image"][0], "image", limits)
-            references = [decode_upload(data, f"reference[{i}]", limits) for i, data in enumerate(files["reference"])]
-            if references and body.references != "none":
-                raise RequestError(422, "references: uploaded reference files and references=auto exclude each other", "references")
-            references = references or body.references
-        else:
-            raise RequestError(415, f"Content-Type {content_type or 'missing'!r}: send multipart/form-data or application/json")
-        if references == "none":
-            references = []
-        return check_request(body, image, references, self.config)
+            return await off_loop(parse_form, fields, files, self.config, header_model)
+        raise RequestError(415, f"Content-Type {content_type or 'missing'!r}: send multipart/form-data or application/json")
 
 
 def deployment_options(settings: DeploymentSettings, config: AppConfig) -> dict[str, Any]:
     """Serve options of one deployment from its [serve.*] settings."""
+    target = settings.target_ongoing_requests
+    if target is None:  # the Restorer aims at full batches: below max_batch_size replicas are added before one fills
+        target = float(config.serve.max_batch_size) if settings is config.serve.restorer else 2.0
     return {
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         "autoscaling_config": {
             "min_replicas": settings.min_replicas,
             "initial_replicas": settings.min_replicas,  # 0: started by the first request (Serve scales up from zero)
             "max_replicas": max(settings.max_replicas, settings.min_replicas, 1),
-            "target_ongoing_requests": settings.target_ongoing_requests,
+            "target_ongoing_requests": target,
+            "upscale_delay_s": settings.upscale_delay_s,
+            "downscale_delay_s": settings.downscale_delay_s,
         },
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.serve.retry_after_s),
     }
 
 
-def build_app(config: AppConfig, token_digests: list[str] | None = None):
+def build_app(config: AppConfig, token_digests: dict[str, str] | None = None):
     """The bound application. `token_digests` None: read the tokens [serve] names (environment or file) here."""
     from serving.auth import accepted_digests
 

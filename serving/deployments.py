@@ -12,18 +12,18 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import ray
 from ray import serve
 
 from restoration.errors import InputError, RestorationCancelled
 from serving.config import AppConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve.restoray")  # under Serve's logger: its files, its request ids
 CANCELLED = 499  # nginx's "client closed request": the caller went away or cancelled the job
 
 
@@ -42,9 +42,19 @@ class _Worker:
 
     def __init__(self, name: str):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def app_name() -> str:
+    """The Serve application this replica belongs to (boards and metrics are per application)."""
+    return serve.get_replica_context().app_name
 
 
 def restorer_deployment(config: AppConfig):
@@ -53,172 +63,183 @@ def restorer_deployment(config: AppConfig):
 
     class Restorer:
         def __init__(self, app_config: dict):
+            from serving.jobs import ProgressReporter, job_board
+            from serving.metrics import RestorerMetrics
             from serving.models import ModelStore
 
             self.config = AppConfig.model_validate(app_config)
             self.device = _device(self.config.serve.restorer.num_gpus)
-            restore = self.config.restore
-            self.store = ModelStore(self.config.storage, self.config.mlflow, self.device, restore.dtype, restore.offload)
-            self.default_model = self.config.serve.weights or self.config.preset
+            self.store = ModelStore(self.config, self.device)
+            # The default model loads here, before Serve routes anything to this replica: a new (autoscaled)
+            # replica is ready when it takes traffic. Pinned: the LRU never has to load it again.
+            default = self.store.catalog.resolve(None)
+            self.pinned = {default.model_id: self.store.load(default.model_id)}
             self.worker = _Worker("restore")
             self.loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # what Serve's LRU still holds
+            self.loaded[default.model_id] = self.pinned[default.model_id]
             self.cancelled = 0  # restorations stopped by a cancel flag (a job's, or a disconnected client's)
+            board = job_board(app_name(), self.config.serve, self.config.storage)
+            self.progress = ProgressReporter(board, self.config.serve.progress_every_s)
+            self.metrics = RestorerMetrics()
+
+        def check_health(self) -> None:
+            """Serve's health check: answered on the replica's event loop, never behind the model thread (a replica
+            busy with a long restore is healthy)."""
+            if self.worker.closed:
+                raise RuntimeError("the model thread pool was shut down")
 
         @serve.multiplexed(max_num_models_per_replica=serve_config.models_per_replica)
         async def get_model(self, model_id: str):
-            model = await self.worker.run(self._load, model_id or self.default_model)
-            self.loaded[model.uri] = model
+            if model_id in self.pinned:
+                return self.pinned[model_id]
+            model = await self.worker.run(self.store.load, model_id)  # on the replica's device, in restore.dtype
+            self.loaded[model_id] = model
             return model
-
-        def _load(self, model_id: str):
-            return self.store.load(model_id)  # on the replica's device, in restore.dtype
 
         async def _model(self, model_id: str):
             try:
-                return await self.get_model(model_id or self.default_model), None
+                return await self.get_model(model_id), None
             except InputError as err:
                 return None, _error(422, f"model: {err}")
-
-        async def ready(self) -> dict[str, Any]:
-            model, error = await self._model(self.default_model)
-            return error or {"model": model.describe()}
 
         async def models(self) -> dict[str, Any]:
             return self.replica()
 
+        async def job_steps(self, job_id: str) -> int | None:
+            """The steps this replica's sampler ran for a job (tests ask it after a cancel)."""
+            return self.progress.steps_run.get(job_id)
+
         def replica(self) -> dict[str, Any]:
             loaded = list(self.loaded.values())
             return {
-                "models": sorted(model.uri for model in loaded),
+                "models": sorted({model.name: model.version for model in loaded}.items()),
                 # Distinct SDXL UNets among the loaded versions: one per preset when they share the base.
                 "sdxl_bases": len({id(model.restorer.networks.unet) for model in loaded}),
                 "cancelled": self.cancelled,
             }
 
-        async def stage1(self, image: np.ndarray, options: dict, model_id: str) -> dict[str, Any]:
+        async def stage1(self, call) -> dict[str, Any]:
             """SUPIR's stage 1 at the working size `restore` will use: the image the Captioner and Retriever see."""
-            model, error = await self._model(model_id)
+            model, error = await self._model(call.model.model_id)
             if error:
                 return error
-            return await self.worker.run(self._stage1, model.restorer, image, options)
+            return await self.worker.run(self._stage1, model.restorer, call.image, call.options)
 
         @staticmethod
-        def _stage1(restorer, image: np.ndarray, options: dict) -> dict[str, Any]:
+        def _stage1(restorer, image: np.ndarray, options) -> dict[str, Any]:
             from PIL import Image
 
-            from restoration.settings import RestoreConfig
-
-            restore_options = RestoreConfig.model_validate(options)
             picture = Image.fromarray(image)
-            output = (max(1, round(picture.width * restore_options.upscale)), max(1, round(picture.height * restore_options.upscale)))
-            stage = restorer.stage1(restorer.working_image(picture, output, restore_options), restore_options)
+            output = (max(1, round(picture.width * options.upscale)), max(1, round(picture.height * options.upscale)))
+            stage = restorer.stage1(restorer.working_image(picture, output, options), options)
             return {"image": np.asarray(stage.image)}
 
-        async def restore(self, payload: dict[str, Any]) -> dict[str, Any]:
-            """One request; alone when it has references, else through the batch. A cancelled call (the client went
-            away, Serve cancels this coroutine) sets the request's flag, which the sampler reads at its next step."""
-            payload = dict(payload, cancel=threading.Event())
+        async def restore(self, call) -> dict[str, Any]:
+            """One request (a RestoreCall); alone when it has references, else through the batch. A cancelled call
+            (the client went away, Serve cancels this coroutine) sets the request's flag, which the sampler reads at
+            its next step; a job's flag is also set when the board says the job is over."""
+            flag = threading.Event()
+            if call.job_id is not None:
+                self.progress.follow(call.job_id, flag)
             try:
-                if payload.get("references"):
-                    model, error = await self._model(payload["model"])
-                    return error or (await self.worker.run(self._restore_group, model, [payload]))[0]
-                return await self._batched(payload)
+                if call.references:
+                    model, error = await self._model(call.model.model_id)
+                    return error or (await self.worker.run(self._restore_group, model, [(call, flag)]))[0]
+                return await self._batched((call, flag))
             except asyncio.CancelledError:
-                payload["cancel"].set()
+                flag.set()
                 raise
+            finally:
+                if call.job_id is not None:
+                    self.progress.unfollow(call.job_id)
 
         @serve.batch(max_batch_size=serve_config.max_batch_size, batch_wait_timeout_s=serve_config.batch_wait_timeout_s)
-        async def _batched(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def _batched(self, items: list[tuple[Any, threading.Event]]) -> list[dict[str, Any]]:
             # Serve splits batches by multiplexed model id: one model per call.
-            model, error = await self._model(payloads[0]["model"])
+            model, error = await self._model(items[0][0].model.model_id)
             if error:
-                return [error] * len(payloads)
+                return [error] * len(items)
+            self.metrics.batch(len(items))
             groups: dict[Any, list[int]] = {}
-            for position, payload in enumerate(payloads):
-                groups.setdefault(self._group_key(model.restorer, payload, position), []).append(position)
-            results: list[dict[str, Any] | None] = [None] * len(payloads)
+            for position, (call, _) in enumerate(items):
+                groups.setdefault(self._group_key(model.restorer, call, position), []).append(position)
+            results: list[dict[str, Any] | None] = [None] * len(items)
             for positions in groups.values():
-                replies = await self.worker.run(self._restore_group, model, [payloads[p] for p in positions])
+                replies = await self.worker.run(self._restore_group, model, [items[p] for p in positions])
                 for position, reply in zip(positions, replies, strict=True):
                     results[position] = reply
             return results
 
         @staticmethod
-        def _group_key(restorer, payload: dict[str, Any], position: int):
+        def _group_key(restorer, call, position: int):
             """Requests that can share one forward pass: one working size, sampler, options (but seed and restoration
             prompt, which are per sample) and expert weights. With experts blended by the estimator the weights depend
             on the image, so such a request runs alone."""
-            from restoration.settings import RestoreConfig
-
-            experts = payload["expert_weights"] or payload["options"]["expert_weights"]
+            experts = call.expert_weights or call.options.expert_weights
             if restorer.experts and not isinstance(experts, dict):
                 return ("alone", position)
-            options = RestoreConfig.model_validate(payload["options"])
-            height, width = payload["image"].shape[:2]
-            shared = {key: value for key, value in payload["options"].items() if key not in ("seed", "restoration_prompt")}
+            height, width = call.image.shape[:2]
+            shared = call.options.model_dump(exclude={"seed", "restoration_prompt"})
             return (
-                restorer.batch_key((width, height), options),
-                json.dumps(payload["sampler"], sort_keys=True),
+                restorer.batch_key((width, height), call.options),
+                json.dumps(call.sampler.model_dump(), sort_keys=True),
                 json.dumps(shared, sort_keys=True),
                 json.dumps(experts, sort_keys=True),
             )
 
-        def _restore_group(self, model, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def _restore_group(self, model, items: list[tuple[Any, threading.Event]]) -> list[dict[str, Any]]:
             from PIL import Image
 
             from restoration.restorer import ReferenceUsed
-            from restoration.settings import RestoreConfig, SamplerConfig
 
             restorer = model.restorer
-            first = payloads[0]
-            sampler = SamplerConfig.model_validate(first["sampler"])
-            options = RestoreConfig.model_validate(first["options"])
-            images = [Image.fromarray(payload["image"]) for payload in payloads]
+            calls = [call for call, _ in items]
+            flags = [flag for _, flag in items]
+            first = calls[0]
+            images = [Image.fromarray(call.image) for call in calls]
+            started = time.monotonic()
 
             def on_step(info) -> None:
-                for payload in payloads:
-                    job = payload.get("job")
-                    if job is not None and ray.get(job[0].progress.remote(job[1], info.index + 1, info.steps)):
-                        payload["cancel"].set()
-                if all(payload["cancel"].is_set() for payload in payloads):
+                for call in calls:
+                    if call.job_id is not None:
+                        self.progress.step(call.job_id, info.index + 1, info.steps)
+                if all(flag.is_set() for flag in flags):
                     info.cancel()
 
             try:
-                if len(payloads) == 1:
-                    references = [
-                        ReferenceUsed(Image.fromarray(ref["image"]), ref.get("similarity"), ref.get("source"))
-                        for ref in first.get("references") or []
-                    ]
+                if len(calls) == 1:
+                    references = [ReferenceUsed(Image.fromarray(ref.image), ref.similarity, ref.source) for ref in first.references or []]
                     restorations = [
                         restorer.restore(
                             images[0],
-                            prompt=first["prompt"],
+                            prompt=first.prompt,
                             references=references,
-                            sampler=sampler,
-                            options=options,
-                            restoration_prompt=first["restoration_prompt"],
-                            seed=first["seed"],
-                            expert_weights=first["expert_weights"],
+                            sampler=first.sampler,
+                            options=first.options,
+                            restoration_prompt=first.restoration_prompt,
+                            seed=first.options.seed,
+                            expert_weights=first.expert_weights,
                             on_step=on_step,
                         )
                     ]
                 else:
                     restorations = restorer.restore_batch(
                         images,
-                        [payload["prompt"] for payload in payloads],
-                        sampler,
-                        options,
-                        restoration_prompts=[payload["restoration_prompt"] for payload in payloads],
-                        seeds=[payload["seed"] for payload in payloads],
-                        expert_weights=first["expert_weights"],
+                        [call.prompt for call in calls],
+                        first.sampler,
+                        first.options,
+                        restoration_prompts=[call.restoration_prompt for call in calls],
+                        seeds=[call.options.seed for call in calls],
+                        expert_weights=first.expert_weights,
                         on_step=on_step,
                     )
             except RestorationCancelled as err:
                 self.cancelled += 1
-                return [_error(CANCELLED, str(err))] * len(payloads)
+                return [_error(CANCELLED, str(err))] * len(calls)
             except InputError as err:
-                return [_error(422, str(err))] * len(payloads)
-            replica = self.replica()
+                return [_error(422, str(err))] * len(calls)
+            seconds = time.monotonic() - started
+            self.metrics.restored(model.name, seconds, first.sampler.steps / max(seconds, 1e-9))
             return [
                 {
                     "image": np.asarray(restoration.image),
@@ -227,8 +248,7 @@ def restorer_deployment(config: AppConfig):
                     "seed": restoration.seed,
                     "model": model.describe(),
                     "seconds": restoration.seconds,
-                    "batch": len(payloads),
-                    "replica": replica,
+                    "batch": len(calls),
                     "references": [{"source": ref.source, "similarity": ref.similarity} for ref in restoration.references],
                 }
                 for restoration in restorations
@@ -279,8 +299,18 @@ class Retriever:
     def _query(self, image: np.ndarray, k: int) -> list[dict[str, Any]]:
         from PIL import Image
 
+        from serving.codec import thumbnail
+
         found = self.index.query([Image.fromarray(image)], k)[0]
+        images = [np.asarray(ref.image.convert("RGB")) for ref in found]
+        # Answers name a reference by its file name: its full URI would show clients the reference store's layout.
         return [
-            {"id": ref.id, "source": ref.source, "similarity": ref.similarity, "image": np.asarray(ref.image.convert("RGB"))}
-            for ref in found
+            {
+                "id": ref.id,
+                "source": ref.source.rsplit("/", 1)[-1],
+                "similarity": ref.similarity,
+                "image": pixels,
+                "thumbnail": thumbnail(pixels),
+            }
+            for ref, pixels in zip(found, images, strict=True)
         ]

@@ -1,5 +1,5 @@
-"""Model versions on a Restorer replica: resolve a model id (models:/NAME/VERSION, s3://, a directory, a preset name)
-to local weights, load it on the replica's one frozen SDXL base per preset, name the version it serves.
+"""Model versions on a Restorer replica: load the catalog's models (serving/catalog.py) on the replica's one frozen
+SDXL base per preset, and name the version each serves.
 
 Only adaptors, connectors, robust encoders, experts and estimators differ between versions (SUPIR and SPIRE keep
 SDXL frozen), so every version of one preset shares one set of base networks; the LRU of loaded versions is Serve's
@@ -11,30 +11,35 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from restoration.errors import InputError
 from restoration.models.base import SDXLNetworks, load_sdxl
-from restoration.models.presets import list_presets, load_preset
+from restoration.models.presets import load_preset
 from restoration.precision import resolve_dtype
 from restoration.restorer import CONFIG_FILE, WEIGHTS_FILE, Restorer, weights_directory
 from runtime.config import MlflowConfig, StorageConfig
 from runtime.resolve import resolve
+from serving.catalog import ModelCatalog
+from serving.config import AppConfig
 
 
 @dataclass
 class LoadedModel:
-    uri: str  # the model id as requested
+    name: str  # the public name it is served under
     version: str  # the registry version, or a digest of the weights, or "untrained"
     restorer: Restorer
 
-    def describe(self) -> dict:
-        return {"uri": self.uri, "version": self.version, **self.restorer.identity()}
+    def describe(self) -> dict[str, Any]:
+        """What clients see of a model: never its path or URI."""
+        identity = self.restorer.identity()
+        return {"name": self.name, "version": self.version, "preset": Path(identity["preset"]).name, "experts": identity["experts"]}
 
 
 def weights_version(uri: str, directory: Path | None) -> str:
     """models:/NAME/3 -> "3"; a weights directory -> the first 12 hex digits of its weights' SHA-256; a preset -> "untrained"."""
     if uri.startswith("models:/"):
-        return uri.rstrip("/").rsplit("/", 1)[-1].split("@")[-1]
+        return uri.rstrip("/").rsplit("/", 1)[-1]
     if directory is None:
         return "untrained"
     digest = hashlib.sha256((directory / CONFIG_FILE).read_bytes())
@@ -44,13 +49,15 @@ def weights_version(uri: str, directory: Path | None) -> str:
 
 
 class ModelStore:
-    """Loads model versions for one replica; `bases` holds one frozen SDXL base per preset."""
+    """Loads the catalog's model versions for one replica; `bases` holds one frozen SDXL base per preset."""
 
-    def __init__(self, storage: StorageConfig, mlflow: MlflowConfig, device: str = "cpu", dtype: str = "auto", offload: str = "none"):
-        """`device`, `dtype`, `offload`: where and how every version runs (the serve config's `restore.dtype` and
-        `restore.offload`; see `Restorer.to`); the bases are read straight into the dtype."""
-        self.storage, self.mlflow = storage, mlflow
-        self.device, self.dtype, self.offload = device, resolve_dtype(dtype, device), offload
+    def __init__(self, config: AppConfig, device: str = "cpu"):
+        """Every version runs on `device` in the serve config's `restore.dtype` and `restore.offload` (see
+        `Restorer.to`); the bases are read straight into the dtype."""
+        self.catalog = ModelCatalog(config)
+        self.storage: StorageConfig = config.storage
+        self.mlflow: MlflowConfig = config.mlflow
+        self.device, self.dtype, self.offload = device, resolve_dtype(config.restore.dtype, device), config.restore.offload
         self.bases: dict[str, SDXLNetworks] = {}
 
     def base(self, preset: str) -> SDXLNetworks:
@@ -58,15 +65,24 @@ class ModelStore:
             self.bases[preset] = load_sdxl(load_preset(preset), self.dtype).frozen()
         return self.bases[preset]
 
-    def load(self, uri: str) -> LoadedModel:
-        """Raises InputError for a model id that names nothing loadable."""
+    def load(self, model_id: str) -> LoadedModel:
+        """Raises InputError for an id outside the catalog or one that names nothing loadable (neither names a path)."""
+        name = self.catalog.name_of(model_id)
+        if name is None or not self.catalog.allows(model_id):
+            raise InputError("not a model this service serves")
         try:
-            preset_names = {preset.name for preset in list_presets()}
-            local = uri if uri in preset_names else resolve(uri, self.storage, self.mlflow)
+            local = model_id if model_id in (preset.name for preset in _presets()) else resolve(model_id, self.storage, self.mlflow)
             directory = weights_directory(local)
             preset = Restorer.preset_of(local)
-            load_preset(preset)  # an unknown preset name is bad input, named as such
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise InputError(f"model {uri!r}: cannot be read ({err})") from err
+            load_preset(preset)
+        except (OSError, json.JSONDecodeError, KeyError, InputError) as err:
+            # The operator's log gets the reason; the client only the name (a path's existence is not its business).
+            raise InputError(f"model {name!r} cannot be loaded ({type(err).__name__}); the service's log says why") from err
         restorer = Restorer.from_pretrained(local, networks=self.base(preset), device=self.device, dtype=self.dtype, offload=self.offload)
-        return LoadedModel(uri, weights_version(uri, directory), restorer)
+        return LoadedModel(name, weights_version(model_id, directory), restorer)
+
+
+def _presets():
+    from restoration.models.presets import list_presets
+
+    return list_presets()

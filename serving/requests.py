@@ -1,6 +1,8 @@
-"""Restore requests: one model for the JSON and the multipart form, checked against the [serve] limits, turned into
-what `Restorer.restore` takes. Every refusal is a `RequestError` with the HTTP status and the field it is about;
-nothing here is unpickled or evaluated (images are decoded with size limits read from the header first)."""
+"""Restore requests: one model for the JSON and the multipart form (`RestoreRequest`), checked against the [serve]
+limits into one typed `RestoreCall`, which travels unchanged from parsing to the Restorer replica. Every refusal is a
+`RequestError` with the HTTP status and the field it is about; nothing here is unpickled or evaluated (images are
+decoded with size limits read from the header first). Parsing is CPU work (base64, JSON, image decoding): the
+ingress runs `parse_json` / `parse_form` off its event loop."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from restoration.errors import InputError
 from restoration.images import ImageDecodeError, decode_image
 from restoration.sampling.presets import with_sampler_preset
 from restoration.settings import RestoreConfig, SamplerConfig
+from serving.catalog import ModelRef
 from serving.config import AppConfig, LimitsConfig, OutputFormat
 
 FORM_FILE_FIELDS = ("image", "reference")
@@ -25,12 +28,20 @@ FORM_FILE_FIELDS = ("image", "reference")
 class RequestError(Exception):
     """A request the service refuses: `status` (4xx), the `field` it is about (None: the request as a whole)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.retry_after = status, message, field, retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "field": self.field}
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's JSON body (4xx, 5xx)."""
+
+    error: str = Field(description="What is wrong, naming the field or the limit.")
+    field: str | None = Field(None, description="The request field it is about; null: the request as a whole.")
+    request_id: str | None = Field(None, description="Serve's request id (also in the X-Request-Id header and the service's logs).")
 
 
 class RestoreRequest(BaseModel):
@@ -58,34 +69,40 @@ class RestoreRequest(BaseModel):
     experts: str | dict[str, float] | None = Field(
         None, description="ABAIR experts: soft, one_hot, or oracle weights ({'noise': 1.0}; in a form 'noise=1,blur=0.5')."
     )
-    model: str | None = Field(None, description="Model: models:/NAME/VERSION, s3:// or a directory the service can read.")
+    model: str | None = Field(None, description="Model name, one of GET /v1/models; unset: the service's default.")
     output_format: OutputFormat = Field("png", description="Format of the returned image.")
 
 
 @dataclass
-class ParsedRequest:
-    """A checked request: the decoded images and the settings `restore` takes."""
+class Reference:
+    """A ReFIR reference: uploaded (similarity None, source "upload:i") or retrieved from the index."""
 
-    request: RestoreRequest
     image: np.ndarray  # H x W x 3 uint8
-    references: list[np.ndarray] | Literal["auto"]
+    similarity: float | None
+    source: str
+
+
+@dataclass
+class RestoreCall:
+    """One checked request, from parsing to the Restorer: the decoded images and the settings `restore` runs with.
+    The ingress fills `model` (the resolved ModelRef), `prompt` (a caption, when none was asked), `references`
+    (retrieved, for "auto") and `job_id` (a job's restore) as it composes the deployments."""
+
+    image: np.ndarray  # H x W x 3 uint8
+    references: list[Reference] | Literal["auto"]
+    prompt: str | None
+    restoration_prompt: str | None
     sampler: SamplerConfig
     options: RestoreConfig
     expert_weights: str | dict[str, float] | None
-    model: str | None
-    extras: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None  # as the request named it (None: the default)
+    output_format: str
+    model: ModelRef | None = None
+    job_id: str | None = None
+    captioned: bool = field(init=False)
 
-    def payload(self) -> dict[str, Any]:
-        """What the Restorer deployment's `restore` takes (plain data: arrays, dicts, strings)."""
-        return {
-            "image": self.image,
-            "prompt": self.request.prompt,
-            "restoration_prompt": self.request.restoration_prompt,
-            "seed": self.options.seed,
-            "sampler": self.sampler.model_dump(),
-            "options": self.options.model_dump(),
-            "expert_weights": self.expert_weights,
-        }
+    def __post_init__(self) -> None:
+        self.captioned = self.prompt is None
 
 
 def _validation_error(err: ValidationError) -> RequestError:
@@ -157,7 +174,7 @@ def _check_text(value: str | None, name: str, limits: LimitsConfig) -> None:
 
 def check_request(
     request: RestoreRequest, image: np.ndarray, references: list[np.ndarray] | Literal["auto"], config: AppConfig
-) -> ParsedRequest:
+) -> RestoreCall:
     """The limits of [serve.limits] and the settings `restore` will run with (422 naming the field otherwise)."""
     limits = config.serve.limits
     _check_text(request.prompt, "prompt", limits)
@@ -199,4 +216,52 @@ def check_request(
         options_config = RestoreConfig.model_validate(options)
     except ValidationError as err:
         raise _validation_error(err) from None
-    return ParsedRequest(request, image, references, sampler_config, options_config, request.experts, request.model)
+    return RestoreCall(
+        image=image,
+        references=references if references == "auto" else [Reference(ref, None, f"upload:{i}") for i, ref in enumerate(references)],
+        prompt=request.prompt,
+        restoration_prompt=request.restoration_prompt,
+        sampler=sampler_config,
+        options=options_config,
+        expert_weights=request.experts,
+        model_name=request.model,
+        output_format=request.output_format,
+    )
+
+
+def parse_json(body: bytes, config: AppConfig, model_header: str | None = None) -> RestoreCall:
+    """A JSON body (image and references base64) as a checked RestoreCall."""
+    request = parse_json_body(body)
+    limits = config.serve.limits
+    if request.image is None:
+        raise RequestError(422, "image: missing (base64 in the JSON body)", "image")
+    image = decode_upload(decode_base64(request.image, "image"), "image", limits)
+    references: Any = request.references
+    if isinstance(references, list):
+        references = [
+            decode_upload(decode_base64(text, f"references[{i}]"), f"references[{i}]", limits) for i, text in enumerate(references)
+        ]
+    return _checked(request, image, references, config, model_header)
+
+
+def parse_form(fields: dict[str, str], files: dict[str, list[bytes]], config: AppConfig, model_header: str | None = None) -> RestoreCall:
+    """A multipart form's text fields and file parts (`image`, `reference`) as a checked RestoreCall."""
+    limits = config.serve.limits
+    if fields.get("references") == "upload":
+        fields = {key: value for key, value in fields.items() if key != "references"}
+    request = form_request(fields)
+    if len(files.get("image", [])) != 1:
+        raise RequestError(422, f"image: send exactly one image file part (got {len(files.get('image', []))})", "image")
+    image = decode_upload(files["image"][0], "image", limits)
+    references: Any = [decode_upload(data, f"reference[{i}]", limits) for i, data in enumerate(files.get("reference", []))]
+    if references and request.references != "none":
+        raise RequestError(422, "references: uploaded reference files and references=auto exclude each other", "references")
+    return _checked(request, image, references or request.references, config, model_header)
+
+
+def _checked(request: RestoreRequest, image: np.ndarray, references: Any, config: AppConfig, model_header: str | None) -> RestoreCall:
+    if references == "none":
+        references = []
+    if request.model is None and model_header:
+        request = request.model_copy(update={"model": model_header})
+    return check_request(request, image, references, config)

@@ -1,5 +1,6 @@
-// The restoray web UI: no framework, no CDN. Sends the form to POST /v1/jobs, follows the job's steps, shows
-// the result over the input with a before/after slider.
+// The restoray web UI: no framework, no CDN. Sends the form to POST /v1/jobs, follows the job's server-sent
+// events (GET /v1/jobs/{id}/events, read with fetch: EventSource cannot send the bearer token; a dropped stream is
+// resumed with Last-Event-ID), shows the result over the input with a before/after slider.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let image = null;
@@ -37,8 +38,12 @@ async function loadOptions() {
     }));
     if (!options.retrieval) { $("references").querySelector("option[value=auto]").disabled = true; }
     $("steps").max = options.limits.max_steps;
+    $("cfg").max = options.limits.max_cfg;
+    $("model-name").replaceChildren(...options.models.map((name) => new Option(name, name, name === "default", name === "default")));
+    $("output-format").replaceChildren(...options.output_formats.map((format) => new Option(format, format)));
     const models = await (await api("/v1/models")).json();
-    $("model").textContent = "model: " + models.default;
+    const served = models.models.find((model) => model.name === models.default);
+    $("model").textContent = "model: " + models.default + (served && served.version ? " (" + served.version + ")" : "");
   } catch (error) { status(error.message, true); }
 }
 
@@ -54,7 +59,8 @@ function form() {
   const data = new FormData();
   data.append("image", image);
   const fields = { prompt: $("prompt").value, restoration_prompt: $("restoration-prompt").value, sampler: $("sampler").value,
-    steps: $("steps").value, tau_r: $("tau-r").value, upscale: $("upscale").value, seed: $("seed").value };
+    steps: $("steps").value, tau_r: $("tau-r").value, upscale: $("upscale").value, seed: $("seed").value,
+    model: $("model-name").value, cfg: $("cfg").value, experts: $("experts").value.trim(), output_format: $("output-format").value };
   for (const [name, value] of Object.entries(fields)) { if (value !== "") data.append(name, value); }
   const mode = $("references").value;
   if (mode === "upload") { for (const file of $("reference-files").files) data.append("reference", file); }
@@ -68,24 +74,53 @@ async function restore() {
     const started = await (await api("/v1/jobs", { method: "POST", body: form() })).json();
     job = started.id;
     status("queued");
-    let state = started;
-    while (!["done", "failed", "cancelled"].includes(state.state)) {
-      await new Promise((resolve) => setTimeout(resolve, 250));
-      state = await (await api("/v1/jobs/" + job)).json();
-      $("progress").max = state.total || 1; $("progress").value = state.step;
-      status(state.state + (state.state === "restoring" ? " " + state.step + "/" + state.total : ""));
-    }
+    const state = await follow(job, started);
     if (state.state !== "done") throw new Error(state.state + (state.error ? ": " + state.error.message : ""));
     show(await (await api("/v1/jobs/" + job + "/result", { headers: { Accept: "application/json" } })).json());
   } catch (error) { status(error.message, true); }
   finally { $("restore").disabled = !image; $("cancel").hidden = true; job = null; }
 }
 
+const FINISHED = ["done", "failed", "cancelled"];
+
+function showState(state) {
+  $("progress").max = state.total || 1; $("progress").value = state.step;
+  status(state.state + (state.state === "restoring" ? " " + state.step + "/" + state.total : ""));
+}
+
+// Follow a job's events until it is over; a stream that ends early (the service's request timeout, a dropped
+// connection) is resumed from the last event id.
+async function follow(id, state) {
+  let last = "";
+  while (!FINISHED.includes(state.state)) {
+    const extra = last ? { "Last-Event-ID": last } : {};
+    const response = await api("/v1/jobs/" + id + "/events", { headers: Object.assign({ Accept: "text/event-stream" }, extra) });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+        let data = "";
+        for (const line of event.split("\n")) {
+          if (line.startsWith("id:")) last = line.slice(3).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        if (data) { state = JSON.parse(data); showState(state); }
+      }
+    }
+  }
+  return state;
+}
+
 function show(result) {
   const url = "data:image/" + result.format + ";base64," + result.image;
   $("after").src = url;
   $("download").href = url; $("download").download = "restored." + (result.format === "jpeg" ? "jpg" : result.format);
-  $("details").textContent = result.width + "x" + result.height + ", seed " + result.seed + ", model " + result.model.uri +
+  $("details").textContent = result.width + "x" + result.height + ", seed " + result.seed + ", model " + result.model.name +
     " (" + result.model.version + "), caption: " + result.caption;
   const figures = [];
   if (result.retrieval) {

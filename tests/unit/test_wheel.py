@@ -102,7 +102,7 @@ def test_wheel_installs_alone_and_runs_from_an_empty_directory(tmp_path):
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert Image.open(empty / "out.png").size == (64, 48)
     # The web UI is served from the installed package, and the Serve config is written from it.
-    ui = run("-c", "from serving.app import UI_DIR; print(UI_DIR, sorted(p.name for p in UI_DIR.iterdir()))")
+    ui = run("-c", "from serving.api import UI_DIR; print(UI_DIR, sorted(p.name for p in UI_DIR.iterdir()))")
     assert ui.returncode == 0 and ui.stdout.startswith(str(target)) and "'app.js', 'index.html', 'style.css'" in ui.stdout, ui.stderr
     written = run("-m", "restoray", "serve", "--write-config", "serve.yaml")
     assert written.returncode == 0 and "import_path: serving.app:app_builder" in (empty / "serve.yaml").read_text(), written.stderr
