@@ -73,6 +73,10 @@ def connect(config: RayConfig) -> str:
     if ray.is_initialized():
         return ALREADY_CONNECTED
     level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        # Serve's controller, proxies and replicas log to their files under the session's logs/serve, not to this
+        # console (-v brings them back). Read by the processes the embedded instance starts, so set before it.
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     if address:
         # Never num_cpus here: a cluster's nodes declare their own resources, and Ray refuses them on connect.
         ray.init(address=address, namespace=config.namespace, log_to_driver=True, logging_level=level)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,20 @@ from restoration.seeding import torch_seeded
 # SDXL's second tokenizer pads with "!" and CLIP reserves the last two ids for these.
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 IMAGE_TOKEN = "<image>"
+
+
+@contextmanager
+def _without_log_records(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """Drop `logger`'s records starting with `prefix` meanwhile (a library's warning about what we do on purpose)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _build_random(factory, seed: int, name: str):
@@ -286,9 +303,10 @@ def load_clip_scorer(spec: ClipScorerSpec, seed: int = 0) -> ClipScorer:
             config_path = Path(tmp) / f"{spec.architecture}.json"
             config_path.write_text(json.dumps(spec.config), encoding="utf-8")
             open_clip.add_model_config(config_path)
-        model, _, preprocess = _build_random(
-            lambda: open_clip.create_model_and_transforms(spec.architecture, pretrained=None), seed, "clip_scorer"
-        )
+        with _without_log_records(logging.getLogger(), "No pretrained weights loaded"):  # random weights are the point here
+            model, _, preprocess = _build_random(
+                lambda: open_clip.create_model_and_transforms(spec.architecture, pretrained=None), seed, "clip_scorer"
+            )
     else:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.architecture, pretrained=spec.pretrained)
     return ClipScorer(model.eval(), preprocess, open_clip.get_tokenizer(spec.architecture))

@@ -110,3 +110,10 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert "[10/10] served models:/restoray-adaptor/1 at http://127.0.0.1:" in out
     assert "      200, 128x128 png, model version 1, " in out  # the registered version, resolved on the replica
     assert "caption (Captioner deployment): " in out and "reference (Retriever deployment): " in out
+    # A console a person reads: Serve's own INFO lines stay in its log files, the service stops cleanly, and the tiny
+    # preset's deliberately random CLIP does not warn about it.
+    console = result.stdout + result.stderr
+    serve_chatter = [line for line in console.splitlines() if " INFO " in line and "serve" in line.lower()]
+    assert serve_chatter == [], serve_chatter[:5]
+    for noise in ("No pretrained weights loaded", "graceful_shutdown", "Traceback"):
+        assert noise not in console, noise
