@@ -341,11 +341,18 @@ def _build_in_a_task(
     plan = faiss_index.plan_index(rows, expected_dim or 1024, int(config.max_memory), config.index_type, config.on_disk)
     width = 4 * (expected_dim or 1280)  # an upper bound per vector (ViT-bigG is 1280-d) when the width is not known yet
     memory = int(3 * rows * width + plan.resident_bytes + 512 * 2**20)
-    task = ray.remote(num_cpus=1, max_calls=1)(_build_task).options(memory=memory)
+    # The plan's CPUs, but never more than one node has: the task must fit somewhere.
+    node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    cpus = max(1, min(plan.build_cpus, int(node_cpus)))
+    task = ray.remote(num_cpus=cpus, max_calls=1)(_build_task).options(memory=memory)
     return ray.get(task.remote(output_uri, storage, config, expected_dim, embeddings_uri))
 
 
 def _build_task(output_uri: str, storage: StorageConfig, config: IndexConfig, expected_dim: int | None, embeddings_uri) -> dict:
+    from restoration.retrieval.index import faiss
+
+    # faiss's OpenMP threads = the CPUs this task was given (Ray sets OMP_NUM_THREADS to them).
+    faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     fs, root = filesystem(output_uri, storage)
     embeddings = _read_embeddings(fs, root, storage)
     vectors = embedding_matrix(embeddings.column("embedding"))

@@ -42,6 +42,8 @@ HNSW_LINKS = 32
 HNSW_EF_CONSTRUCTION = 80
 PQ_SIZES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # bytes per vector of PQ codes (8-bit sub-quantisers)
 PQ_TRAIN_POINTS = 256 * 39  # faiss's minimum for 256 centroids per sub-quantiser
+VECTORS_PER_BUILD_CPU = 250_000  # the stage-2 task asks one CPU per this many vectors ...
+MAX_BUILD_CPUS = 8  # ... up to this many
 RERANK_DEPTHS = (1, 2, 4, 8, 16, 32)  # multiples of k the index returns before exact re-ranking
 RECALL_K = 10
 
@@ -62,9 +64,18 @@ class IndexPlan:
     on_disk: bool = False
     train_size: int = 0
     resident_bytes: int = 0
+    build_cpus: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def build_cpus(plan_type: str, count: int) -> int:
+    """Threads for training, adding and tuning: a flat index has nothing to train; the others get one per
+    VECTORS_PER_BUILD_CPU vectors, up to MAX_BUILD_CPUS (faiss's OpenMP k-means and HNSW insertion gain little past 8)."""
+    if plan_type == "flat":
+        return 1
+    return max(1, min(MAX_BUILD_CPUS, count // VECTORS_PER_BUILD_CPU))
 
 
 def list_count(count: int) -> int:
@@ -109,11 +120,19 @@ def plan_index(count: int, dim: int, max_memory: int, index_type: str | None = N
     if chosen == "flat":
         return IndexPlan("flat", "Flat", resident_bytes=flat, on_disk=False)
     if chosen == "hnsw":
-        return IndexPlan("hnsw", f"HNSW{HNSW_LINKS},Flat", resident_bytes=hnsw)
+        return IndexPlan("hnsw", f"HNSW{HNSW_LINKS},Flat", resident_bytes=hnsw, build_cpus=build_cpus("hnsw", count))
     if chosen == "ivf":
         disk = bool(on_disk) if on_disk is not None else ivf > max_memory
         resident = centroids if disk else ivf
-        return IndexPlan("ivf", f"IVF{nlist},Flat", nlist=nlist, on_disk=disk, train_size=min(count, 64 * nlist), resident_bytes=resident)
+        return IndexPlan(
+            "ivf",
+            f"IVF{nlist},Flat",
+            nlist=nlist,
+            on_disk=disk,
+            train_size=min(count, 64 * nlist),
+            resident_bytes=resident,
+            build_cpus=build_cpus("ivf", count),
+        )
     opq = count >= OPQ_FROM
     coarse = f"IVF{nlist}_HNSW{HNSW_LINKS}" if opq else f"IVF{nlist}"
     coarse_bytes = centroids + (8 * HNSW_LINKS * nlist if opq else 0)
@@ -138,7 +157,9 @@ def plan_index(count: int, dim: int, max_memory: int, index_type: str | None = N
     pre, codes = _pq_layout(dim, m, opq)
     train = min(count, max(64 * nlist, PQ_TRAIN_POINTS))
     factory = f"{pre}{coarse},{codes}"
-    return IndexPlan("ivf_pq", factory, nlist, m, opq, disk, train_size=train, resident_bytes=resident(m, disk))
+    return IndexPlan(
+        "ivf_pq", factory, nlist, m, opq, disk, train_size=train, resident_bytes=resident(m, disk), build_cpus=build_cpus("ivf_pq", count)
+    )
 
 
 def new_index(plan: IndexPlan, dim: int, opq_iterations: int = 50) -> faiss.Index:

@@ -90,6 +90,13 @@ def test_the_type_follows_count_and_memory():
     assert plan_index(50_000, 32, 10**9, index_type="ivf_pq").type == "ivf_pq"
 
 
+def test_the_build_task_asks_cpus_by_the_work_the_plan_holds():
+    assert plan_index(5_000, 512, 10**9).build_cpus == 1  # flat: nothing to train
+    assert plan_index(100_000, 512, 10**9).build_cpus == 1
+    assert plan_index(1_000_000, 768, 10**9).build_cpus == 4
+    assert plan_index(100_000_000, 768, 10**9).build_cpus == 8  # at most MAX_BUILD_CPUS
+
+
 @pytest.mark.parametrize(
     "plan",
     [
