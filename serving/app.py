@@ -224,6 +224,8 @@ def deployment_options(settings: DeploymentSettings, config: AppConfig) -> dict[
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.serve.retry_after_s),
+        # The ingress writes its own access line (with the token's name); Serve's would repeat it.
+        "logging_config": {"enable_access_log": settings is not config.serve.ingress},
     }
 
 

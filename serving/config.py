@@ -93,8 +93,8 @@ class ServeConfig(StrictModel):
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,
-        description="How long a batch waits to fill. 0: a batch takes what is queued when the Restorer is free, so a lone "
-        "request never waits, and requests arriving during a restoration form the next batch.",
+        description="How long a batch that is not full waits for more. 0: a batch takes what is queued when the Restorer "
+        "is free, so a lone request never waits, and requests arriving during a restoration form the next batch.",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Serve's end-to-end HTTP timeout: later answers are 408.")
     retry_after_s: float = Field(2.0, ge=0, description="Retry-After of 503 answers when a queue is full.")

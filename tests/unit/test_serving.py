@@ -17,6 +17,7 @@ from serving.app import deploy_config
 from serving.auth import UNNAMED, accepted_digests, check_bearer, digest
 from serving.catalog import ModelCatalog, ModelRef, UnknownModel
 from serving.config import AppConfig, ServeConfig
+from serving.deployments import FreeSlotBatcher
 from serving.jobs import JobBoard
 from serving.requests import RequestError, RestoreRequest, check_request, form_request
 
@@ -187,6 +188,43 @@ def test_encoding_a_4096_square_image_leaves_the_event_loop_free(tmp_path):
         thread.join()
     assert finished["healthz"] < finished["restore"], "/healthz waited for the encode"
     print(f"/healthz during a 4096² PNG encode: {(finished['healthz'] - started) * 1000:.1f} ms")
+
+
+def test_batches_form_when_the_model_is_free_one_model_at_a_time_skipping_callers_that_left():
+    import asyncio
+
+    async def scenario():
+        ran: list[list[str]] = []
+        release = asyncio.Event()
+
+        async def run(items):
+            ran.append(list(items))
+            if len(ran) == 1:
+                await release.wait()  # the first batch is still running while the others arrive
+            if "boom" in items:
+                raise ValueError("boom")
+            return [item.upper() for item in items]
+
+        batcher = FreeSlotBatcher(run, max_batch_size=3)
+        lone = asyncio.create_task(batcher.submit("m1", "a"))
+        for _ in range(3):  # the caller's task, then the drainer's
+            await asyncio.sleep(0)
+        assert ran == [["a"]]  # a lone request does not wait for company
+        later = [asyncio.create_task(batcher.submit(key, item)) for key, item in
+                 [("m1", "b"), ("m2", "x"), ("m1", "c"), ("m1", "d"), ("m1", "e"), ("m2", "boom")]]  # fmt: skip
+        left = asyncio.create_task(batcher.submit("m1", "gone"))
+        await asyncio.sleep(0)
+        left.cancel()  # the client went away before its batch
+        await asyncio.sleep(0)
+        release.set()
+        assert await lone == "A"
+        results = await asyncio.gather(*later, return_exceptions=True)
+        # m1's oldest three, then m2's (the oldest waiting), then the rest of m1; the cancelled caller is skipped.
+        assert ran == [["a"], ["b", "c", "d"], ["x", "boom"], ["e"]], ran
+        assert results[0] == "B" and results[3] == "D" and results[4] == "E"
+        assert isinstance(results[1], ValueError) and isinstance(results[5], ValueError)  # the failed batch's callers
+
+    asyncio.run(scenario())
 
 
 def test_committed_serve_config_is_the_generated_one_and_serve_accepts_it():
