@@ -198,7 +198,7 @@ class RayHead:
 
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=45)
+            self.process.wait(timeout=15)  # a test's own head: past this, killed (an autoscaling head took 35 s)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:

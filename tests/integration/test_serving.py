@@ -337,15 +337,7 @@ def test_a_burst_over_the_queue_or_the_rate_gets_only_200_503_429_with_retry_aft
 
 def test_cancelling_a_job_stops_it_and_frees_the_replica(service):
     image = noise_image(256)
-    job = requests.post(
-        f"{service.small_url}/v1/jobs",
-        files={"image": ("input.png", image, "image/png")},
-        data={"prompt": "a photo", "steps": "100"},
-        headers=service.auth(),
-        timeout=60,
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
+    job_id = start_job(service, service.small_url, image, steps=100)
     deadline = time.monotonic() + 120
     while (state := requests.get(f"{service.small_url}/v1/jobs/{job_id}", headers=service.auth(), timeout=10).json())["step"] < 2:
         assert time.monotonic() < deadline, state
@@ -382,13 +374,7 @@ def test_a_client_that_goes_away_stops_its_restoration_and_frees_the_replica(ser
 
 
 def test_a_finished_job_reports_its_steps_and_serves_its_result(service):
-    job = requests.post(
-        f"{service.url}/v1/jobs",
-        files={"image": ("input.png", noise_image(), "image/png")},
-        data={"prompt": "a", "steps": "6"},
-        headers=service.auth(),
-    )
-    job_id = job.json()["id"]
+    job_id = start_job(service, service.url, noise_image(), steps=6)
     seen = set()
     for _ in range(600):
         state = requests.get(f"{service.url}/v1/jobs/{job_id}", headers=service.auth(), timeout=10).json()
@@ -418,15 +404,21 @@ def events(response: requests.Response) -> list[tuple[str, dict]]:
     return found
 
 
-def test_job_events_stream_increasing_steps_and_resume_after_the_last_event_id(service):
+def start_job(service, url: str, image: bytes, steps: int) -> str:
+    """POST /v1/jobs with a prompt (no captioning): 202 and the job's id."""
     job = requests.post(
-        f"{service.url}/v1/jobs",
-        files={"image": ("input.png", noise_image(128), "image/png")},
-        data={"prompt": "a", "steps": "30"},
+        f"{url}/v1/jobs",
+        files={"image": ("input.png", image, "image/png")},
+        data={"prompt": "a photo", "steps": str(steps)},
         headers=service.auth(),
         timeout=60,
     )
-    job_id = job.json()["id"]
+    assert job.status_code == 202, job.text
+    return job.json()["id"]
+
+
+def test_job_events_stream_increasing_steps_and_resume_after_the_last_event_id(service):
+    job_id = start_job(service, service.url, noise_image(128), steps=30)
     stream = requests.get(f"{service.url}/v1/jobs/{job_id}/events", headers=service.auth(), timeout=300)
     assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
     seen = events(stream)
@@ -447,15 +439,7 @@ def test_a_job_outlives_its_ingress_replica(service):
     """Killing the ingress replica that runs a job leaves the job readable, failed with a reason within its lease."""
     import ray
 
-    job = requests.post(
-        f"{service.small_url}/v1/jobs",
-        files={"image": ("input.png", noise_image(256), "image/png")},
-        data={"prompt": "a photo", "steps": "100"},
-        headers=service.auth(),
-        timeout=60,
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
+    job_id = start_job(service, service.small_url, noise_image(256), steps=100)
     deadline = time.monotonic() + 120
     while requests.get(f"{service.small_url}/v1/jobs/{job_id}", headers=service.auth(), timeout=10).json()["step"] < 1:
         assert time.monotonic() < deadline

@@ -115,6 +115,11 @@ def test_restore_cli_end_to_end(tmp_path):
         [*command[:4], str(tmp_path / "nope.png"), *command[5:]], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path
     )
     assert bad.returncode == 2 and "nope.png" in bad.stderr
+    (tmp_path / "notes.png").write_text("a file that is not an image")
+    not_image = subprocess.run(
+        [*command[:4], str(tmp_path / "notes.png"), *command[5:]], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path
+    )
+    assert not_image.returncode == 2 and "notes.png" in not_image.stderr, not_image.stderr[-2000:]
     bad_experts = subprocess.run([*command, "--experts", "noise=lots"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path)
     assert bad_experts.returncode == 2 and "--experts" in bad_experts.stderr
 
