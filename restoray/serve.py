@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import signal
@@ -96,6 +97,10 @@ def start_service(config: RunConfig, app) -> Service:
 
     from serving.app import APP_NAME, build_app
 
+    # Importing ray.serve gives its driver-side logger ("Started Serve", "Application ... is ready", "Deleting app")
+    # its own INFO level and console handler; restoray prints what a person needs, -v brings Serve's lines back.
+    if not logging.getLogger("restoray").isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     token = None
     tokens_there = os.environ.get(app.serve.tokens_env, "").strip() or app.serve.token_file
     if app.serve.auth and not tokens_there:
