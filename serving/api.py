@@ -281,7 +281,7 @@ def build_api(ingress):
     async def job_or_404(job_id: str, owner: str) -> dict[str, Any]:
         job = await ingress.board.state.remote(job_id, owner)
         if job is None:
-            raise RequestError(404, f"no job {job_id!r} (unknown, another token's, or expired)", "id")
+            raise no_job(job_id)
         return job
 
     @api.get("/v1/jobs/{job_id}", summary="A job's state and step/total", response_model=JobState)
@@ -341,10 +341,15 @@ def build_api(ingress):
     async def cancel_job(job_id: str, owner: str = Depends(authorized)) -> dict[str, Any]:
         job = await ingress.board.cancel.remote(job_id, owner)
         if job is None:
-            raise RequestError(404, f"no job {job_id!r} (unknown, another token's, or expired)", "id")
+            raise no_job(job_id)
         return job
 
     return api
+
+
+def no_job(job_id: str) -> RequestError:
+    """One answer for a job that is unknown, another token's or expired: a caller cannot tell them apart."""
+    return RequestError(404, f"no job {job_id!r} (unknown, another token's, or expired)", "id")
 
 
 class BodyTooLarge(Exception):

@@ -126,20 +126,23 @@ class Ingress:
         }
 
     @staticmethod
-    def _encoded(result: dict[str, Any], output_format: str, as_json: bool) -> tuple[bytes, dict[str, Any] | None]:
-        """The image in its format, and (as_json) the JSON answer around it: CPU work, run off the loop."""
-        data = encode_image(result["image"], output_format)
-        if not as_json:
-            return data, None
+    def described(result: dict[str, Any], output_format: str) -> dict[str, Any]:
+        """The JSON answer's fields but the image (a job stores them beside its result file)."""
         image = result["image"]
-        described = {
-            "image": as_base64(data),
+        return {
             "format": output_format,
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
             **{key: value for key, value in result.items() if key != "image"},
         }
-        return data, described
+
+    @staticmethod
+    def _encoded(result: dict[str, Any], output_format: str, as_json: bool) -> tuple[bytes, dict[str, Any] | None]:
+        """The image in its format, and (as_json) the JSON answer around it: CPU work, run off the loop."""
+        data = encode_image(result["image"], output_format)
+        if not as_json:
+            return data, None
+        return data, {"image": as_base64(data), **Ingress.described(result, output_format)}
 
     async def encoded(self, result: dict[str, Any], output_format: str, as_json: bool) -> tuple[bytes, dict[str, Any] | None]:
         return await off_loop(self._encoded, result, output_format, as_json)
@@ -158,11 +161,11 @@ class Ingress:
         job_id = call.job_id
         try:
             result = await self.restore(call)
-            data, described = await self.encoded(result, call.output_format, as_json=True)
-            described.pop("image")
-            described["headers"] = self.headers(result)
-            described["media_type"] = MEDIA_TYPES[call.output_format]
-            await self.jobs.done(job_id, data, described)
+            data, _ = await self.encoded(result, call.output_format, as_json=False)  # no base64: the file holds the bytes
+            meta = dict(
+                self.described(result, call.output_format), headers=self.headers(result), media_type=MEDIA_TYPES[call.output_format]
+            )
+            await self.jobs.done(job_id, data, meta)
         except RequestError as err:
             if err.status != CANCELLED:
                 await self.jobs.failed(job_id, err.status, err.message)
