@@ -8,11 +8,13 @@ the embedding `data build` stored, `--embeddings`) and resize to the restoration
 embeddings/, references/ and rejects/. It resumes as the dataset build does: sources already embedded or rejected
 are skipped before they are read (pipelines/resume.py, pipelines/known_sources.py); a dataset's accepted sources and
 the stored embeddings of `--embeddings` reach each read task joined onto its own units, never as a dict shipped to
-every actor. Stage 2, in one Ray task sized from the index plan (`memory`): the vectors sorted by id into
-vectors.npy, the index type from the count and index.max_memory, training on a sample, vectors added in parts by
-Ray tasks (a bounded window) into copies of the trained empty index and merged (in memory, or on disk through
-faiss.contrib.ondisk), search parameters tuned on held-out queries, then index.faiss; the driver writes
-manifest.json. Layout: docs/architecture.md, "Reference index".
+every actor. Stage 2, off the driver and with no process holding every vector: a task streams the embeddings,
+sorted by id by Ray Data, into vectors.npy; a task sized from the index plan (`memory`, `num_cpus`) on the same node
+picks the index type from the count and index.max_memory, trains on a sample (the file's first rows: id order is a
+random order), adds the vectors in parts by Ray tasks reading their own slices (a bounded window) into copies of the
+trained empty index, merges them (in memory, or on disk through faiss.contrib.ondisk), tunes search parameters on
+held-out queries and writes index.faiss; the driver writes manifest.json. Layout: docs/architecture.md, "Reference
+index".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import platform
 import resource
 import shutil
@@ -41,17 +44,18 @@ from pipelines.config import DataBuildConfig, IndexConfig
 from pipelines.counts import count_output
 from pipelines.known_sources import KEEP, NOTE_SCHEMA, STORED, as_notes, with_known
 from pipelines.listing import check_input, list_sources
-from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
+from pipelines.outputs import read_json, table_dataset, write_json
 from pipelines.reading import front_stages, plain_job_errors, read_stage, source_rows
 from pipelines.resume import finished_sources
 from pipelines.sink import CountingSink, block_rows, commit_table, reject_row
 from pipelines.timer import start_stage_timer
-from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix, one_row_per_id
+from restoration.dataset import EMBEDDING_SCHEMA, REJECT_SCHEMA, embedding_matrix
 from restoration.errors import InputError, RestorayError
 from restoration.retrieval import index as faiss_index
 from restoration.retrieval.references import INDEX_FILE, MANIFEST_FILE, REFERENCE_ROW_GROUP, REFERENCE_SCHEMA, VECTORS_FILE
 from runtime import faults
 from runtime.config import StorageConfig
+from runtime.memory import PrivateMemoryPeak
 from runtime.resources import awaiting_resources, check_cpus_left
 from runtime.storage import filesystem, full_uri, is_remote, retrying
 
@@ -249,7 +253,7 @@ def build_index(
     dim = load_clip_scorer(spec.clip_scorer, seed=spec.seed).dim if stored is not None else None
     index_started = time.perf_counter()
     with plain_job_errors():
-        built = _build_in_a_task(output_uri, storage, config, found[1], dim, embeddings_uri)
+        built = _build_in_a_task(output_uri, storage, config, dim, embeddings_uri)
     manifest = {
         "complete": True,
         "fingerprint": fp,
@@ -271,7 +275,8 @@ def build_index(
         "rejected": rejected,
         "rejected_by_reason": by_reason,
         "seconds": {"embed": round(embed_seconds, 2), **built["seconds"], "index": round(time.perf_counter() - index_started, 2)},
-        "peak_memory_bytes": built["peak_memory_bytes"],  # the index task's (it holds the vectors; the driver never does)
+        "peak_memory_bytes": built["peak_memory_bytes"],  # the larger stage-2 task's private memory (the driver holds no vector)
+        "task_peak_memory_bytes": built["task_peak_memory_bytes"],
         "driver_peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         "config": config.model_dump(mode="json"),
         "packages": {name: version(name) for name in ("faiss-cpu", "open_clip_torch", "torch", "ray", "numpy", "pyarrow")},
@@ -326,70 +331,141 @@ def _embed_sources(
     return sink
 
 
-def _read_embeddings(fs, root: str, storage: StorageConfig) -> pa.Table:
-    files = parquet_files(fs, root, "embeddings")
-    if not files:
-        return EMBEDDING_SCHEMA.empty_table()
-    return one_row_per_id(pa.concat_tables([read_parquet(fs, path, storage) for path in files]))
+def _build_in_a_task(output_uri: str, storage: StorageConfig, config: IndexConfig, expected_dim: int | None, embeddings_uri) -> dict:
+    """Stage 2 in two Ray tasks, so the driver never holds a vector and no process holds them all.
+    1. `_assemble_task`: the embeddings sorted by id (Ray Data's distributed sort) and streamed into vectors.npy one
+       batch at a time, one row per id, on whichever node it lands (0 CPUs of its own: Ray Data's tasks sort).
+    2. `_build_task` on that node, its `memory` and `num_cpus` from the index plan (`max_calls=1`: a fresh worker, so
+       its peak memory is the build's): train on a sample, add parts in Ray tasks that read their own slices of the
+       file on the same node, merge, tune.
+    The manifest's peak memory is the larger of the two tasks'."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    assemble = ray.remote(num_cpus=0, max_calls=1)(_measured).options(memory=ASSEMBLE_MEMORY)
+    assembled = ray.get(assemble.remote(_assemble_task, output_uri, storage, expected_dim, embeddings_uri))
+    count, dim = assembled["count"], assembled["dim"]
+    plan = faiss_index.plan_index(count, dim, int(config.max_memory), config.index_type, config.on_disk)
+    memory = int(_build_memory(plan, count, dim, config))
+    node = next(node for node in ray.nodes() if node["NodeID"] == assembled["node"])
+    cpus = max(1, min(plan.build_cpus, int(node["Resources"].get("CPU", 1))))  # the plan's, but what the node has
+    task = ray.remote(num_cpus=cpus, max_calls=1)(_measured).options(
+        memory=memory, scheduling_strategy=NodeAffinitySchedulingStrategy(assembled["node"], soft=False)
+    )
+    built = ray.get(task.remote(_build_task, assembled["work"], output_uri, storage, config, count, dim))
+    built["task_peak_memory_bytes"] = {"assemble": assembled["peak_memory_bytes"], "build": built["peak_memory_bytes"]}
+    built["peak_memory_bytes"] = max(built["peak_memory_bytes"], assembled["peak_memory_bytes"])
+    return built
 
 
-def _build_in_a_task(
-    output_uri: str, storage: StorageConfig, config: IndexConfig, rows: int, expected_dim: int | None, embeddings_uri
-) -> dict:
-    """Stage 2 in one Ray task (`max_calls=1`: a fresh worker, so its peak memory is the build's) whose `memory`
-    comes from the index plan: on a cluster it lands on a node that has it, and the driver never holds a vector."""
-    plan = faiss_index.plan_index(rows, expected_dim or 1024, int(config.max_memory), config.index_type, config.on_disk)
-    width = 4 * (expected_dim or 1280)  # an upper bound per vector (ViT-bigG is 1280-d) when the width is not known yet
-    memory = int(3 * rows * width + plan.resident_bytes + 512 * 2**20)
-    # The plan's CPUs, but never more than one node has: the task must fit somewhere.
-    node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
-    cpus = max(1, min(plan.build_cpus, int(node_cpus)))
-    task = ray.remote(num_cpus=cpus, max_calls=1)(_build_task).options(memory=memory)
-    return ray.get(task.remote(output_uri, storage, config, expected_dim, embeddings_uri))
+def _measured(task: Callable[..., dict], *args) -> dict:
+    """A stage-2 task's result with its private memory peak (runtime/memory.py: the object-store pages a task maps
+    in to read blocks are the store's, not the task's)."""
+    with PrivateMemoryPeak() as peak:
+        result = task(*args)
+    return {**result, "peak_memory_bytes": peak.bytes}
 
 
-def _build_task(output_uri: str, storage: StorageConfig, config: IndexConfig, expected_dim: int | None, embeddings_uri) -> dict:
+ASSEMBLE_MEMORY = 1 * 2**30  # Ray Data's iterator (a few batches) and the writer's block
+
+
+def _build_memory(plan: faiss_index.IndexPlan, count: int, dim: int, config: IndexConfig) -> int:
+    """What the build task holds at its peak: the training sample, the index twice (a part merged into it, or a
+    flat/HNSW index beside the block being added), the tuning queries and a block read from the file."""
+    block = min(count, config.add_batch) * 4 * dim
+    return plan.train_size * 4 * dim + 2 * plan.resident_bytes + config.tuning_queries * 4 * dim + block + 512 * 2**20
+
+
+def _assemble_task(output_uri: str, storage: StorageConfig, expected_dim: int | None, embeddings_uri) -> dict:
+    """vectors.npy: the embeddings in id order, one row per id (a source written twice by a resumed run counts
+    once), streamed from Ray Data's sort; in the output directory, or a temporary one on this node for a remote
+    output (the build task, placed on this node, uploads it)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # a worker's bars would reach the driver's console
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = True
+    # Small blocks: the iterator holds a few of them at a time, so this process's memory does not grow with N.
+    context.target_max_block_size = ASSEMBLE_BLOCK_BYTES
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    fs, root = filesystem(output_uri, storage)
+    found = table_dataset(fs, root, output_uri, "embeddings", ["id", "embedding"], storage)
+    work = Path(tempfile.mkdtemp(prefix="restoray-index-")) if is_remote(output_uri) else Path(root)
+    writer = faiss_index.VectorFileWriter(work / VECTORS_FILE)
+    try:
+        last = None
+        embeddings = found[0]
+        blocks = max(1, math.ceil(found[1] * 4 * (expected_dim or 1280) / ASSEMBLE_BLOCK_BYTES))
+        for batch in (
+            embeddings.repartition(blocks).sort("id").iter_batches(batch_format="pyarrow", batch_size=ASSEMBLE_BATCH, prefetch_batches=1)
+        ):
+            ids = batch.column("id")
+            if len(ids) == 0:
+                continue
+            previous = pa.concat_arrays([pa.array([last], pa.string()), ids.combine_chunks().slice(0, len(ids) - 1)])
+            if last is not None and ids[0].as_py() < last:
+                raise RestorayError(f"{output_uri}: the sorted embeddings arrived out of order at {ids[0].as_py()}")
+            kept = batch.filter(pc.not_equal(ids, previous).fill_null(True))
+            last = ids[-1].as_py()
+            vectors = embedding_matrix(kept.column("embedding"))
+            if expected_dim is not None and vectors.shape[1] != expected_dim:
+                raise InputError(
+                    f"--embeddings {embeddings_uri}: {vectors.shape[1]}-dim embeddings, but the preset's open-clip embeds {expected_dim}"
+                )
+            writer.write(vectors)
+    except BaseException:
+        writer.close()
+        if is_remote(output_uri):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    writer.close()
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "work": str(work),
+        "count": writer.rows,
+        "dim": writer.dim,
+    }
+
+
+ASSEMBLE_BATCH = 8192
+ASSEMBLE_BLOCK_BYTES = 16 * 2**20  # Ray Data's blocks in the sort (its output has as many blocks as its input)
+
+
+def _build_task(work: str, output_uri: str, storage: StorageConfig, config: IndexConfig, count: int, dim: int) -> dict:
     from restoration.retrieval.index import faiss
 
     # faiss's OpenMP threads = the CPUs this task was given (Ray sets OMP_NUM_THREADS to them).
     faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     fs, root = filesystem(output_uri, storage)
-    embeddings = _read_embeddings(fs, root, storage)
-    vectors = embedding_matrix(embeddings.column("embedding"))
-    del embeddings
-    if expected_dim is not None and vectors.shape[1] != expected_dim:
-        raise InputError(
-            f"--embeddings {embeddings_uri}: {vectors.shape[1]}-dim embeddings, but the preset's open-clip embeds {expected_dim}"
-        )
-    work = Path(tempfile.mkdtemp(prefix="restoray-index-")) if is_remote(output_uri) else Path(root)
+    work_dir = Path(work)
     try:
-        plan, search, seconds = _build_faiss(vectors, config, work)
+        plan, search, seconds = _build_faiss(work_dir, count, dim, config)
         if is_remote(output_uri):
-            for path in sorted(work.iterdir()):
+            for path in sorted(work_dir.iterdir()):
                 retrying(lambda path=path: fs.put_file(str(path), f"{root}/{path.name}"), f"{output_uri}/{path.name}", storage, "write")
     finally:
         if is_remote(output_uri):
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work_dir, ignore_errors=True)
     return {
-        "count": len(vectors),
-        "dim": int(vectors.shape[1]),
+        "count": count,
+        "dim": dim,
         "plan": plan.to_dict(),
         "search": {key: value for key, value in search.__dict__.items() if key != "evaluated"},
         "tuning": search.evaluated,
         "seconds": seconds,
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
 @ray.remote(num_cpus=1)
-def _add_task(trained_empty: np.ndarray, vectors: np.ndarray, first_id: int) -> np.ndarray:
-    return faiss_index.add_part(trained_empty, vectors, first_id)
+def _add_task(trained_empty: np.ndarray, vectors_file: str, start: int, stop: int) -> np.ndarray:
+    """One part: rows start..stop of vectors.npy (read here, on the build's node) added to a copy of the empty index."""
+    return faiss_index.add_part(trained_empty, faiss_index.vector_rows(Path(vectors_file), start, stop), start)
 
 
 def windowed(submit: Callable[[int], Any], starts: Sequence[int], window: int, get: Callable[[Any], Any]) -> Iterator[Any]:
     """`get(submit(start))` for each start, in order, with at most `window` submissions outstanding: the oldest is
-    collected before the next is submitted, so a part's input slice and result are released once it is merged (the
-    index's parts never all sit in the object store at once)."""
+    collected before the next is submitted, so a part's result is released once it is merged (the index's parts
+    never all sit in the object store at once)."""
     in_flight: deque = deque()
     for start in starts:
         if len(in_flight) >= window:
@@ -399,36 +475,41 @@ def windowed(submit: Callable[[int], Any], starts: Sequence[int], window: int, g
         yield get(in_flight.popleft())
 
 
-def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
-    """Train, add (in Ray tasks for IVF types), tune; writes vectors.npy and index.faiss (+ .ivfdata) into `work`."""
+def _build_faiss(work: Path, count: int, dim: int, config: IndexConfig):
+    """Train, add (in Ray tasks for IVF types), tune, from `work`/vectors.npy; writes index.faiss (+ .ivfdata) there.
+    The training sample is the file's first rows: ids are sha256 digests of the source URIs, so id order is a
+    random order of the corpus, and those rows are a uniform sample read in one slice. The tuning queries are drawn
+    from the rows after it (held out)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from restoration.retrieval.index import faiss
 
     seconds: dict[str, float] = {}
-    count, dim = vectors.shape
-    np.save(work / VECTORS_FILE, vectors)
-    mapped = np.load(work / VECTORS_FILE, mmap_mode="r")
+    vectors_file = work / VECTORS_FILE
     plan = faiss_index.plan_index(count, dim, int(config.max_memory), config.index_type, config.on_disk)
     log.info("index: %s (%s) for %d vectors of %d dims", plan.type, plan.factory, count, dim)
-    rng = np.random.default_rng(0)
     index = faiss_index.new_index(plan, dim, config.opq_iterations)
-    trained_positions = np.sort(rng.choice(count, plan.train_size, replace=False)) if plan.train_size else np.arange(0)
     clock = time.perf_counter()
-    faiss_index.train_index(index, vectors[trained_positions] if plan.train_size else vectors)
+    if plan.train_size:
+        faiss_index.train_index(index, faiss_index.vector_rows(vectors_file, 0, plan.train_size))
     seconds["train"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     index_path = work / INDEX_FILE
     if plan.type in ("flat", "hnsw"):
-        index.add(vectors)  # HNSW graphs do not merge: built in one process
+        for start in range(0, count, config.add_batch):  # HNSW graphs do not merge: built in one process, block by block
+            index.add(faiss_index.vector_rows(vectors_file, start, start + config.add_batch))
         faiss.write_index(index, str(index_path))
     else:
         empty = faiss_index.empty_copy(index)
         empty_ref = ray.put(empty)
-        window = max(2, int(ray.cluster_resources().get("CPU", 2)))
+        here = ray.get_runtime_context().get_node_id()
+        node_cpus = next(node["Resources"].get("CPU", 2) for node in ray.nodes() if node["NodeID"] == here)
+        add = _add_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
 
         def submit(start: int):
-            return _add_task.remote(empty_ref, ray.put(np.ascontiguousarray(vectors[start : start + config.add_batch])), start)
+            return add.remote(empty_ref, str(vectors_file), start, min(count, start + config.add_batch))
 
-        parts = windowed(submit, range(0, count, config.add_batch), window, ray.get)
+        parts = windowed(submit, range(0, count, config.add_batch), max(2, int(node_cpus)), ray.get)
         if plan.on_disk:
             part_files = []
             for number, serialized in enumerate(parts):
@@ -446,11 +527,15 @@ def _build_faiss(vectors: np.ndarray, config: IndexConfig, work: Path):
             faiss.write_index(index, str(index_path))
     seconds["add"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
-    held_out = np.setdiff1d(np.arange(count), trained_positions)
-    pool = held_out if len(held_out) >= min(config.tuning_queries, count) else np.arange(count)
-    query_ids = np.sort(rng.choice(pool, min(config.tuning_queries, len(pool)), replace=False))
+    rng = np.random.default_rng(0)
+    held_out = count - plan.train_size
+    queries_wanted = min(config.tuning_queries, count)
+    first = plan.train_size if held_out >= queries_wanted else 0
+    query_ids = np.sort(rng.choice(np.arange(first, count), queries_wanted, replace=False))
+    mapped = np.load(vectors_file, mmap_mode="r")  # the re-ranking reads only the candidates' rows
     searcher = faiss_index.Searcher(index, mapped)
-    search = faiss_index.tune(searcher, np.asarray(mapped[query_ids]), config.target_recall, query_ids=query_ids)
+    queries = np.array(mapped[query_ids], dtype=np.float32)
+    search = faiss_index.tune(searcher, queries, config.target_recall, query_ids=query_ids, vectors_file=vectors_file)
     seconds["tune"] = round(time.perf_counter() - clock, 2)
     if search.recall < config.target_recall:
         log.warning(

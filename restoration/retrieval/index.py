@@ -46,6 +46,7 @@ VECTORS_PER_BUILD_CPU = 250_000  # the stage-2 task asks one CPU per this many v
 MAX_BUILD_CPUS = 8  # ... up to this many
 RERANK_DEPTHS = (1, 2, 4, 8, 16, 32)  # multiples of k the index returns before exact re-ranking
 RECALL_K = 10
+FILE_BLOCK_BYTES = 64 * 2**20  # what a scan of vectors.npy reads at a time
 
 
 class IndexTooLarge(ValueError):
@@ -219,12 +220,63 @@ def read_index(index_file: Path, on_disk: bool) -> faiss.Index:
     return faiss.read_index(str(index_file), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0)
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product, scanning `vectors` in blocks (they may be memory-mapped)."""
+class VectorFileWriter:
+    """An (N, dim) float32 .npy written row block by row block, N unknown until the end: the header is written with
+    room to spare and rewritten with the final shape on close (numpy's format allows any space padding before the
+    header's newline). What the index build streams its sorted embeddings into; it never holds more than a block."""
+
+    HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + the dict, space-padded: a multiple of 64 as numpy writes
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows = 0
+        self.dim = 0
+        self._file = open(self.path, "wb")
+        self._file.write(self._header())
+
+    def _header(self) -> bytes:
+        text = "{" + f"'descr': '<f4', 'fortran_order': False, 'shape': ({self.rows}, {self.dim}), " + "}"
+        length = self.HEADER_BYTES - 10
+        return b"\x93NUMPY\x01\x00" + length.to_bytes(2, "little") + text.ljust(length - 1).encode("latin1") + b"\n"
+
+    def write(self, vectors: np.ndarray) -> None:
+        if not len(vectors):
+            return
+        if self.dim and vectors.shape[1] != self.dim:
+            raise ValueError(f"{self.path}: rows of {vectors.shape[1]} dims after rows of {self.dim}")
+        self.dim = vectors.shape[1]
+        self._file.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self.rows += len(vectors)
+
+    def close(self) -> None:
+        self._file.seek(0)
+        self._file.write(self._header())
+        self._file.close()
+
+
+def vector_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of an .npy of vectors, copied out of a mapping that is dropped again: a scan over the file in
+    blocks keeps one block resident, not every page it touched (a mapping held open counts them all in the RSS)."""
+    mapped = np.load(path, mmap_mode="r")
+    rows = np.array(mapped[start:stop], dtype=np.float32)
+    del mapped
+    return rows
+
+
+def exact_neighbours(vectors: np.ndarray | Path, queries: np.ndarray, k: int, block: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product, scanning `vectors` in blocks (an array, or an .npy file read block by block)."""
     best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for start in range(0, len(vectors), block):
-        chunk = np.ascontiguousarray(vectors[start : start + block], dtype=np.float32)
+    if isinstance(vectors, Path):
+        count, dim = np.load(vectors, mmap_mode="r").shape
+        block = max(1, min(block, FILE_BLOCK_BYTES // (4 * max(dim, 1))))  # a block's bytes, not rows, bound what is held
+    else:
+        count = len(vectors)
+    for start in range(0, count, block):
+        if isinstance(vectors, Path):
+            chunk = vector_rows(vectors, start, start + block)
+        else:
+            chunk = np.ascontiguousarray(vectors[start : start + block], dtype=np.float32)
         flat = faiss.IndexFlatIP(chunk.shape[1])
         flat.add(chunk)
         scores, ids = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(chunk)))
@@ -333,14 +385,16 @@ def tune(
     k: int = RECALL_K,
     repeats: int = 1,
     query_ids: np.ndarray | None = None,
+    vectors_file: Path | None = None,
 ) -> SearchParameters:
     """The cheapest setting found whose k-recall@k on `queries` reaches `target_recall` (or the best there is).
     `query_ids`: the queries' own positions when they are vectors of the index: every search then asks for k + 1 and
     drops the query itself from truth and results, so the recall is what a new query sees (each query finds itself
-    at distance 0, which alone would add up to 1/k to the recall)."""
+    at distance 0, which alone would add up to 1/k to the recall). `vectors_file`: the searcher's vectors as a file,
+    scanned block by block for the exact truth (the build's task then never holds the whole file resident)."""
     depth = k + 1 if query_ids is not None else k
     truth_started = time.perf_counter()
-    _, truth = exact_neighbours(searcher.vectors, queries, depth)
+    _, truth = exact_neighbours(vectors_file or searcher.vectors, queries, depth)
     truth = without_self(truth, query_ids, k)
     exact_seconds = time.perf_counter() - truth_started
     exact_qps = len(queries) / max(exact_seconds, 1e-9)

@@ -226,3 +226,35 @@ def test_bad_input_exits_2_naming_it(tmp_path, local_ray, sample_index, capsys):
         ReferenceIndex.load(output, scorer=SimpleNamespace(dim=16))
     with pytest.raises(InputError, match="not a reference index"):
         ReferenceIndex.load(tmp_path)
+
+
+def test_stage_two_streams_sorted_unique_vectors_and_adds_parts_from_the_file(tmp_path, local_ray, monkeypatch):  # noqa: F811
+    """vectors.npy from Ray Data's sort, one row per id even when a resumed run wrote a source twice (in another file,
+    across a batch boundary); the IVF parts read their own slices of it; each vector finds its own position."""
+    import pipelines.build_index as build_index_module
+    from restoration.dataset import source_id
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    sources = [f"s3://corpus/{number:04d}.png" for number in range(300)]
+    rows = [{"id": source_id(s), "source": s, "embedding": v.tobytes()} for s, v in zip(sources, vectors, strict=True)]
+    (tmp_path / "embeddings").mkdir()
+    for number, part in enumerate((rows[:120], rows[120:], rows[100:130])):  # rows 100..129 written twice
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / "embeddings" / f"part-{number}.parquet")
+    monkeypatch.setattr(build_index_module, "ASSEMBLE_BATCH", 7)  # duplicates meet across batch boundaries
+    assembled = build_index_module._assemble_task(str(tmp_path), StorageConfig(), 16, None)
+    assert (assembled["count"], assembled["dim"]) == (300, 16)
+    order = np.argsort([row["id"] for row in rows])
+    np.testing.assert_array_equal(np.load(tmp_path / "vectors.npy"), vectors[order])
+
+    config = IndexConfig.model_validate({"index_type": "ivf", "add_batch": 70, "tuning_queries": 20})
+    plan, search, _ = build_index_module._build_faiss(tmp_path, 300, 16, config)
+    assert plan.type == "ivf" and plan.train_size < 300 and search.queries == 20
+    import faiss
+
+    built = faiss.read_index(str(tmp_path / "index.faiss"))
+    assert built.ntotal == 300
+    faiss.ParameterSpace().set_index_parameters(built, f"nprobe={plan.nlist}")
+    _, found = built.search(vectors[order], 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(300))  # position i is the i-th smallest id

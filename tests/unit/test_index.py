@@ -13,6 +13,7 @@ from restoration.retrieval.index import (
     IndexPlan,
     IndexTooLarge,
     Searcher,
+    VectorFileWriter,
     add_part,
     empty_copy,
     exact_neighbours,
@@ -24,6 +25,7 @@ from restoration.retrieval.index import (
     recall_at,
     train_index,
     tune,
+    vector_rows,
     without_self,
 )
 
@@ -195,3 +197,27 @@ def test_index_parts_are_added_in_a_bounded_window():
     starts = range(0, 50, 5)
     assert list(windowed(submit, starts, 3, get)) == [start * 10 for start in starts]  # in order
     assert peak == 3 and not outstanding
+
+
+def test_vectors_streamed_into_a_file_load_as_the_array_and_scan_block_by_block(data, tmp_path):
+    vectors, queries = data
+    path = tmp_path / "vectors.npy"
+    writer = VectorFileWriter(path)
+    for start in range(0, len(vectors), 7_001):  # blocks of uneven size; the count is known only at close
+        writer.write(vectors[start : start + 7_001])
+    writer.write(vectors[:0])
+    writer.close()
+    loaded = np.load(path, mmap_mode="r")
+    assert loaded.shape == vectors.shape and loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, vectors)
+    np.testing.assert_array_equal(vector_rows(path, 19_990, 30_000), vectors[19_990:])
+    bad = VectorFileWriter(tmp_path / "bad.npy")
+    with pytest.raises(ValueError, match="dims"):
+        bad.write(vectors[:2])
+        bad.write(vectors[:2, :8])
+    bad.close()
+    # The exact truth scanned from the file in blocks equals the in-memory scan.
+    from_file = exact_neighbours(path, queries, 10, block=3_000)
+    in_memory = exact_neighbours(vectors, queries, 10)
+    np.testing.assert_array_equal(from_file[1], in_memory[1])
+    np.testing.assert_allclose(from_file[0], in_memory[0], rtol=1e-5)

@@ -88,3 +88,21 @@ def test_shipped_default_config_honours_mlflow_tracking_uri(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking_uri(load_config().mlflow) == "http://127.0.0.1:5999"
     assert tracking_uri(load_config(overrides=["mlflow.tracking_uri=sqlite:///set.db"]).mlflow) == "sqlite:///set.db"
+
+
+def test_private_memory_peak_counts_allocations_not_mapped_file_pages(tmp_path):
+    import numpy as np
+
+    from runtime.memory import PrivateMemoryPeak, private_bytes
+
+    before = private_bytes()
+    assert before is not None and before > 0  # Linux: RssAnon
+    path = tmp_path / "vectors.npy"
+    np.save(path, np.ones((64, 2**20 // 8), dtype=np.float64))  # 64 MiB
+    with PrivateMemoryPeak() as mapped:
+        total = float(np.load(path, mmap_mode="r").sum())  # every page read through a mapping: the page cache's
+    assert total == 64 * 2**20 // 8 and mapped.bytes < before + 32 * 2**20
+    with PrivateMemoryPeak() as allocated:
+        held = np.ones(2**27 // 8)  # 128 MiB, touched (held to the end: the last sample sees it however fast it was)
+    assert allocated.bytes >= before + 100 * 2**20
+    del held
