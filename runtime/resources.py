@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-import _thread
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -129,7 +129,9 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
                 return
             if waited >= _policy.resource_wait_s:
                 expired.set()
-                _thread.interrupt_main()  # the job's main thread waits inside Ray; this ends the wait there
+                # The job's main thread waits inside Ray or on a lock: a real SIGINT (not _thread.interrupt_main, which
+                # only sets a flag the thread reads when it next runs Python) wakes a blocked wait with EINTR.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
             if time.monotonic() >= next_log:
                 log.warning(

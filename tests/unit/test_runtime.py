@@ -106,3 +106,27 @@ def test_private_memory_peak_counts_allocations_not_mapped_file_pages(tmp_path):
         held = np.ones(2**27 // 8)  # 128 MiB, touched (held to the end: the last sample sees it however fast it was)
     assert allocated.bytes >= before + 100 * 2**20
     del held
+
+
+def test_a_resource_wait_stops_a_main_thread_blocked_on_a_lock(monkeypatch):
+    """The watcher must wake a job whose main thread sits in a blocking wait (Ray Data's iterator on a queue): a
+    flag-only interrupt would be seen only when the wait ends on its own (here after 30 s; in the suite's flake, at
+    pytest's 600 s timeout)."""
+    import threading
+    import time
+
+    import ray
+
+    from runtime import resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(resources, "POLL_S", 0.1)
+    saved = resources.policy()
+    resources.set_policy(resources.ResourcePolicy(autoscaling=True, resource_wait_s=0.5))
+    try:
+        started = time.monotonic()
+        with pytest.raises(resources.ResourceWaitError, match=r"lacks 2 CPU"), resources.awaiting_resources({"CPU": 4.0}, "the pool"):
+            threading.Event().wait(30)
+        assert time.monotonic() - started < 10
+    finally:
+        resources.set_policy(saved)
