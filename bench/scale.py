@@ -322,7 +322,7 @@ def child_index(count: int, work: Path) -> dict:
     started = time.perf_counter()
     from runtime.config import StorageConfig
 
-    built = _build_in_a_task(str(out), StorageConfig(), config, 768, None)
+    built = _build_in_a_task(str(out), StorageConfig(), config, count, 768, None)
     result = {
         "seconds": time.perf_counter() - started,
         "driver_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

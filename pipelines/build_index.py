@@ -44,7 +44,7 @@ from pipelines.config import DataBuildConfig, IndexConfig
 from pipelines.counts import count_output
 from pipelines.known_sources import KEEP, NOTE_SCHEMA, STORED, as_notes, with_known
 from pipelines.listing import check_input, list_sources
-from pipelines.outputs import read_json, table_dataset, write_json
+from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset, write_json
 from pipelines.reading import front_stages, plain_job_errors, read_stage, source_rows
 from pipelines.resume import finished_sources
 from pipelines.sink import CountingSink, block_rows, commit_table, reject_row
@@ -253,7 +253,7 @@ def build_index(
     dim = load_clip_scorer(spec.clip_scorer, seed=spec.seed).dim if stored is not None else None
     index_started = time.perf_counter()
     with plain_job_errors():
-        built = _build_in_a_task(output_uri, storage, config, dim, embeddings_uri)
+        built = _build_in_a_task(output_uri, storage, config, found[1], dim, embeddings_uri)
     manifest = {
         "complete": True,
         "fingerprint": fp,
@@ -331,10 +331,13 @@ def _embed_sources(
     return sink
 
 
-def _build_in_a_task(output_uri: str, storage: StorageConfig, config: IndexConfig, expected_dim: int | None, embeddings_uri) -> dict:
+def _build_in_a_task(
+    output_uri: str, storage: StorageConfig, config: IndexConfig, rows: int, expected_dim: int | None, embeddings_uri
+) -> dict:
     """Stage 2 in two Ray tasks, so the driver never holds a vector and no process holds them all.
-    1. `_assemble_task`: the embeddings sorted by id (Ray Data's distributed sort) and streamed into vectors.npy one
-       batch at a time, one row per id, on whichever node it lands (0 CPUs of its own: Ray Data's tasks sort).
+    1. `_assemble_task`: the embeddings (`rows` of them, a resumed run's repeats included) sorted by id (Ray Data's
+       distributed sort; pyarrow in the task below SORT_IN_TASK_BYTES) and streamed into vectors.npy one batch at a
+       time, one row per id, on whichever node it lands (0 CPUs of its own: Ray Data's tasks sort).
     2. `_build_task` on that node, its `memory` and `num_cpus` from the index plan (`max_calls=1`: a fresh worker, so
        its peak memory is the build's): train on a sample, add parts in Ray tasks that read their own slices of the
        file on the same node, merge, tune.
@@ -342,7 +345,7 @@ def _build_in_a_task(output_uri: str, storage: StorageConfig, config: IndexConfi
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     assemble = ray.remote(num_cpus=0, max_calls=1)(_measured).options(memory=ASSEMBLE_MEMORY)
-    assembled = ray.get(assemble.remote(_assemble_task, output_uri, storage, expected_dim, embeddings_uri))
+    assembled = ray.get(assemble.remote(_assemble_task, output_uri, storage, rows, expected_dim, embeddings_uri))
     count, dim = assembled["count"], assembled["dim"]
     plan = faiss_index.plan_index(count, dim, int(config.max_memory), config.index_type, config.on_disk)
     memory = int(_build_memory(plan, count, dim, config))
@@ -375,7 +378,7 @@ def _build_memory(plan: faiss_index.IndexPlan, count: int, dim: int, config: Ind
     return plan.train_size * 4 * dim + 2 * plan.resident_bytes + config.tuning_queries * 4 * dim + block + 512 * 2**20
 
 
-def _assemble_task(output_uri: str, storage: StorageConfig, expected_dim: int | None, embeddings_uri) -> dict:
+def _assemble_task(output_uri: str, storage: StorageConfig, rows: int, expected_dim: int | None, embeddings_uri) -> dict:
     """vectors.npy: the embeddings in id order, one row per id (a source written twice by a resumed run counts
     once), streamed from Ray Data's sort; in the output directory, or a temporary one on this node for a remote
     output (the build task, placed on this node, uploads it)."""
@@ -389,16 +392,11 @@ def _assemble_task(output_uri: str, storage: StorageConfig, expected_dim: int | 
     context.target_max_block_size = ASSEMBLE_BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     fs, root = filesystem(output_uri, storage)
-    found = table_dataset(fs, root, output_uri, "embeddings", ["id", "embedding"], storage)
     work = Path(tempfile.mkdtemp(prefix="restoray-index-")) if is_remote(output_uri) else Path(root)
     writer = faiss_index.VectorFileWriter(work / VECTORS_FILE)
     try:
         last = None
-        embeddings = found[0]
-        blocks = max(1, math.ceil(found[1] * 4 * (expected_dim or 1280) / ASSEMBLE_BLOCK_BYTES))
-        for batch in (
-            embeddings.repartition(blocks).sort("id").iter_batches(batch_format="pyarrow", batch_size=ASSEMBLE_BATCH, prefetch_batches=1)
-        ):
+        for batch in _sorted_embeddings(fs, root, output_uri, storage, rows, expected_dim):
             ids = batch.column("id")
             if len(ids) == 0:
                 continue
@@ -427,7 +425,23 @@ def _assemble_task(output_uri: str, storage: StorageConfig, expected_dim: int | 
     }
 
 
+def _sorted_embeddings(fs, root: str, output_uri: str, storage: StorageConfig, rows: int, expected_dim: int | None) -> Iterator[pa.Table]:
+    """embeddings/ (id, embedding) in id order, in batches: sorted by Ray Data across the cluster in small blocks, or,
+    while the table is small (SORT_IN_TASK_BYTES), read and sorted here with pyarrow (Ray Data's sort costs seconds
+    of start-up)."""
+    width = 4 * (expected_dim or 1280)  # an upper bound per vector (ViT-bigG is 1280-d) when the width is not known yet
+    if rows * width <= SORT_IN_TASK_BYTES:
+        table = pa.concat_tables([read_parquet(fs, path, storage, ["id", "embedding"]) for path in parquet_files(fs, root, "embeddings")])
+        yield from (pa.Table.from_batches([batch]) for batch in table.sort_by("id").to_batches(ASSEMBLE_BATCH))
+        return
+    embeddings, _ = table_dataset(fs, root, output_uri, "embeddings", ["id", "embedding"], storage)
+    blocks = max(1, math.ceil(rows * width / ASSEMBLE_BLOCK_BYTES))
+    ordered = embeddings.repartition(blocks).sort("id")  # the sort's output has as many blocks as its input
+    yield from ordered.iter_batches(batch_format="pyarrow", batch_size=ASSEMBLE_BATCH, prefetch_batches=1)
+
+
 ASSEMBLE_BATCH = 8192
+SORT_IN_TASK_BYTES = 128 * 2**20
 ASSEMBLE_BLOCK_BYTES = 16 * 2**20  # Ray Data's blocks in the sort (its output has as many blocks as its input)
 
 

@@ -198,7 +198,9 @@ class RayHead:
 
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)  # a test's own head: past this, killed (an autoscaling head took 35 s)
+            # A test's own head, its files removed after: nothing to shut down gracefully for (an autoscaling head
+            # took 35 s to go on SIGTERM), so it gets a moment and is then killed.
+            self.process.wait(timeout=3)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:
@@ -212,3 +214,27 @@ class RayHead:
                 pass
         psutil.wait_procs(left, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_sample_index(tmp_path_factory):
+    """The sample corpus and its reference index (`index build --set data.quality.min_short_side=256`), built once
+    per session by the first test module that calls the returned function, inside that module's own Ray instance
+    (a session fixture cannot hold one: each module starts and stops its own). Returns (base, images, index):
+    `base` holds samples/ and index/; modules that add files of their own make a directory under it."""
+    built: dict = {}
+
+    def build() -> tuple[Path, list[Path], Path]:
+        if not built:
+            from restoray.cli import main
+            from restoray.samples import materialise
+
+            base = tmp_path_factory.mktemp("sample-index")
+            images = materialise(str(base / "samples"))
+            index = base / "index"
+            arguments = ["index", "build", "--input", str(base / "samples"), "--output", str(index)]
+            assert main([*arguments, "--set", "data.quality.min_short_side=256"]) == 0
+            built.update(base=base, images=images, index=index)
+        return built["base"], built["images"], built["index"]
+
+    return build

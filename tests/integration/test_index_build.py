@@ -36,14 +36,9 @@ def table(directory: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def sample_index(tmp_path_factory, local_ray):  # noqa: F811
-    from restoray.samples import materialise
-
-    root = tmp_path_factory.mktemp("sample-index")
-    images = materialise(str(root / "samples"))
-    output = root / "index"
-    code = main(["index", "build", "--input", str(root / "samples"), "--output", str(output), "--set", "data.quality.min_short_side=256"])
-    assert code == 0
+def sample_index(shared_sample_index, local_ray):  # noqa: F811
+    """The sample corpus's index (tests/conftest.py: built once per session, shared with the serving tests)."""
+    _, images, output = shared_sample_index()
     return images, output
 
 
@@ -243,10 +238,13 @@ def test_stage_two_streams_sorted_unique_vectors_and_adds_parts_from_the_file(tm
     for number, part in enumerate((rows[:120], rows[120:], rows[100:130])):  # rows 100..129 written twice
         pq.write_table(pa.Table.from_pylist(part), tmp_path / "embeddings" / f"part-{number}.parquet")
     monkeypatch.setattr(build_index_module, "ASSEMBLE_BATCH", 7)  # duplicates meet across batch boundaries
-    assembled = build_index_module._assemble_task(str(tmp_path), StorageConfig(), 16, None)
-    assert (assembled["count"], assembled["dim"]) == (300, 16)
     order = np.argsort([row["id"] for row in rows])
-    np.testing.assert_array_equal(np.load(tmp_path / "vectors.npy"), vectors[order])
+    for sort_in_task in (0, 2**30):  # Ray Data's sort (forced), then pyarrow's in the task (what a small table gets)
+        monkeypatch.setattr(build_index_module, "SORT_IN_TASK_BYTES", sort_in_task)
+        (tmp_path / "vectors.npy").unlink(missing_ok=True)
+        assembled = build_index_module._assemble_task(str(tmp_path), StorageConfig(), 330, 16, None)
+        assert (assembled["count"], assembled["dim"]) == (300, 16)
+        np.testing.assert_array_equal(np.load(tmp_path / "vectors.npy"), vectors[order])
 
     config = IndexConfig.model_validate({"index_type": "ivf", "add_batch": 70, "tuning_queries": 20})
     plan, search, _ = build_index_module._build_faiss(tmp_path, 300, 16, config)

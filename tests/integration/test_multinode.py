@@ -4,9 +4,8 @@ A data build and a two-worker DeepSpeed ZeRO-3 training run (placement SPREAD) w
 nodes, with outputs on S3 (moto) and MLflow a tracking server storing its artifacts in S3; node-local paths refused;
 the worker node crashed during training (every process SIGKILLed: no goodbye, the head's health check finds it dead)
 and the run resumed from its last checkpoint with both workers on the head
-(ZeRO checkpoints are per rank: the world size stays 2), each step logged once; the registered model restored
-through the server; then a second `restoray train` with more steps resumes the run at its saved step in the same
-MLflow run. The one end-to-end training run of the suite with two workers. Beside the cluster (its address file in
+(ZeRO checkpoints are per rank: the world size stays 2), each step logged once, the model registered through the
+server; then a second `restoray train` with more steps resumes the run at its saved step in the same MLflow run. The one end-to-end training run of the suite with two workers. Beside the cluster (its address file in
 Ray's default temp dir), the embedded default still starts its own instance.
 """
 
@@ -21,7 +20,6 @@ import pytest
 from restoray.config import DEFAULT_CONFIG
 from tests.conftest import FAKE_AWS, MLFLOW_ARTIFACT_BUCKET, moto_client, s3_keys, subprocess_env
 from tests.integration.test_training import _assert_complete_export, sets
-from tests.integration.test_training import restoray as single_node_restoray
 
 CONFIG = str(DEFAULT_CONFIG)
 EXPERIMENT = "restoray-two-node"
@@ -223,13 +221,8 @@ def test_two_nodes_build_train_lose_a_node_and_resume(cluster, mlflow_server, mo
     assert any(key.endswith(f"{run_id}/artifacts/validation/step_{STEPS:06d}.png") for key in keys), keys[:10]
     assert any(key.endswith("MLmodel") for key in keys) and any(key.endswith(".safetensors") for key in keys), keys[:10]
 
-    # The registered model restores through the server (a file that is not an image: tests/unit/test_restorer.py).
-    photo = next((tmp_path / "samples").glob("*.png"))
-    restored = single_node_restoray("restore", str(photo), "--output", str(tmp_path / "out.png"), "--weights",
-                                    "models:/restoray-adaptor/1", "--steps", "2", "--prompt", "a photo", cwd=tmp_path,
-                                    MLFLOW_TRACKING_URI=mlflow_server)  # fmt: skip
-    assert restored.returncode == 0, restored.stderr[-3000:]
-    assert (tmp_path / "out.png").stat().st_size > 0
+    # (A registered model restored through the server: test_autoscaling.py's restore-batch by alias. This run's
+    # export is checked whole below, after the resumed run.)
 
     # The same run resumed by a second `restoray train` with more steps (now on the one node left).
     more_steps = sets(train__steps=STEPS + 2, train__register_model="false")

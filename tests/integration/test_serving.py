@@ -20,7 +20,6 @@ import pytest
 import requests
 from PIL import Image
 
-from restoray.cli import main
 from restoray.serve import free_port, wait_ready
 from tests.integration.test_build_dataset import local_ray  # noqa: F401  (the module's Ray instance)
 
@@ -55,16 +54,19 @@ def decoded(response: requests.Response) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, local_ray, monkeypatch_module):  # noqa: F811
+def service(shared_sample_index, local_ray, monkeypatch_module):  # noqa: F811
     import torch
     from ray import serve
 
     from restoration.restorer import Restorer
-    from restoray.samples import materialise
     from serving.app import build_app
     from serving.config import AppConfig
 
-    root = tmp_path_factory.mktemp("serving")
+    # The sample corpus and its index from the session (built once, shared with test_index_build); the models beside
+    # them, so `root.parent` is the one directory no answer may name.
+    base, samples, index = shared_sample_index()
+    root = base / "serving"
+    root.mkdir()
     # Two versions of one preset: zero-initialised connectors, and the same with perturbed ones (at zero init an
     # adaptor changes nothing, so only the perturbed version can differ from the base).
     restorer = Restorer("tiny")
@@ -82,23 +84,6 @@ def service(tmp_path_factory, local_ray, monkeypatch_module):  # noqa: F811
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
     restorer.save_pretrained(root / "model-experts")
 
-    samples = materialise(str(root / "samples"))
-    assert (
-        main(
-            [
-                "index",
-                "build",
-                "--input",
-                str(root / "samples"),
-                "--output",
-                str(root / "index"),
-                "--set",
-                "data.quality.min_short_side=256",
-            ]
-        )
-        == 0
-    )
-
     monkeypatch_module.setenv("RESTORAY_SERVE_TOKENS", f"tester:{TOKEN},{OTHER_TOKEN},burst:{BURST_TOKEN}")
     port = free_port()
     base = {"preset": "tiny", "sampler": {"steps": 2}}
@@ -110,7 +95,7 @@ def service(tmp_path_factory, local_ray, monkeypatch_module):  # noqa: F811
                 "port": port,
                 "weights": str(root / "model-a"),
                 "models": {"b": str(root / "model-b"), "experts": str(root / "model-experts")},
-                "index": str(root / "index"),
+                "index": str(index),
                 "jobs_dir": str(root / "jobs"),
                 "limits": limits,
                 # Room for 16 clients: 4 in the batch, the rest queued.
@@ -189,7 +174,7 @@ def test_two_model_versions_on_one_replica_share_one_sdxl_base(service):
     by_header = restore(service, seed="1", headers={"serve_multiplexed_model_id": "b"})
     assert by_header.headers["X-Restoray-Model"] == "b"
     assert by_header.headers["X-Restoray-Model-Version"] == b.headers["X-Restoray-Model-Version"]
-    assert str(service.root) not in a.text + b.text + json.dumps(dict(b.headers))  # no answer names a path
+    assert str(service.root.parent) not in a.text + b.text + json.dumps(dict(b.headers))  # no answer names a path
     listed = requests.get(f"{service.url}/v1/models", headers=service.auth(), timeout=60).json()
     assert {model["name"] for model in listed["models"]} == {"default", "b", "experts"}
     versions = dict(map(tuple, listed["replica"]["models"]))
@@ -312,7 +297,7 @@ def test_model_ids_naming_paths_buckets_or_presets_are_404_and_the_default_model
             assert response.status_code == 404, (model, response.status_code, response.text[:300])
             body = response.json()
             assert body["field"] == "model" and "the models are b, default, experts" in body["error"] and body["request_id"]
-            assert str(service.root) not in response.text
+            assert str(service.root.parent) not in response.text
     after = requests.get(f"{service.url}/v1/models", headers=service.auth(), timeout=60).json()["replica"]
     assert after["models"] == before["models"] and after["sdxl_bases"] == 1  # nothing loaded, nothing evicted
     assert restore(service).headers["X-Restoray-Model"] == "default"

@@ -1,6 +1,5 @@
 """`restoray submit` against a real `ray start --head --block` cluster on 127.0.0.1."""
 
-import json
 import subprocess
 import sys
 import uuid
@@ -63,33 +62,22 @@ def test_wrong_token_and_unreachable_cluster_are_bad_input(ray_cluster):
     assert "cannot reach the Ray Jobs API" in nowhere.stderr
 
 
-def test_submitted_data_build_runs_on_the_cluster(ray_cluster, tmp_path):
-    from tests.integration.corpus import photos, png_bytes
+def test_submitted_jobs_refuse_node_local_paths_and_train_on_the_cluster(ray_cluster, tmp_path):
+    """A submitted data build with node-local paths is refused; a submitted training run on a dataset at a path
+    declared shared trains and registers its model. (A submitted data build that runs: test_autoscaling.py.)"""
+    from tests.integration.test_training import _abair_shards
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for index, image in enumerate(photos(3)):
-        (corpus / f"{index}.png").write_bytes(png_bytes(image))
-        (corpus / f"{index}.txt").write_text(f"caption {index}")
     output = tmp_path / "dataset"
     # The job runs on a cluster, whose nodes need not see this machine's files: local paths are refused there
     # unless declared a shared mount (one machine here: its /tmp is shared by construction).
     refused = _submit(ray_cluster, "--", "data", "build", "--input", str(corpus), "--output", str(output))
     assert refused.returncode == 1 and "connected to a Ray cluster" in refused.stdout + refused.stderr
     assert not output.exists()
-    result = _submit(
-        ray_cluster,
-        "--",
-        "data", "build", "--input", str(corpus), "--output", str(output), "--set", "storage.shared_filesystem=true",
-        "--set", "data.quality.min_short_side=128", "--set", "data.crop.size=128",
-        "--set", "data.embed.enabled=false", "--set", "data.caption.mode=keep-source", "--set", "data.negatives.count=0",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["sources_accepted"] == 3 and manifest["samples_written"] == 6
-    assert "samples written" in result.stdout  # the job's summary table, streamed back
+    _abair_shards(output)
 
-    # Training as a job on the same cluster, fed by the shards just built (two CPUs: half of one for the worker,
+    # Training as a job on the cluster, fed by a dataset in the shard schema (two CPUs: half of one for the worker,
     # the rest for the Ray Data tasks that list, read and prepare its batches, which need a whole CPU to start).
     trained = _submit(
         ray_cluster,

@@ -1,6 +1,6 @@
 """`restoray train`: bad input refused before workers start, and the ABAIR stage chain (adaptor, then an expert,
 then the estimator) into one model. Two workers with DeepSpeed ZeRO-3 on two Ray nodes, a lost node, the MLflow
-server with S3 artifacts, the registered model restored, and a run resumed by name: test_multinode.py."""
+server with S3 artifacts, the model registered, and a run resumed by name: test_multinode.py."""
 
 import json
 import subprocess
