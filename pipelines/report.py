@@ -15,6 +15,7 @@ import json
 import cv2
 import numpy as np
 import pyarrow as pa
+from ray.data.aggregate import Max, Min, Sum
 
 from pipelines.outputs import parquet_files, read_json, read_parquet, table_dataset
 from restoration.images import decode_image, encode_png
@@ -50,6 +51,9 @@ def _scores(batch: pa.Table) -> pa.Table:
     return pa.table({score: [float(q[score]) if isinstance(q.get(score), int | float) else np.nan for q in qualities] for score in SCORES})
 
 
+AGGREGATIONS = ((Sum, "n"), (Min, "min"), (Max, "max"))
+
+
 def score_histograms(fs, root: str, output_uri: str, storage: StorageConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{score: (counts, edges)} over every sample, computed in Ray tasks: a min/max pass, then per-block bin counts."""
     found = table_dataset(fs, root, output_uri, "shards", ["quality"], storage)
@@ -67,11 +71,14 @@ def score_histograms(fs, root: str, output_uri: str, storage: StorageConfig) -> 
             columns[f"{score}_n"] = [len(values)]
         return pa.table(columns)
 
-    per_block = scores.map_batches(bounds, batch_format="pyarrow", batch_size=None).materialize()
+    # One aggregation for every score's count and range (one Ray Data execution each would cost seconds apiece).
+    per_block = scores.map_batches(bounds, batch_format="pyarrow", batch_size=None)
+    aggregations = [kind(f"{score}_{part}", alias_name=f"{score}_{part}") for score in SCORES for kind, part in AGGREGATIONS]
+    overall = per_block.aggregate(*aggregations)
     edges = {}
     for score in SCORES:
-        if per_block.sum(f"{score}_n"):
-            low, high = per_block.min(f"{score}_min"), per_block.max(f"{score}_max")
+        if overall[f"{score}_n"]:
+            low, high = overall[f"{score}_min"], overall[f"{score}_max"]
             edges[score] = np.linspace(low, high if high > low else low + 1.0, BINS + 1)
 
     def binned(batch: pa.Table) -> pa.Table:

@@ -156,3 +156,28 @@ def test_resume_after_a_kill_on_the_shuffle_paths(tmp_path, local_ray, monkeypat
     ids = [row["id"] for row in read(interrupted, "shards")]
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(row["id"] for row in read(tmp_path / "reference", "shards"))
     assert sorted(r["source"] for r in read(interrupted, "rejects")) == sorted(r["source"] for r in read(tmp_path / "reference", "rejects"))
+
+
+def test_report_histograms_equal_numpy_over_every_shard(tmp_path, local_ray):  # noqa: F811
+    """The report's streamed histograms (one range aggregation, then per-block bin counts) equal numpy's over all
+    samples; a score no sample recorded has none, and samples without a score are left out of its histogram."""
+    import json
+
+    from pipelines.report import BINS, score_histograms
+    from runtime.config import StorageConfig
+    from runtime.storage import filesystem
+
+    rng = np.random.default_rng(5)
+    sharpness, entropy = rng.uniform(10, 900, 300), rng.normal(6, 1, 300)
+    (tmp_path / "shards").mkdir()
+    for part in range(3):
+        rows = range(part * 100, part * 100 + 100)
+        quality = [json.dumps({"sharpness": sharpness[i], **({"entropy": entropy[i]} if i % 3 else {})}) for i in rows]
+        pq.write_table(pa.table({"quality": quality}), tmp_path / "shards" / f"part-{part}.parquet", row_group_size=40)
+    fs, root = filesystem(str(tmp_path), StorageConfig())
+    histograms = score_histograms(fs, root, str(tmp_path), StorageConfig())
+    assert set(histograms) == {"sharpness", "entropy"}
+    for name, values in (("sharpness", sharpness), ("entropy", entropy[np.arange(300) % 3 != 0])):
+        counts, edges = histograms[name]
+        np.testing.assert_allclose(edges, np.linspace(values.min(), values.max(), BINS + 1))
+        np.testing.assert_array_equal(counts, np.histogram(values, bins=edges)[0])

@@ -5,8 +5,9 @@ nodes, with outputs on S3 (moto) and MLflow a tracking server storing its artifa
 the worker node crashed during training (every process SIGKILLed: no goodbye, the head's health check finds it dead)
 and the run resumed from its last checkpoint with both workers on the head
 (ZeRO checkpoints are per rank: the world size stays 2), each step logged once, the model registered through the
-server; then a second `restoray train` with more steps resumes the run at its saved step in the same MLflow run. The one end-to-end training run of the suite with two workers. Beside the cluster (its address file in
-Ray's default temp dir), the embedded default still starts its own instance.
+server; then a second `restoray train` with more steps resumes the run at its saved step in the same MLflow run.
+The one end-to-end training run of the suite with two workers. Beside the cluster (its address file in Ray's default
+temp dir), the embedded default still starts its own instance.
 """
 
 import json
