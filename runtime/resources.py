@@ -25,6 +25,7 @@ from restoration.errors import InputError, RestorayError
 log = logging.getLogger(__name__)
 POLL_S = 1.0
 LOG_EVERY_S = 30.0
+INTERRUPT_EVERY_S = 5.0  # a graceful stop (Ray Train's SIGINT handler) gets this long before the next
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,13 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
             if waited >= _policy.resource_wait_s:
                 expired.set()
                 # The job's main thread waits inside Ray or on a lock: a real SIGINT (not _thread.interrupt_main, which
-                # only sets a flag the thread reads when it next runs Python) wakes a blocked wait with EINTR.
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                return
+                # only sets a flag the thread reads when it next runs Python) wakes a blocked wait with EINTR. Again
+                # every INTERRUPT_EVERY_S until the body has ended: an interrupt raised while the main thread runs a
+                # finaliser (`__del__`, a weakref callback: Ray runs many) is printed and dropped by Python.
+                while True:
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    if done.wait(INTERRUPT_EVERY_S):
+                        return
             if time.monotonic() >= next_log:
                 log.warning(
                     "waiting for the autoscaler: %s need %s; the cluster lacks %s (%.0f of %g s)",
@@ -153,6 +158,7 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
+        done.set()  # first: no further interrupt while this handler runs
         # The interrupt surfaces as KeyboardInterrupt, or as what the library makes of it: Ray Train's SIGINT handler
         # aborts the run gracefully, and fit() then fails or exits on its own terms.
         if not expired.is_set():
