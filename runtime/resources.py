@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -134,8 +135,12 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
                 # only sets a flag the thread reads when it next runs Python) wakes a blocked wait with EINTR. Again
                 # every INTERRUPT_EVERY_S until the body has ended: an interrupt raised while the main thread runs a
                 # finaliser (`__del__`, a weakref callback: Ray runs many) is printed and dropped by Python.
+                # The SIGINT alone is not enough where a library replaced its handler (seen in the test suite): the
+                # KeyboardInterrupt is also set on the main thread directly, raised at its next bytecode.
+                main = threading.main_thread().ident
                 while True:
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    signal.pthread_kill(main, signal.SIGINT)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(KeyboardInterrupt))
                     if done.wait(INTERRUPT_EVERY_S):
                         return
             if time.monotonic() >= next_log:
