@@ -160,16 +160,24 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
             "(a node type with these resources), or raise ray.resource_wait_s"
         )
 
+    def stop_watching() -> None:
+        # No further interrupt, and none left pending on this thread to fire after the body (the watcher may have
+        # set one just as the body ended).
+        done.set()
+        watcher.join(timeout=5)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
     try:
         yield
     except BaseException:
-        done.set()  # first: no further interrupt while this handler runs
+        stop_watching()
         # The interrupt surfaces as KeyboardInterrupt, or as what the library makes of it: Ray Train's SIGINT handler
         # aborts the run gracefully, and fit() then fails or exits on its own terms.
         if not expired.is_set():
             raise
         raise stopped() from None
     else:
+        stop_watching()
         if expired.is_set():
             raise stopped()
     finally:
