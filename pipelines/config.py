@@ -220,7 +220,12 @@ class MetricWeights(StrictModel):
 class EvalConfig(StrictModel):
     """`restoray eval`: the test set's workers, the metrics and their weights, the prompt of the restorations."""
 
-    workers: int = Field(2, ge=1, description="Ray tasks building a protocol's test set (the same set for any number).")
+    workers: int = Field(2, ge=1, description="Ray tasks building a protocol's test set (the same set for any number), and scoring actors.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring actor (the learned metrics run on it); 0: CPU.")
+    min_fid_images: int = Field(
+        50, ge=2, description="Below this many images FID is still computed but flagged in the table, report and MLflow run "
+        "(its covariance is rank-deficient under 2048 images; papers' FIDs are over thousands)."
+    )  # fmt: skip
     metrics: list[str] | None = Field(
         None,
         description="Metrics to score; unset: psnr, ssim and every learned metric whose eval.weights file is set (the others "

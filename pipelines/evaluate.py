@@ -1,5 +1,6 @@
-"""`restoray eval`: a protocol's test set (Ray tasks), restored by the restore-batch job, scored per image, tracked in
-MLflow; `restoray eval compare RUN_A RUN_B`.
+"""`restoray eval`: a protocol's test set (Ray tasks), restored by the restore-batch job, scored on Ray
+(`pipelines.scoring`), tracked in MLflow; `restoray eval score` (folders the user has, matched by name);
+`restoray eval compare RUN_A RUN_B`.
 
 Layout of OUTPUT: testset/lq/<case>.png and testset/hq/<case>.png (<case>: the source's path relative to the data,
 without extension, + `__<type>` for protocols with several cases per source), testset/cases.json, restored/ (the
@@ -9,66 +10,37 @@ restore-batch output), scores.parquet (case, type, source, lq, output, hq, one c
 from __future__ import annotations
 
 import hashlib
-import html
 import json
-import sys
+import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from tqdm import tqdm
 
 from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
-from pipelines.report import MANIFEST, thumbnail_cell
+from pipelines.report import MANIFEST
+from pipelines.scoring import EvalSummary, convention_text, decode_uri, score_pairs, set_scores, summarise, write_bytes, write_outputs
 from restoration.errors import InputError
-from restoration.evaluation.learned import LEARNED, build_scorer, plan_metrics
-from restoration.evaluation.metrics import PLAIN_METRICS
-from restoration.evaluation.protocols import Protocol, load_protocol
-from restoration.images import ImageDecodeError, decode_image, encode_png
+from restoration.evaluation.conventions import MetricConvention
+from restoration.evaluation.learned import MetricPlan, plan_metrics
+from restoration.evaluation.protocols import PairedSet, Protocol, load_protocol
+from restoration.images import encode_png
+from restoration.seeding import numpy_generator
 from restoration.settings import RestoreConfig, SamplerConfig
 from runtime.config import MlflowConfig, StorageConfig, tracking_uri
-from runtime.storage import filesystem, read_bytes, retrying
+from runtime.storage import filesystem, read_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 EXPERIMENT = "restoray-eval"
 
 
-@dataclass
-class EvalSummary:
-    protocol: str
-    weights: str
-    output: str
-    cases: int
-    means: dict[str, float]
-    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
-    run_id: str | None = None
-    seconds: float = 0.0
-    skipped: dict[str, str] = field(default_factory=dict)
-    lineage: dict[str, str] = field(default_factory=dict)
-
-    def table(self) -> str:
-        names = list(self.means)
-        lines = [
-            f"eval {self.protocol} of {self.weights}: {self.cases} cases -> {self.output}",
-            f"  {'':<12}" + "".join(f"{n:>10}" for n in names),
-        ]
-        lines.append(f"  {'all':<12}" + "".join(f"{self.means[n]:>10.4f}" for n in names))
-        for kind, means in sorted(self.by_type.items()):  # set metrics (fid) have no per-type value
-            lines.append(f"  {kind:<12}" + "".join(f"{means[n]:>10.4f}" if n in means else f"{'-':>10}" for n in names))
-        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
-        lines.append(f"  MLflow run {self.run_id} (experiment {EXPERIMENT}), {self.seconds:.1f}s; report: {self.output}/report.html")
-        return "\n".join(lines)
-
-
-def _images_under(uri: str, storage: StorageConfig) -> dict[str, str]:
+def _images_under(uri: str, storage: StorageConfig, flag: str = "--data") -> dict[str, str]:
     """{name relative to uri (posix, with extension): full path} of the image files under a folder."""
     fs, root = filesystem(uri, storage)
     if not fs.exists(root) or not fs.isdir(root):
-        raise InputError(f"--data {uri}: no such folder of images")
+        raise InputError(f"{flag} {uri}: no such folder of images")
     root = root.rstrip("/")
     found = {}
     for path in sorted(fs.find(root)):
@@ -78,20 +50,11 @@ def _images_under(uri: str, storage: StorageConfig) -> dict[str, str]:
 
 
 def _decode(uri: str, storage: StorageConfig) -> np.ndarray:
-    try:
-        return decode_image(read_bytes(uri, storage))
-    except ImageDecodeError as err:
-        raise InputError(f"{uri}: not a usable test image ({err})") from None
+    return decode_uri(uri, storage)
 
 
 def _write(uri: str, data: bytes, storage: StorageConfig) -> None:
-    fs, path = filesystem(uri, storage)
-
-    def put() -> None:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
-
-    retrying(put, uri, storage, "write")
+    write_bytes(uri, data, storage)
 
 
 def case_name(relative: str, case: str) -> str:
@@ -126,15 +89,27 @@ def build_testset(protocol: Protocol, data_uri: str, output_uri: str, storage: S
     items = sorted(_images_under(data_uri, storage).items())
     if not items:
         raise InputError(f"--data {data_uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    _refuse_shared_names([relative for relative, _ in items], data_uri)
     chunks = [items[i::workers] for i in range(min(workers, len(items)))]
     rows = [row for chunk in ray.get([_build_task.remote(protocol, chunk, output, storage) for chunk in chunks]) for row in chunk]
     return sorted(rows, key=lambda row: row["case"])
+
+
+def _refuse_shared_names(relatives: list[str], data_uri: str) -> None:
+    """Cases are named by path without extension: photo.jpg and photo.png would write one case's files twice."""
+    seen: dict[str, str] = {}
+    for relative in relatives:
+        name = case_name(relative, "")
+        if name in seen:
+            raise InputError(f"--data {data_uri}: {seen[name]} and {relative} would both be case {name!r}; rename one")
+        seen[name] = relative
 
 
 def _no_reference_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
     images = _images_under(data_uri, storage)
     if not images:
         raise InputError(f"--data {data_uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    _refuse_shared_names(list(images), data_uri)
     rows = []
     for relative, uri in sorted(images.items()):
         name = case_name(relative, "")
@@ -143,22 +118,60 @@ def _no_reference_cases(protocol: Protocol, data_uri: str, output: str, storage:
     return rows
 
 
+def _keyed(folder: str, pairs: PairedSet, side: str, storage: StorageConfig) -> dict[str, str]:
+    """{pairing key: URI} of one side's images: the key from each relative path without extension (`lq_key`/`hq_key`);
+    files the side's pattern does not match are not this side's (RealSR keeps LR and HR in one folder). Two files
+    with one key (a.png and a.jpg) are refused: one would overwrite the other's case."""
+    found: dict[str, str] = {}
+    for relative, uri in sorted(_images_under(folder, storage).items()):
+        key = pairs.key(str(PurePosixPath(relative).with_suffix("")), side)
+        if key is None:
+            continue
+        if key in found:
+            raise InputError(f"{folder}: {found[key]} and {uri} are both case {key!r}; rename one")
+        found[key] = uri
+    if not found:
+        raise InputError(f"{folder}: no {side.upper()} images match {getattr(pairs, side + '_key')!r}")
+    return found
+
+
 def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
-    lq, hq = (_images_under(f"{data_uri.rstrip('/')}/{part}", storage) for part in ("LQ", "HQ"))
-    lq_names, hq_names = {case_name(n, ""): n for n in lq}, {case_name(n, ""): n for n in hq}
-    if set(lq_names) != set(hq_names):
-        only_lq, only_hq = sorted(set(lq_names) - set(hq_names)), sorted(set(hq_names) - set(lq_names))
-        raise InputError(f"--data {data_uri}: LQ/ and HQ/ hold different images (only in LQ: {only_lq[:5]}, only in HQ: {only_hq[:5]})")
+    data = data_uri.rstrip("/")
+    missing = [f"{data}/{folder}" for pairs in protocol.pairs for folder in (pairs.hq, None if pairs.noise_sigma else pairs.lq)
+               if folder is not None and not _is_folder(f"{data}/{folder}", storage)]  # fmt: skip
+    if missing:
+        raise InputError(f"--data {data_uri}: protocol {protocol.name} needs these folders, which are missing: {', '.join(missing)}")
+    several = len(protocol.pairs) > 1
     rows = []
-    for name in sorted(lq_names):
-        low, high = _decode(lq[lq_names[name]], storage), _decode(hq[hq_names[name]], storage)
-        expected = (round(low.shape[0] * protocol.upscale), round(low.shape[1] * protocol.upscale))
-        if high.shape[:2] != expected:
-            raise InputError(f"{name}: HQ is {high.shape[1]}x{high.shape[0]}, LQ x {protocol.upscale:g} is {expected[1]}x{expected[0]}")
-        _write(f"{output}/testset/lq/{name}.png", encode_png(low), storage)
-        _write(f"{output}/testset/hq/{name}.png", encode_png(high), storage)
-        rows.append({"case": name, "type": protocol.name, "source": lq[lq_names[name]], "ops": "[]"})
+    for pairs in protocol.pairs:
+        high_files = _keyed(f"{data}/{pairs.hq}", pairs, "hq", storage)
+        low_files = _keyed(f"{data}/{pairs.lq}", pairs, "lq", storage) if pairs.noise_sigma is None else high_files
+        if set(low_files) != set(high_files):
+            only_lq, only_hq = sorted(set(low_files) - set(high_files)), sorted(set(high_files) - set(low_files))
+            raise InputError(
+                f"--data {data_uri}: {pairs.lq}/ and {pairs.hq}/ hold different images "
+                f"(only in LQ: {only_lq[:5]}, only in HQ: {only_hq[:5]})"
+            )
+        for key in sorted(high_files):
+            name = f"{pairs.name}/{key}" if several else key
+            high = _decode(high_files[key], storage)
+            if pairs.noise_sigma is None:
+                low = _decode(low_files[key], storage)
+                expected = (round(low.shape[0] * protocol.upscale), round(low.shape[1] * protocol.upscale))
+                if high.shape[:2] != expected:
+                    shown = f"HQ is {high.shape[1]}x{high.shape[0]}, LQ x {protocol.upscale:g} is {expected[1]}x{expected[0]}"
+                    raise InputError(f"{name}: {shown} (the protocol's upscale)")
+            else:
+                low = pairs.noisy(high, numpy_generator(protocol.seed, protocol.name, name, "noise"))
+            _write(f"{output}/testset/lq/{name}.png", encode_png(low), storage)
+            _write(f"{output}/testset/hq/{name}.png", encode_png(high), storage)
+            rows.append({"case": name, "type": pairs.name or protocol.name, "source": low_files[key], "ops": "[]"})
     return rows
+
+
+def _is_folder(uri: str, storage: StorageConfig) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.isdir(path)
 
 
 def evaluate(
@@ -174,16 +187,16 @@ def evaluate(
     options: RestoreConfig,
     storage: StorageConfig,
     mlflow_config: MlflowConfig,
+    convention: MetricConvention | None = None,
 ) -> EvalSummary:
     """Run a protocol on a model; Ray must be initialised. `weights`: its pinned URI (`runtime.resolve.pin`) or a
     preset name, which the restore-batch actors resolve on their own nodes; `weights_uri`: what the user named
-    (recorded)."""
+    (recorded); `convention`: scored in this instead of the protocol's."""
     from pipelines.restore_batch import restore_batch
 
     started = time.perf_counter()
     protocol = load_protocol(protocol_name)
     plan = plan_metrics(config.metrics, config.weights.model_dump(), protocol.has_reference)
-    scorers = {name: build_scorer(name, getattr(config.weights, name), config.lpips_net) for name in plan.names if name in LEARNED}
     output = output_uri.rstrip("/")
     cases = build_testset(protocol, data_uri, output, storage, config.workers)
     _write(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
@@ -204,55 +217,36 @@ def evaluate(
     fs, root = filesystem(restored, storage)
     marker = "/testset/lq/"
     results = {row["source"].split(marker, 1)[-1].rsplit(".", 1)[0]: row for row in _results(fs, root)}
-    rows, outputs, references = [], [], []
-    crop = protocol.convention.crop_border
-    for case in tqdm(cases, desc="scoring", unit="case", disable=not sys.stderr.isatty()):
-        result = results.get(case["case"])
-        if result is None:
-            raise InputError(f"case {case['case']}: the restore-batch job did not restore it (see {restored}/rejects)")
-        out = _decode(f"{restored}/{result['output']}", storage)
-        hq = _decode(f"{output}/testset/hq/{case['case']}.png", storage) if protocol.has_reference else None
-        if hq is not None and out.shape != hq.shape:
-            raise InputError(f"case {case['case']}: output {out.shape[1]}x{out.shape[0]} but HQ {hq.shape[1]}x{hq.shape[0]}")
-        scores = {name: PLAIN_METRICS[name](out, hq, protocol.convention) for name in plan.full if name in PLAIN_METRICS}
-        scores |= {name: scorers[name](_cropped(out, crop), _cropped(hq, crop)) for name in plan.full if name in scorers}
-        scores |= {name: scorers[name](_cropped(out, crop)) for name in plan.no_reference}
-        if plan.sets:
-            outputs.append(_cropped(out, crop))
-            references.append(_cropped(hq, crop))
-        rows.append({"case": case["case"], "type": case["type"], "source": case["source"], "lq": f"testset/lq/{case['case']}.png",
-                     "output": f"restored/{result['output']}", "hq": f"testset/hq/{case['case']}.png" if hq is not None else None,
-                     **scores})  # fmt: skip
+    unrestored = [case["case"] for case in cases if case["case"] not in results]
+    if unrestored:
+        raise InputError(f"cases {unrestored[:5]}: the restore-batch job did not restore them (see {restored}/rejects)")
+    pairs = [{"case": case["case"], "type": case["type"], "source": case["source"], "lq": f"testset/lq/{case['case']}.png",
+              "output": f"restored/{results[case['case']]['output']}",
+              "hq": f"testset/hq/{case['case']}.png" if protocol.has_reference else None} for case in cases]  # fmt: skip
+    convention = convention or protocol.convention
+    located = [{**pair, "output": f"{output}/{pair['output']}", "hq": pair["hq"] and f"{output}/{pair['hq']}"} for pair in pairs]
+    scored = score_pairs(located, plan, convention, config, storage)
     per_image = [*plan.full, *plan.no_reference]
-    means = {name: float(np.mean([row[name] for row in rows])) for name in per_image}
-    means |= {name: scorers[name](outputs, references) for name in plan.sets}
-    by_type = {}
-    if len({row["type"] for row in rows}) > 1:
-        for kind in sorted({row["type"] for row in rows}):
-            picked = [row for row in rows if row["type"] == kind]
-            by_type[kind] = {name: float(np.mean([row[name] for row in picked])) for name in per_image}
-    table = pa.Table.from_pylist(rows)
-    local_scores = f"{output}/scores.parquet"
-    fs_out, path = filesystem(local_scores, storage)
-    with fs_out.open(path, "wb") as handle:
-        pq.write_table(table, handle)
+    rows = [{**pair, **{name: row[name] for name in per_image}} for pair, row in zip(pairs, scored, strict=True)]
+    means, by_type = summarise(rows, per_image)
+    means |= set_scores(located, plan, convention, config, storage)
     testset_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
     lineage = model_lineage(weights, weights_uri, storage, mlflow_config)
-    summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage)
-    report = f"{output}/report.html" if config.report else None
-    if report:
-        _write(report, render_report(summary, protocol, rows, per_image, output, storage, config.report_cases).encode(), storage)
+    summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage,
+                          convention=convention_text(convention), warnings=set_size_warnings(plan, len(rows), config))  # fmt: skip
     params = {"protocol": protocol.name, "model": weights_uri, "data": data_uri, "testset_hash": testset_hash,
-              "color_space": protocol.metrics.color_space, "crop_border": protocol.metrics.crop_border,
-              "upscale": protocol.upscale, "skipped_metrics": ", ".join(plan.skipped) or "none", **lineage}  # fmt: skip
-    summary.run_id = _track(protocol, params, means, by_type, [local_scores, report], mlflow_config)
+              "crop_border": convention.crop_border, "upscale": protocol.upscale, **lineage}  # fmt: skip
     summary.seconds = time.perf_counter() - started
-    _write(f"{output}/summary.json", json.dumps(summary.__dict__, indent=1).encode(), storage)
-    return summary
+    return write_outputs(summary, rows, per_image, output, config, storage, protocol.description, params, mlflow_config, output)
 
 
-def _cropped(image: np.ndarray | None, border: int) -> np.ndarray | None:
-    return image[border:-border, border:-border] if border and image is not None else image
+def set_size_warnings(plan: MetricPlan, images: int, config: EvalConfig) -> list[str]:
+    return [
+        f"{name} over {images} images, below eval.min_fid_images = {config.min_fid_images}: its covariance is rank-deficient "
+        "and the value is not comparable with papers' (thousands of images)"
+        for name in plan.sets
+        if images < config.min_fid_images
+    ]
 
 
 def model_lineage(weights: str, weights_uri: str, storage: StorageConfig, mlflow_config: MlflowConfig) -> dict[str, str]:
@@ -294,52 +288,88 @@ def _training_record(weights: str, storage: StorageConfig) -> dict | None:
         return None
 
 
-def render_report(summary: EvalSummary, protocol: Protocol, rows: list[dict], metrics: list[str], output: str,
-                  storage: StorageConfig, cases: int) -> str:  # fmt: skip
-    """A self-contained HTML page: the metric table, then LQ / output / HQ side by side per case with its scores."""
-    header = "".join(f"<th>{html.escape(name)}</th>" for name in summary.means)
-    means = [f"<tr><td>all</td>{''.join(f'<td>{value:.4f}</td>' for value in summary.means.values())}</tr>"]
-    for kind, values in sorted(summary.by_type.items()):
-        cells = "".join(f"<td>{values[n]:.4f}</td>" if n in values else "<td>-</td>" for n in summary.means)
-        means.append(f"<tr><td>{html.escape(kind)}</td>{cells}</tr>")
-    skipped = "".join(f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in summary.skipped.items())
-    lines = []
-    for row in rows[:cases]:
-        images = [read_bytes(f"{output}/{row[key]}", storage) if row[key] else None for key in ("lq", "output", "hq")]
-        scores = "<br>".join(f"{name} {row[name]:.4f}" for name in metrics)
-        cells = "".join(thumbnail_cell(image, 256) for image in images)
-        lines.append(f"<tr><td>{html.escape(row['case'])}</td>{cells}<td>{scores}</td></tr>")
-    lineage = "".join(f"<li>{html.escape(key)}: {html.escape(value)}</li>" for key, value in summary.lineage.items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>restoray eval {html.escape(protocol.name)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;
-vertical-align:top}}img{{image-rendering:pixelated}}</style></head><body>
-<h1>eval {html.escape(protocol.name)} of {html.escape(summary.weights)}</h1><p>{html.escape(protocol.description)}</p>
-<p>{summary.cases} cases; metric convention: {protocol.metrics.color_space}, border crop {protocol.metrics.crop_border}</p>
-<table><tr><th></th>{header}</tr>{"".join(means)}</table>
-{f"<h2>Skipped metrics</h2><ul>{skipped}</ul>" if skipped else ""}<h2>Lineage</h2><ul>{lineage}</ul>
-<h2>Cases (first {min(cases, len(rows))} of {len(rows)})</h2>
-<table><tr><th>case</th><th>LQ</th><th>output</th><th>HQ</th><th>scores</th></tr>{"".join(lines)}</table></body></html>
-"""
-
-
 def _results(fs, root: str) -> list[dict]:
     files = [p for p in fs.find(f"{root}/results") if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
     return [row for path in sorted(files) for row in pq.read_table(fs.open(path, "rb"), columns=["source", "output"]).to_pylist()]
 
 
-def _track(protocol: Protocol, params: dict, means: dict, by_type: dict, artifacts: list[str | None], mlflow_config: MlflowConfig) -> str:
-    import mlflow
+def _stem_key(relative: str) -> str:
+    """A file's pairing key: its path relative to its folder without the extension (a container member's as it is)."""
+    return relative if "#" in relative else str(PurePosixPath(relative).with_suffix(""))
 
-    mlflow.set_tracking_uri(tracking_uri(mlflow_config))
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"{protocol.name} {params['model']}") as run:
-        mlflow.log_params(params)
-        mlflow.log_metrics(means)
-        mlflow.log_metrics({f"{name}/{kind}": value for kind, values in by_type.items() for name, value in values.items()})
-        for artifact in artifacts:
-            if artifact and "://" not in artifact:  # local outputs; an s3:// output is already where it lives
-                mlflow.log_artifact(artifact)
-        return run.info.run_id
+
+def _keyed_images(uri: str, storage: StorageConfig, flag: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for relative, full in sorted(_images_under(uri, storage, flag).items()):
+        key = _stem_key(relative)
+        if key in found:
+            raise InputError(f"{flag} {uri}: {found[key]} and {full} are both {key!r}; pairs are matched by name without extension")
+        found[key] = full
+    if not found:
+        raise InputError(f"{flag} {uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def _restore_batch_outputs(pred_uri: str, storage: StorageConfig) -> dict[str, str] | None:
+    """{key: output URI} of a restore-batch output folder (its results/ map of source -> output; the key is the
+    source's path relative to the sources' common folder), None when `pred_uri` is not one."""
+    fs, root = filesystem(pred_uri, storage)
+    if not fs.isdir(f"{root}/results"):
+        return None
+    rows = _results(fs, root)
+    if not rows:
+        return None
+    sources = [row["source"].split("://", 1)[-1] for row in rows]
+    common = os.path.commonpath([source.partition("#")[0].rsplit("/", 1)[0] or "/" for source in sources])
+    found: dict[str, str] = {}
+    for source, row in zip(sources, rows, strict=True):
+        key = _stem_key(source[len(common) :].lstrip("/"))
+        if key in found:
+            raise InputError(f"--pred {pred_uri}: two sources are both {key!r} (results/); pairs are matched by name without extension")
+        found[key] = f"{pred_uri.rstrip('/')}/{row['output']}"
+    return found
+
+
+def match_folders(pred_uri: str, gt_uri: str | None, storage: StorageConfig) -> list[dict]:
+    """The pairs of `eval score`: prediction and ground truth matched by path without extension (through results/
+    when --pred is a restore-batch output); a file on either side without its match is refused, all of them named."""
+    predictions = _restore_batch_outputs(pred_uri, storage) or _keyed_images(pred_uri, storage, "--pred")
+    if gt_uri is None:
+        return [{"case": key, "type": "score", "output": uri, "hq": None} for key, uri in sorted(predictions.items())]
+    truths = _keyed_images(gt_uri, storage, "--gt")
+    only_pred, only_gt = sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions))
+    if only_pred or only_gt:
+        raise InputError(
+            f"--pred and --gt do not pair up: {len(only_pred)} only in --pred {only_pred[:10]}, {len(only_gt)} only in --gt {only_gt[:10]}"
+        )
+    return [{"case": key, "type": "score", "output": predictions[key], "hq": truths[key]} for key in sorted(predictions)]
+
+
+def score_folders(
+    pred_uri: str,
+    gt_uri: str | None,
+    output_uri: str,
+    convention: MetricConvention,
+    config: EvalConfig,
+    storage: StorageConfig,
+    mlflow_config: MlflowConfig,
+) -> EvalSummary:
+    """`restoray eval score`: images the user already has, scored as `eval` scores (no-reference without --gt);
+    Ray must be initialised."""
+    started = time.perf_counter()
+    plan = plan_metrics(config.metrics, config.weights.model_dump(), gt_uri is not None)
+    pairs = match_folders(pred_uri, gt_uri, storage)
+    scored = score_pairs(pairs, plan, convention, config, storage)
+    per_image = [*plan.full, *plan.no_reference]
+    means, _ = summarise(scored, per_image)
+    means |= set_scores(pairs, plan, convention, config, storage)
+    summary = EvalSummary("score", "", output_uri, len(scored), means, skipped=plan.skipped, convention=convention_text(convention),
+                          warnings=set_size_warnings(plan, len(scored), config))  # fmt: skip
+    description = f"{pred_uri} scored against {gt_uri}" if gt_uri else f"{pred_uri} scored without a reference"
+    params = {"protocol": "score", "pred": pred_uri, "gt": gt_uri or "none", "crop_border": convention.crop_border}
+    summary.seconds = time.perf_counter() - started
+    rows = [{**row, "lq": None} for row in scored]
+    return write_outputs(summary, rows, per_image, output_uri.rstrip("/"), config, storage, description, params, mlflow_config, "")
 
 
 def compare(run_a: str, run_b: str, mlflow_config: MlflowConfig) -> str:

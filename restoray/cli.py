@@ -7,6 +7,7 @@ message on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ import time
 
 from restoration.dataset import REASONS
 from restoration.errors import InputError, RestorayError
+from restoration.evaluation.conventions import CONVENTIONS
 from restoray import OUR_PACKAGES, __version__
 from restoray.config import describe_keys, load_config
 
@@ -232,27 +234,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser(
         "eval",
-        help="evaluate a model on a protocol (PSNR/SSIM, learned metrics, MLflow run, HTML report); eval compare RUN_A RUN_B",
-        description="Build a protocol's test set from --data (a seeded degradation of each HQ image, paired LQ/ and HQ/ "
-        "folders, or real LQ images without a reference; `restoray list protocols`), restore it with the restore-batch "
-        "job, score every case against its original HQ in the protocol's convention (colour space, border crop), write "
-        "OUTPUT/scores.parquet and OUTPUT/report.html and log an MLflow run (experiment restoray-eval). PSNR and SSIM need "
-        "no weights; LPIPS, DISTS, FID and CLIP-IQA (and MUSIQ, MANIQA, NIQE with the iqa extra) take local files "
-        "(--set eval.weights.lpips=PATH ...) and are listed as skipped without them. "
-        "`restoray eval compare RUN_A RUN_B` prints two runs' metrics with deltas.",
-        epilog="example: restoray eval --weights models:/restoray-adaptor/1 --protocol realesrgan-x4 --data data/samples --output /tmp/e\n"
-        "         restoray eval compare 3f2a... 9c1b...",
+        help="evaluate a model on a protocol, or score folders you have (eval score); eval compare RUN_A RUN_B",
+        description="Build a protocol's test set from --data (a seeded degradation of each HQ image, paired LQ and HQ "
+        "folders, or real LQ images without a reference; `restoray list protocols`, or --protocol PATH to a protocol file "
+        "of your own), restore it with the restore-batch job, score every case against its original HQ in the "
+        "protocol's metric convention on Ray, write OUTPUT/scores.parquet and OUTPUT/report.html and log an MLflow run "
+        "(experiment restoray-eval). PSNR and SSIM need no weights; LPIPS, DISTS, FID and CLIP-IQA (and MUSIQ, MANIQA, "
+        "NIQE with the iqa extra) take local files (--set eval.weights.lpips=PATH ...) and are listed as skipped "
+        "without them.\n\n"
+        "`restoray eval score --pred DIR --gt DIR` scores images you already have the same way (pairs matched by path "
+        "without extension, or through a restore-batch output's results/ when --pred is one; a file without its pair "
+        "is refused; without --gt, the no-reference metrics). `restoray eval compare RUN_A RUN_B` prints two runs' "
+        "metrics with deltas.\n\n"
+        "Conventions (--convention; PSNR/SSIM as each reference implementation computes them):\n"
+        + "".join(f"  {name:<9} {text}\n" for name, text in CONVENTIONS.items()),
+        epilog="examples:\n"
+        "  restoray eval --weights models:/restoray-adaptor/1 --protocol realesrgan-x4 --data data/samples --output /tmp/e\n"
+        "  restoray eval --weights models:/restoray-adaptor/1 --protocol ./my-div2k.toml --data /data/DIV2K --output /tmp/d\n"
+        "  restoray eval score --pred results/ --gt HR/ --convention basicsr --crop-border 4 --output /tmp/s\n"
+        "  restoray eval compare 3f2a... 9c1b...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluation.add_argument("compare", nargs="*", metavar="compare RUN_A RUN_B", help="compare two eval runs instead")
+    evaluation.add_argument("action", nargs="*", metavar="score | compare RUN_A RUN_B", help="score folders, or compare two eval runs")
     evaluation.add_argument("--weights", metavar="URI", default=None, help="trained weights: path, s3:// or models:/NAME/VERSION")
     evaluation.add_argument("--preset", default=None, help="model preset when no --weights are given (default: the config's)")
-    evaluation.add_argument("--protocol", metavar="NAME", default=None, help="evaluation protocol (`restoray list protocols`)")
-    evaluation.add_argument("--data", metavar="URI", default=None, help="HQ images (synthetic protocols) or a folder with LQ/ and HQ/")
+    evaluation.add_argument(
+        "--protocol", metavar="NAME|PATH", default=None, help="evaluation protocol (`restoray list protocols`) or a protocol .toml file"
+    )
+    evaluation.add_argument("--data", metavar="URI", default=None, help="HQ images (synthetic protocols) or the paired protocol's folders")
     evaluation.add_argument("--output", metavar="URI", default=None, help="where the test set, restorations and scores go")
     evaluation.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
     evaluation.add_argument("--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`)")
     evaluation.add_argument("--seed", type=int, default=None, help="random seed of the restorations (default: restore.seed)")
+    scoring = evaluation.add_argument_group("eval score, and scoring overrides for eval")
+    scoring.add_argument("--pred", metavar="URI", default=None, help="the images to score (a folder or a restore-batch output)")
+    scoring.add_argument("--gt", metavar="URI", default=None, help="their ground truth, matched by name (absent: no-reference)")
+    convention_help = "PSNR/SSIM convention (default: the protocol's; score: refir)"
+    scoring.add_argument("--convention", choices=list(CONVENTIONS), default=None, help=convention_help)
+    crop_help = "pixels cut from each side before scoring (default: the protocol's; score: 0)"
+    scoring.add_argument("--crop-border", type=int, default=None, metavar="N", help=crop_help)
+    scoring.add_argument("--metrics", default=None, metavar="A,B", help="metrics to score, comma-separated (default: eval.metrics)")
     _add_config_arguments(evaluation)
     evaluation.set_defaults(handler=_run_eval, cfg=None, tau_r=None, restoration_prompt=None, experts=None)
 
@@ -511,16 +532,31 @@ def _run_restore_batch(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.metrics is not None:
+        args.overrides = [*(args.overrides or []), f"eval.metrics={json.dumps([m.strip() for m in args.metrics.split(',') if m.strip()])}"]
     config = load_config(args.config, args.overrides)
-    if args.compare:
-        if len(args.compare) != 3 or args.compare[0] != "compare":
-            raise InputError(f"eval: unexpected {' '.join(args.compare)!r}; use `restoray eval compare RUN_A RUN_B` or the options")
+    action = args.action[0] if args.action else None
+    if args.crop_border is not None and args.crop_border < 0:
+        raise InputError(f"--crop-border must be >= 0, got {args.crop_border}")
+    if action == "compare":
+        if len(args.action) != 3:
+            raise InputError(f"eval compare: give two run ids, got {args.action[1:]}")
         from restoray.evaluate import run_compare
 
-        return run_compare(config, args.compare[1], args.compare[2])
+        return run_compare(config, args.action[1], args.action[2])
+    if action == "score":
+        if len(args.action) != 1 or not args.pred:
+            raise InputError("eval score: give --pred DIR (and --gt DIR for the full-reference metrics), no positional arguments")
+        from restoray.evaluate import run_score
+
+        return run_score(config, args)
+    if action is not None:
+        raise InputError(
+            f"eval: unexpected {' '.join(args.action)!r}; use `restoray eval score`, `restoray eval compare RUN_A RUN_B` or the options"
+        )
     missing = [flag for flag, value in (("--protocol", args.protocol), ("--data", args.data), ("--output", args.output)) if not value]
     if missing:
-        raise InputError(f"eval: give {', '.join(missing)} (or `restoray eval compare RUN_A RUN_B`)")
+        raise InputError(f"eval: give {', '.join(missing)} (or `restoray eval score` / `restoray eval compare RUN_A RUN_B`)")
     from restoray.evaluate import run_eval
 
     return run_eval(config, args)

@@ -1,9 +1,11 @@
-"""`restoray eval` and `restoray eval compare`: resolve the model, run the protocol on Ray, print the table."""
+"""`restoray eval`, `restoray eval score` and `restoray eval compare`: resolve the model, run the protocol (or score
+the folders) on Ray, print the table."""
 
 from __future__ import annotations
 
 import argparse
 
+from restoration.evaluation.conventions import MetricConvention
 from restoray.config import RunConfig
 from restoray.ray_env import cluster_address, connect, loopback_only, on_cluster
 from restoray.restore import restore_settings
@@ -20,6 +22,10 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
 
     protocol = load_protocol(args.protocol)  # bad input (an unknown protocol, an unusable metric): before Ray starts
     plan_metrics(config.eval.metrics, config.eval.weights.model_dump(), protocol.has_reference)
+    convention = None
+    if args.convention is not None or args.crop_border is not None:
+        base = protocol.convention
+        convention = MetricConvention(args.convention or base.name, base.crop_border if args.crop_border is None else args.crop_border)
     sampler, options = restore_settings(config, args)
     weights, mlflow = pinned_model(config, args)
     paths = {"--data": args.data, "--output": args.output, "--weights": as_path(weights)}
@@ -38,7 +44,27 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
         options,
         config.storage,
         mlflow,
+        convention,
     )
+    print(summary.table())
+    return 0
+
+
+def run_score(config: RunConfig, args: argparse.Namespace) -> int:
+    if not cluster_address(config.ray):
+        loopback_only()  # before Ray is imported
+    import tempfile
+
+    from pipelines.evaluate import score_folders
+    from restoration.evaluation.learned import plan_metrics
+
+    plan_metrics(config.eval.metrics, config.eval.weights.model_dump(), args.gt is not None)  # bad input before Ray starts
+    convention = MetricConvention(args.convention or "refir", args.crop_border or 0)
+    output = args.output or tempfile.mkdtemp(prefix="restoray-score-")
+    # the scoring actors read --pred and --gt on any node; the driver writes --output and the MLflow run
+    check_shared_storage(on_cluster(config.ray), {"--pred": args.pred, "--gt": args.gt}, config.storage)
+    print(f"Ray: {connect(config.ray)}")
+    summary = score_folders(args.pred, args.gt, output, convention, config.eval, config.storage, config.mlflow)
     print(summary.table())
     return 0
 

@@ -3,6 +3,7 @@ restores its batch, images of one working size together through `Restorer.restor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -21,15 +22,22 @@ OUTPUT_COLUMNS = (
 
 
 def output_name(source: str, input_root: str, extension: str) -> str:
-    """The output's path under images/: the source's path relative to the input (folders), `file#row=N` or
-    `tar#key` made file-safe (parquet, webdataset), with the output format's extension."""
+    """The output's path under images/, decided from the row alone (no listing of the corpus): the source's path
+    relative to the input (folders), or `file__row=N` / `tar__key` (parquet, webdataset), with the output format's
+    extension. Where that is not the source's own name (sanitising changed a character, the extension differs from
+    the output's, a container member) a `~` and 10 hex digits of the source URI's SHA-256 go before the extension:
+    photo.jpg and photo.png become photo~<h1>.png and photo.png, `a b.png` and `a_b.png` become a_b~<h2>.png and
+    a_b.png. `~` is itself sanitised away, so a name that keeps its source's spelling never holds one and cannot meet
+    a hashed name; two hashed names meet only when their sources' hashes do."""
     relative = source[len(input_root) :].lstrip("/") if source.startswith(input_root) else source.split("://", 1)[-1]
     container, _, inner = relative.partition("#")
-    if inner:
-        relative = f"{container}__{inner}"
-    safe = "".join(char if char.isalnum() or char in "-_./" else "_" for char in relative).replace("..", "_")
-    stem = safe.rsplit(".", 1)[0] if not inner and "." in safe.rsplit("/", 1)[-1] else safe
-    return f"{stem}.{extension}"
+    joined = f"{container}__{inner}" if inner else relative
+    safe = "".join(char if char.isalnum() or char in "-_./" else "_" for char in joined).replace("..", "_")
+    base = safe.rsplit("/", 1)[-1]
+    stem, dot, suffix = safe.rpartition(".") if "." in base and not inner else (safe, "", "")
+    if safe == relative and dot and suffix == extension:
+        return f"{stem}.{extension}"
+    return f"{stem}~{hashlib.sha256(source.encode()).hexdigest()[:10]}.{extension}"
 
 
 class RestoreStage:

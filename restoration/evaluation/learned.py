@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -96,6 +96,9 @@ def plan_metrics(requested: list[str] | None, weights: dict[str, str | None], ha
             raise InputError(f"eval.metrics asks for {name}, which {reason}")
         else:
             skipped[name] = reason
+    if not (full or no_reference or sets):
+        reasons = "; ".join(f"{name} {why}" for name, why in skipped.items())
+        raise InputError(f"no metric can be scored: {reasons}")
     return MetricPlan(full, no_reference, sets, skipped)
 
 
@@ -143,7 +146,7 @@ def _to_unit(images: list[np.ndarray]) -> torch.Tensor:
 
 FullScorer = Callable[[np.ndarray, np.ndarray], float]
 NoReferenceScorer = Callable[[np.ndarray], float]
-SetScorer = Callable[[list[np.ndarray], list[np.ndarray]], float]
+SetScorer = Callable[[Iterable[np.ndarray], Iterable[np.ndarray]], float]
 
 
 def build_scorer(name: str, weights: str | Path, lpips_net: str = "alex", device: str = "cpu"):
@@ -194,13 +197,16 @@ def _fid(weights: Path, lpips_net: str, device: torch.device) -> SetScorer:
         metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(plain)).to(device)
 
     @torch.no_grad()
-    def score(outputs: list[np.ndarray], hqs: list[np.ndarray]) -> float:
-        if len(outputs) < 2:
-            raise InputError(f"fid needs at least 2 images, the test set has {len(outputs)}")
+    def score(outputs: Iterable[np.ndarray], hqs: Iterable[np.ndarray]) -> float:
+        """Fed one pair at a time (the images may differ in size, and a set need not fit in memory)."""
         metric.reset()
-        for output, hq in zip(outputs, hqs, strict=True):  # one at a time: the test images differ in size
+        count = 0
+        for output, hq in zip(outputs, hqs, strict=True):
             metric.update(_to_unit([hq]).to(device), real=True)
             metric.update(_to_unit([output]).to(device), real=False)
+            count += 1
+        if count < 2:
+            raise InputError(f"fid needs at least 2 images, the test set has {count}")
         return float(metric.compute())
 
     return score

@@ -5,9 +5,11 @@ comparison, bad input."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -19,7 +21,7 @@ from restoray.cli import main
 from tests.integration.test_build_dataset import local_ray  # noqa: F401  (the module's Ray instance)
 
 
-def corpus(root):
+def corpus(root, colliding_names: bool = False):
     rng = np.random.default_rng(0)
     (root / "nested").mkdir(parents=True)
     for index in range(5):
@@ -27,6 +29,10 @@ def corpus(root):
         folder = root / "nested" if index == 4 else root
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"photo{index}.png")
     (root / "broken.png").write_bytes(b"not an image at all")
+    if colliding_names:  # names that once overwrote each other's output: photo0.jpg ~ photo0.png, "photo 1" ~ photo_1
+        Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(root / "photo0.jpg", quality=95)
+        for name in ("photo 1.png", "photo_1.png"):
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / name)
     return root
 
 
@@ -35,7 +41,7 @@ def results(output) -> list[dict]:
 
 
 def test_restore_batch_stops_resumes_and_names_outputs_after_sources(tmp_path, local_ray):  # noqa: F811
-    source = corpus(tmp_path / "corpus")
+    source = corpus(tmp_path / "corpus", colliding_names=True)
     output = tmp_path / "out"
     config = RestoreBatchConfig(batch_size=2, max_rows_per_shard=1, num_cpus=0.5)
     data = DataBuildConfig.model_validate({"source": {"read_parallelism": 4}})
@@ -45,13 +51,19 @@ def test_restore_batch_stops_resumes_and_names_outputs_after_sources(tmp_path, l
         restore_batch(*args, prompt="a photo")
     time.sleep(2)  # write tasks of the aborted run still in flight finish their renames
     first = {row["source"]: (output / row["output"]).read_bytes() for row in results(output)}
-    assert 0 < len(first) < 5
+    assert 0 < len(first) < 8
     summary = restore_batch(*args, prompt="a photo")
-    assert summary.sources_in == 6 and summary.restored == 5 and summary.rejected_by_reason == {"not_image": 1}
-    assert summary.restored_now == 5 - len(first)  # what the first run finished was not restored again
+    assert summary.sources_in == 9 and summary.restored == 8 and summary.rejected_by_reason == {"not_image": 1}
+    assert summary.restored_now == 8 - len(first)  # what the first run finished was not restored again
     rows = results(output)
     assert sorted(row["source"] for row in rows) == sorted({row["source"] for row in rows})  # nothing twice
-    assert {row["output"] for row in rows} == {f"images/photo{i}.png" for i in range(4)} | {"images/nested/photo4.png"}
+    outputs = {row["source"].rsplit("/", 1)[-1]: row["output"] for row in rows}
+    # a source keeps its name where it can; a changed name (extension, sanitised) gets its URI's hash: nothing shared
+    assert {outputs[f"photo{i}.png"] for i in range(4)} | {outputs["photo_1.png"]} == {
+        *(f"images/photo{i}.png" for i in range(4)), "images/photo_1.png"}  # fmt: skip
+    assert outputs["photo4.png"] == "images/nested/photo4.png" and len(set(outputs.values())) == 8
+    assert re.fullmatch(r"images/photo0~[0-9a-f]{10}\.png", outputs["photo0.jpg"])
+    assert re.fullmatch(r"images/photo_1~[0-9a-f]{10}\.png", outputs["photo 1.png"])
     for row in rows:
         image = Image.open(output / row["output"])
         assert image.size == Image.open(row["source"]).size == (row["width"], row["height"])
@@ -65,7 +77,7 @@ def test_restore_batch_stops_resumes_and_names_outputs_after_sources(tmp_path, l
                  "--prompt", "a photo", "--set", "restore_batch.batch_size=2", "--set", "restore_batch.max_rows_per_shard=1",
                  "--set", "restore_batch.num_cpus=0.5", "--set", "data.source.read_parallelism=4"])  # fmt: skip
     assert code == 0
-    assert len(results(output)) == 5
+    assert len(results(output)) == 8
 
 
 def test_restore_batch_refuses_bad_input_before_work(tmp_path, local_ray, capsys):  # noqa: F811
@@ -212,3 +224,104 @@ def test_eval_bad_input_exits_2_naming_it(tmp_path, local_ray, capsys):  # noqa:
     missing = ["--set", f"eval.weights.fid={tmp_path / 'inception.pth'}", "--preset", "tiny"]
     assert main(["eval", "--protocol", "realesrgan-x4", "--data", str(data), "--output", str(tmp_path / "f"), *missing]) == 2
     assert "eval.weights.fid" in capsys.readouterr().err and not (tmp_path / "f").exists()  # refused before any work
+
+
+def noisy_copies(hq, root, sigma: float = 10.0):
+    """Each HQ image with seeded noise, saved under the same name (what a restoration run would have written)."""
+    rng = np.random.default_rng(5)
+    root.mkdir(parents=True)
+    for path in sorted(hq.glob("*.png")):
+        pixels = np.asarray(Image.open(path)).astype(float)
+        Image.fromarray(np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8)).save(root / path.name)
+    return root
+
+
+def test_eval_score_pairs_folders_by_name_honours_the_border_and_refuses_a_missing_pair(tmp_path, local_ray, capsys):  # noqa: F811
+    import mlflow
+
+    from restoration.evaluation.conventions import MetricConvention
+    from restoration.evaluation.metrics import psnr, ssim
+
+    gt = hq_folder(tmp_path / "gt")
+    pred = noisy_copies(gt, tmp_path / "pred")
+    tracking = ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    score = ["eval", "score", "--pred", str(pred), "--gt", str(gt), "--convention", "basicsr", "--crop-border", "4", *tracking]
+    assert main([*score, "--output", str(tmp_path / "s")]) == 0
+    assert "eval score: 3 cases" in capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "s" / "scores.parquet").to_pylist()
+    assert [row["case"] for row in rows] == ["hq0", "hq1", "hq2"]
+    for row in rows:
+        images = [np.asarray(Image.open(folder / f"{row['case']}.png")) for folder in (pred, gt)]
+        assert row["psnr"] == pytest.approx(psnr(*images, MetricConvention("basicsr", 4)), abs=1e-9)
+        assert row["ssim"] == pytest.approx(ssim(*images, MetricConvention("basicsr", 4)), abs=1e-9)
+        assert row["psnr"] != pytest.approx(psnr(*images, MetricConvention("basicsr", 0)), abs=1e-3)  # the border was cut
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
+    assert run.data.params["convention"] == "basicsr, border crop 4" and run.data.params["gt"] == str(gt)
+    assert run.data.metrics["psnr"] == pytest.approx(np.mean([row["psnr"] for row in rows]))
+    assert {item.path for item in client.list_artifacts(run.info.run_id)} >= {"scores.parquet", "report.html"}
+    # A restore-batch output as --pred: pairs through its results/ map of source -> output (names need not agree).
+    batch = tmp_path / "batch"
+    (batch / "images").mkdir(parents=True)
+    results_rows = []
+    for index, path in enumerate(sorted(pred.glob("*.png"))):
+        (batch / "images" / f"out{index}~0123456789.png").write_bytes(path.read_bytes())
+        results_rows.append({"source": str(tmp_path / "lq" / path.name), "output": f"images/out{index}~0123456789.png"})
+    (batch / "results").mkdir()
+    pq.write_table(pa.Table.from_pylist(results_rows), batch / "results" / "part-0.parquet")
+    assert main(["eval", "score", "--pred", str(batch), "--gt", str(gt), "--output", str(tmp_path / "b"), *tracking]) == 0
+    by_batch = pq.read_table(tmp_path / "b" / "scores.parquet").to_pylist()
+    assert [row["case"] for row in by_batch] == ["hq0", "hq1", "hq2"] and all(row["output"].startswith(str(batch)) for row in by_batch)
+    # Refused, naming what is wrong: a file without its pair; two files sharing a name; nothing scorable.
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(gt / "extra.png")
+    assert main([*score, "--output", str(tmp_path / "x")]) == 2
+    assert "1 only in --gt ['extra']" in capsys.readouterr().err
+    (gt / "extra.png").unlink()
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(pred / "hq0.jpg")
+    assert main([*score, "--output", str(tmp_path / "y")]) == 2
+    assert "are both 'hq0'" in capsys.readouterr().err
+    assert main(["eval", "score", "--pred", str(gt), "--output", str(tmp_path / "z"), *tracking]) == 2
+    assert "no metric can be scored" in capsys.readouterr().err
+
+
+def test_a_protocol_file_pairs_a_x4_layout_and_adds_noise_as_promptir(tmp_path, local_ray):  # noqa: F811
+    from pipelines.evaluate import build_testset
+    from restoration.errors import InputError
+    from restoration.evaluation.protocols import load_protocol
+    from runtime.config import StorageConfig
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "benchmarks"
+    for folder in ("HR", "LR/X4", "BSD68"):
+        (data / folder).mkdir(parents=True)
+    for stem in ("0801", "0802"):  # DIV2K's names: 0801.png (HR) and 0801x4.png (LR, a quarter of the size)
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(data / "HR" / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(data / "LR" / "X4" / f"{stem}x4.png")
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(data / "BSD68" / "flat.png")
+    protocol_file = tmp_path / "mine.toml"
+    protocol_file.write_text(
+        'name = "mine"\ndescription = "DIV2K-style x4 pairs and BSD68 at sigma 25"\nkind = "paired"\nupscale = 4.0\n'
+        '[[pairs]]\nname = "div2k"\nlq = "LR/X4"\nhq = "HR"\nlq_key = "(?P<key>.+)x4"\n'
+        '[[pairs]]\nname = "bsd68-25"\nhq = "BSD68"\nnoise_sigma = 25\n'
+        '[metrics]\nconvention = "basicsr"\ncrop_border = 4\n'
+    )
+    protocol = load_protocol(str(protocol_file))
+    assert protocol.convention.name == "basicsr" and protocol.convention.crop_border == 4
+    cases = build_testset(protocol, str(data), str(tmp_path / "t"), StorageConfig(), 1)
+    names = [(case["case"], case["type"]) for case in cases]  # in the protocol's order of sets
+    assert names == [("div2k/0801", "div2k"), ("div2k/0802", "div2k"), ("bsd68-25/flat", "bsd68-25")]
+    lq = np.asarray(Image.open(tmp_path / "t" / "testset" / "lq" / "div2k" / "0801.png"))
+    assert lq.shape == (16, 24, 3) and np.array_equal(lq, np.asarray(Image.open(data / "LR" / "X4" / "0801x4.png")))
+    noisy = np.asarray(Image.open(tmp_path / "t" / "testset" / "lq" / "bsd68-25" / "flat.png")).astype(float)
+    assert 22 < (noisy - 128).std() < 28  # PromptIR: clip(HQ + N(0, 25)), then uint8
+    again = build_testset(protocol, str(data), str(tmp_path / "u"), StorageConfig(), 1)
+    assert again == cases and (tmp_path / "u" / "testset" / "lq" / "bsd68-25" / "flat.png").read_bytes() == (
+        tmp_path / "t" / "testset" / "lq" / "bsd68-25" / "flat.png").read_bytes()  # fmt: skip
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(data / "LR" / "X4" / "0802x4.png")
+    with pytest.raises(InputError, match=r"div2k/0802: HQ is 96x64, LQ x 4 is 96x80"):
+        build_testset(protocol, str(data), str(tmp_path / "v"), StorageConfig(), 1)
+    protocol_file.write_text(protocol_file.read_text().replace("noise_sigma = 25", "noise = 25"))
+    with pytest.raises(InputError, match=r"(?s)mine.toml.*pairs.1.noise"):
+        load_protocol(str(protocol_file))
+    with pytest.raises(InputError, match="no such file"):
+        load_protocol(str(tmp_path / "absent.toml"))

@@ -1,4 +1,12 @@
-"""Metrics against known values and against plain re-expressions of BasicSR's functions (its conventions)."""
+"""Metrics against known values and against plain re-expressions of each convention's reference implementation.
+
+The re-expressions are written from the reference code's facts, in numpy/OpenCV/SciPy rather than the torch code they
+check: BasicSR 1.4 (`basicsr/metrics/psnr_ssim.py`, `utils/color_util.py`), pyiqa 0.1.16 (`archs/psnr_arch.py`,
+`archs/ssim_arch.py`, `archs/func_util.py::preprocess_rgb`, `utils/color_util.py::to_y_channel, rgb2yiq, rgb2ycbcr`,
+`matlab_utils/functions.py::fspecial`; inputs through torchvision's `to_tensor`, float32 / 255) and PromptIR
+(`utils/val_utils.py::compute_psnr_ssim`: scikit-image on float32 [0, 1] RGB). `bench/metric_references.py` runs the
+real pyiqa and clean-fid beside these on the same pairs.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from scipy.signal import correlate2d
 
-from restoration.evaluation.metrics import BASICSR, REFIR, MetricConvention, psnr, ssim
+from restoration.evaluation.metrics import BASICSR, CONVENTIONS, MetricConvention, psnr, ssim
 
 
 def basicsr_y(image_rgb: np.ndarray) -> np.ndarray:
@@ -18,17 +27,18 @@ def basicsr_y(image_rgb: np.ndarray) -> np.ndarray:
     return (np.dot(bgr, [24.966, 128.553, 65.481]) + 16.0)[..., None]
 
 
+def _crop(a: np.ndarray, border: int) -> np.ndarray:
+    return a[border:-border, border:-border] if border else a
+
+
 def basicsr_psnr(a: np.ndarray, b: np.ndarray, crop_border: int) -> float:
-    a, b = basicsr_y(a).astype(np.float64), basicsr_y(b).astype(np.float64)
-    if crop_border:
-        a, b = a[crop_border:-crop_border, crop_border:-crop_border], b[crop_border:-crop_border, crop_border:-crop_border]
+    a, b = _crop(basicsr_y(a).astype(np.float64), crop_border), _crop(basicsr_y(b).astype(np.float64), crop_border)
     return 10.0 * np.log10(255.0**2 / np.mean((a - b) ** 2))
 
 
 def basicsr_ssim(a: np.ndarray, b: np.ndarray, crop_border: int) -> float:
-    a, b = basicsr_y(a).astype(np.float64)[..., 0], basicsr_y(b).astype(np.float64)[..., 0]
-    if crop_border:
-        a, b = a[crop_border:-crop_border, crop_border:-crop_border], b[crop_border:-crop_border, crop_border:-crop_border]
+    a = _crop(basicsr_y(a).astype(np.float64)[..., 0], crop_border)
+    b = _crop(basicsr_y(b).astype(np.float64)[..., 0], crop_border)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     kernel = cv2.getGaussianKernel(11, 1.5)
     window = np.outer(kernel, kernel.transpose())
@@ -40,29 +50,109 @@ def basicsr_ssim(a: np.ndarray, b: np.ndarray, crop_border: int) -> float:
     return float(ssim_map.mean())
 
 
+def pyiqa_luma(image_rgb: np.ndarray, color_space: str) -> np.ndarray:
+    """pyiqa's to_y_channel(x, 255, color_space) on float32 [0, 1] RGB: the transform's first row, x 255, rounded."""
+    rgb = image_rgb.astype(np.float32) / np.float32(255)
+    if color_space == "yiq":  # rgb2yiq
+        luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:  # rgb2ycbcr: (x @ W + 16) / 255
+        luma = (rgb @ np.array([65.481, 128.553, 24.966], np.float32) + np.float32(16)) / np.float32(255)
+    return np.round(luma * np.float32(255)).astype(np.float64)
+
+
+def pyiqa_ssim(a: np.ndarray, b: np.ndarray, color_space: str) -> float:
+    """pyiqa's SSIM(test_y_channel=True, color_space=...): fspecial(11, 1.5) (float32), 'valid' filtering, data
+    range 255, F.relu on the contrast-structure map."""
+    x, y = pyiqa_luma(a, color_space), pyiqa_luma(b, color_space)
+    grid = np.arange(-5.0, 6.0)
+    h = np.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * 1.5**2))
+    h[h < np.finfo(h.dtype).eps * h.max()] = 0
+    window = (h / h.sum()).astype(np.float32).astype(np.float64)
+
+    def valid(image):
+        return correlate2d(image, window, mode="valid")
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu1, mu2 = valid(x), valid(y)
+    s1, s2, s12 = valid(x * x) - mu1**2, valid(y * y) - mu2**2, valid(x * y) - mu1 * mu2
+    cs = np.maximum((2 * s12 + c2) / (s1 + s2 + c2), 0)
+    return float((((2 * mu1 * mu2 + c1) / (mu1**2 + mu2**2 + c1)) * cs).mean())
+
+
+def pyiqa_psnr(a: np.ndarray, b: np.ndarray, y_channel: bool) -> float:
+    """pyiqa's psnr(x, y, test_y_channel, data_range=1.0, eps=1e-8, color_space='ycbcr'): float32, Y not rounded."""
+    if y_channel:
+        weights = np.array([65.481, 128.553, 24.966], np.float32)
+        x, y = (((image.astype(np.float32) / np.float32(255)) @ weights + np.float32(16)) / np.float32(255) for image in (a, b))
+    else:
+        x, y = (image.astype(np.float32) / np.float32(255) for image in (a, b))
+    return float(10 * np.log10(1.0 / (np.mean((x - y) ** 2, dtype=np.float64) + 1e-8)))
+
+
+def promptir_psnr_ssim(restored: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
+    """PromptIR's compute_psnr_ssim on one image pair (its tensors: float32 [0, 1], clipped; HWC for scikit-image)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    restored, clean = (np.clip(image.astype(np.float32) / 255.0, 0, 1) for image in (restored, clean))
+    return (
+        peak_signal_noise_ratio(clean, restored, data_range=1),
+        structural_similarity(clean, restored, data_range=1, channel_axis=-1),
+    )
+
+
+REFERENCES = {
+    "basicsr": lambda a, b, crop: (basicsr_psnr(a, b, crop), basicsr_ssim(a, b, crop)),
+    "pyiqa": lambda a, b, crop: (pyiqa_psnr(_crop(a, crop), _crop(b, crop), False), pyiqa_ssim(_crop(a, crop), _crop(b, crop), "yiq")),
+    "refir": lambda a, b, crop: (pyiqa_psnr(_crop(a, crop), _crop(b, crop), True), pyiqa_ssim(_crop(a, crop), _crop(b, crop), "ycbcr")),
+    "promptir": lambda a, b, crop: promptir_psnr_ssim(_crop(a, crop), _crop(b, crop)),
+}
+
+
+def noisy_pair(sigma: float, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    target = cv2.GaussianBlur(rng.integers(0, 255, (*shape, 3), dtype=np.uint8), (5, 5), 2)
+    noisy = np.clip(target.astype(int) + rng.normal(0, sigma, target.shape), 0, 255).astype(np.uint8)
+    return noisy, target
+
+
 @pytest.fixture
 def pair():
-    rng = np.random.default_rng(0)
-    target = cv2.GaussianBlur(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8), (5, 5), 2)
-    noisy = np.clip(target.astype(int) + rng.normal(0, 12, target.shape), 0, 255).astype(np.uint8)
-    return noisy, target
+    return noisy_pair(12, (72, 80))
 
 
 def test_psnr_of_a_known_mse_and_ssim_of_an_image_with_itself():
     target = np.full((32, 32, 3), 100, np.uint8)
     output = target.copy()
     output[::2] += 10  # half the pixels off by 10 in every channel: MSE 50 in RGB
-    assert psnr(output, target, MetricConvention("rgb")) == pytest.approx(10 * math.log10(255**2 / 50), abs=1e-5)
-    assert psnr(target, target) == math.inf
-    assert ssim(target, target, BASICSR) == pytest.approx(1.0, abs=1e-9)
+    assert psnr(output, target, MetricConvention("promptir")) == pytest.approx(10 * math.log10(255**2 / 50), abs=1e-4)
+    assert psnr(target, target, BASICSR) == math.inf
+    assert psnr(target, target, MetricConvention("pyiqa")) == pytest.approx(80.0)  # pyiqa's eps 1e-8 in the MSE
+    assert all(ssim(target, target, MetricConvention(name)) == pytest.approx(1.0, abs=1e-9) for name in CONVENTIONS)
 
 
-@pytest.mark.parametrize("convention, crop", [(BASICSR, 4), (REFIR, 0)])
-def test_y_channel_psnr_and_ssim_equal_basicsr_re_expressed(pair, convention, crop):
+@pytest.mark.parametrize("sigma, shape, crop", [(3, (256, 256), 0), (12, (72, 80), 4), (30, (97, 131), 0), (30, (64, 48), 2)])
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_each_convention_equals_its_reference_implementation(name, sigma, shape, crop):
+    noisy, target = noisy_pair(sigma, shape, seed=int(sigma))
+    noisy[:12, :20] = 255 - target[:12, :20]  # an inverted patch: negative contrast terms (pyiqa clamps them)
+    convention = MetricConvention(name, crop)
+    expected_psnr, expected_ssim = REFERENCES[name](noisy, target, crop)
+    assert psnr(noisy, target, convention) == pytest.approx(expected_psnr, abs=1e-4)
+    # 1e-5: pyiqa rounds a float32 luma; one within float32 error of .5 rounds either way with the order of the sum
+    # (torch's matmul here, numpy's in the re-expression). The departures this guards against are 2e-4 and more.
+    assert ssim(noisy, target, convention) == pytest.approx(expected_ssim, abs=1e-5)
+
+
+def test_the_conventions_give_different_numbers_on_the_same_pair(pair):
     noisy, target = pair
-    assert psnr(noisy, target, convention) == pytest.approx(basicsr_psnr(noisy, target, crop), abs=1e-4)
-    assert ssim(noisy, target, convention) == pytest.approx(basicsr_ssim(noisy, target, crop), abs=1e-4)
-    assert psnr(noisy, target, convention) != pytest.approx(psnr(noisy, target, MetricConvention("rgb", crop)), abs=1e-3)
+    scores = {name: (psnr(noisy, target, MetricConvention(name)), ssim(noisy, target, MetricConvention(name))) for name in CONVENTIONS}
+    assert len({round(s, 5) for _, s in scores.values()}) == len(CONVENTIONS)
+    # PSNR has two colour spaces between them: RGB (pyiqa, promptir) and the studio-range Y (basicsr, refir)
+    assert scores["pyiqa"][0] == pytest.approx(scores["promptir"][0], abs=1e-4)
+    assert scores["basicsr"][0] == pytest.approx(scores["refir"][0], abs=1e-4)
+    assert abs(scores["basicsr"][0] - scores["pyiqa"][0]) > 0.1
+    with pytest.raises(ValueError, match="unknown metric convention 'matlab'"):
+        MetricConvention("matlab")
 
 
 def test_unequal_sizes_are_refused(pair):
