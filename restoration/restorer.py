@@ -50,7 +50,7 @@ from restoration.precision import OFFLOADED, module_dtype, place, resolve_dtype,
 from restoration.prompts import NEGATIVE_QUALITY_PROMPT, POSITIVE_QUALITY_PROMPT
 from restoration.retrieval.injection import InjectionConfig, ReferenceController, install, uninstall
 from restoration.sampling.colorfix import wavelet_color_fix
-from restoration.sampling.edm import PerSample, StepInfo, restoration_guided_sample, schedule_sigmas
+from restoration.sampling.edm import PerSample, SameAsFirst, StepInfo, restoration_guided_sample, schedule_sigmas
 from restoration.sampling.tiled_vae import tiled_decode, tiled_encode
 from restoration.sampling.tiling import tiled
 from restoration.seeding import torch_seeded
@@ -749,7 +749,9 @@ class ReferenceChain:
         self.x_center = x_centers
         shared_noise = torch.randn(self.z_lq[:1].shape, generator=torch.Generator().manual_seed(seed))  # the target's draw
         self.noise = shared_noise.expand_as(self.z_lq).clone().to(self.z_lq.device)
-        self.generator = torch.Generator().manual_seed(seed)  # the churn: the target's own draws when the sizes match
+        # The churn: each step's draw of the target, as upstream ReFIR shares it (a generator of their own seeded like
+        # the target's would run one draw behind it: its first draw was the initial noise).
+        self.generator = SameAsFirst(fallback=torch.Generator().manual_seed(seed + 1))
         self.reference_range = options.reference_range
         self.cfg = options.refir_cfg
         self.controller = ReferenceController(InjectionConfig(gate_scale=options.gate_scale))

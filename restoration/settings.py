@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from restoration.config_model import StrictModel
 from restoration.prompts import BLIND_PROMPT
@@ -33,12 +33,23 @@ class SamplerConfig(StrictModel):
     cfg_start: float | None = Field(
         4.0, ge=0, description="Guidance at sigma_max (supir) or the first step (diffusers): linear CFG; unset = cfg throughout."
     )
-    tau_r: float | None = Field(4.0, gt=0, description="Restoration-guidance exponent tau_r; unset = no restoration guidance.")
+    tau_r: float | None = Field(
+        4.0, description="Restoration-guidance exponent tau_r; 0 or less (SUPIR's s_stage1 = -1), or unset: no restoration guidance."
+    )
     guidance_floor: float = Field(
         0.05, ge=0, description="Restoration guidance applies while the next sigma (supir) or sigma-hat (diffusers) is above this."
     )
     control_scale: float = Field(1.0, ge=0, description="Adaptor control scale at the last step.")
     control_scale_start: float | None = Field(None, ge=0, description="Control scale at the first step; unset = constant.")
+
+    @field_validator("tau_r")
+    @classmethod
+    def _guidance_off_at_zero(cls, value: float | None) -> float | None:
+        # SUPIR guides only when its restoration scale is above 0 (test.py's default -1 is "off"); TOML has no null,
+        # so a preset says off with 0.
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"tau_r must be finite, got {value}")
+        return value if value is not None and value > 0 else None
 
 
 class RestoreConfig(StrictModel):

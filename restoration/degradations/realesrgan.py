@@ -143,14 +143,16 @@ def _random_scale(config: ResizeConfig, rng: np.random.Generator) -> float:
 
 
 def _random_noise(image: np.ndarray, config: NoiseConfig, rng: np.random.Generator, record: list) -> np.ndarray:
+    """BasicSR's random_add_gaussian_noise_pt / random_add_poisson_noise_pt with clip=True, rounds=False, as
+    RealESRGANModel calls them: the noisy image is clipped to [0, 1] before the resize, sinc and JPEG that follow."""
     gray = bool(rng.random() < config.gray_probability)
     if rng.random() < config.gaussian_probability:
         sigma = float(rng.uniform(*config.sigma))
         record.append({"op": "gaussian_noise", "sigma": sigma, "gray": gray})
-        return ops.gaussian_noise(image, sigma / 255.0, gray, rng)
+        return np.clip(ops.gaussian_noise(image, sigma / 255.0, gray, rng), 0.0, 1.0)
     scale = float(rng.uniform(*config.poisson_scale))
     record.append({"op": "poisson_noise", "scale": scale, "gray": gray})
-    return ops.poisson_noise(image, scale, gray, rng)
+    return np.clip(ops.poisson_noise(image, scale, gray, rng), 0.0, 1.0)
 
 
 def _jpeg(image: np.ndarray, quality_range: tuple[int, int], rng: np.random.Generator, record: list) -> np.ndarray:

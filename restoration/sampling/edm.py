@@ -97,6 +97,15 @@ class PerSample:
     generators: tuple[torch.Generator, ...]
 
 
+@dataclass(frozen=True)
+class SameAsFirst:
+    """A later trajectory's churn is the first trajectory's draw of the step (ReFIR: target and references share each
+    step's noise, as they share the initial noise), broadcast over its samples; when its latent shape differs from the
+    first's (references scaled to fit a tile of a tiled target) it draws from `fallback` instead."""
+
+    fallback: torch.Generator
+
+
 def _randn(shape: torch.Size, generator: torch.Generator | PerSample | None, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(generator, PerSample):
         if len(generator.generators) != shape[0]:
@@ -132,7 +141,7 @@ def restoration_guided_sample(
     cond: Any,
     negative_cond: Any = None,
     x_center: torch.Tensor | list[torch.Tensor] | None = None,
-    generator: torch.Generator | PerSample | list[torch.Generator | PerSample | None] | None = None,
+    generator: torch.Generator | PerSample | list[torch.Generator | PerSample | SameAsFirst | None] | None = None,
     sigmas: torch.Tensor | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -142,7 +151,8 @@ def restoration_guided_sample(
     Several trajectories at once (ReFIR's reference chain next to the target): `noise`, `x_center` and `generator`
     as lists, one entry per trajectory (their shapes may differ); `eps_model` then takes and returns lists, and the
     sampled latents come back as a list. Every trajectory gets the same step sigmas, churn, w, k and control scale;
-    each draws its churn noise from its own generator, so the first one's draws do not depend on the others.
+    each draws its churn noise from its own generator, so the first one's draws do not depend on the others, or
+    (`SameAsFirst`) takes the first one's draw.
     A batch of independent samples in one trajectory: `generator=PerSample(...)`, one generator per sample.
     `on_step` sees the first trajectory."""
     if config.tau_r is not None and x_center is None:
@@ -156,6 +166,8 @@ def restoration_guided_sample(
     generators = list(generator) if isinstance(generator, list | tuple) else [generator] * len(noises)
     if not len(noises) == len(centers) == len(generators):
         raise ValueError(f"{len(noises)} noises, {len(centers)} guidance targets and {len(generators)} generators")
+    if isinstance(generators[0], SameAsFirst):
+        raise ValueError("the first trajectory draws its own churn: SameAsFirst is for the ones after it")
 
     def model(xs: list[torch.Tensor], timestep: torch.Tensor, conditioning: Any, control_scale: float) -> list[torch.Tensor]:
         if several:
@@ -172,10 +184,15 @@ def restoration_guided_sample(
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             # Drawn on the generator's device (CPU by default), so a seed gives the same noise on any device.
-            xs = [
-                x + _randn(x.shape, g, x.dtype).to(x.device) * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
-                for x, g in zip(xs, generators, strict=True)
-            ]
+            draws: list[torch.Tensor] = []
+            for x, g in zip(xs, generators, strict=True):
+                if isinstance(g, SameAsFirst):
+                    first = draws[0]
+                    same_shape = first.shape[1:] == x.shape[1:]
+                    draws.append(first[:1].expand(x.shape) if same_shape else _randn(x.shape, g.fallback, x.dtype))
+                else:
+                    draws.append(_randn(x.shape, g, x.dtype))
+            xs = [x + draw.to(x.device) * config.s_noise * math.sqrt(sigma_hat**2 - sigma**2) for x, draw in zip(xs, draws, strict=True)]
 
         device, batch = xs[0].device, xs[0].shape[0]
         if supir:

@@ -384,3 +384,16 @@ def test_the_registry_holds_the_built_in_types_however_it_is_imported():
     code = "from restoration.degradations.registry import REGISTRY; print(','.join(t.name for t in REGISTRY.all()))"
     names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().split(",")
     assert {"noise", "blur", "jpeg"} <= set(names), names
+
+
+@pytest.mark.parametrize("gaussian", [True, False])
+def test_realesrgan_noise_is_clipped_to_the_unit_range_as_basicsr_clips_it(gaussian):
+    """BasicSR adds Real-ESRGAN's noise with clip=True: the resize, sinc and JPEG after it see [0, 1], never beyond."""
+    from restoration.degradations.realesrgan import NoiseConfig, _random_noise
+
+    image = np.full((32, 32, 3), 0.98, np.float32)
+    image[:16] = 0.02  # near both ends: strong noise crosses each
+    config = NoiseConfig(gaussian_probability=1.0 if gaussian else 0.0, sigma=(30, 30), poisson_scale=(3.0, 3.0), gray_probability=0.0)
+    noisy = _random_noise(image, config, np.random.default_rng(0), [])
+    assert noisy.min() == 0.0 and noisy.max() == 1.0  # clipped, and the noise did reach past both ends
+    assert 0 < np.mean(noisy != image)

@@ -137,7 +137,7 @@ def test_supir_schedule_is_restore_edm_sampler_step_for_step(preset, churn):
     fields = {**sampler_preset(preset), "steps": 12, "control_scale_start": 0.3}
     if not churn:
         fields["s_churn"] = 0.0
-    if fields.get("tau_r") is None:
+    if not fields.get("tau_r"):
         fields["tau_r"] = 4.0  # supir-release turns guidance off; check k anyway
     config = SamplerConfig(**fields)
     alphas_cumprod = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
@@ -155,6 +155,65 @@ def test_supir_schedule_is_restore_edm_sampler_step_for_step(preset, churn):
     assert all(0 <= step.k <= 1 for step in seen) and ks[0] > 0.9  # k at the pre-churn sigma: never past the LQ latent
     assert [step.k for step in seen] == pytest.approx(ks, rel=1e-9, abs=1e-12)
     assert [step.cfg_scale for step in seen] == pytest.approx(ws, rel=1e-6)
-    if preset == "supir-release" and churn:
-        assert seen[0].cfg_scale < 1  # SUPIR's linear CFG at sigma-hat falls below 1 at the first step
+    if churn:
+        assert seen[0].cfg_scale < config.cfg_start  # SUPIR's linear CFG at sigma-hat > sigma_max: below its start
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+
+
+def test_a_same_as_first_trajectory_takes_the_first_ones_churn_draw_at_every_step(tiny_eps):
+    """ReFIR's references share the target's churn noise step by step (upstream draws it once for both)."""
+    from restoration.sampling.edm import SameAsFirst
+
+    *_, scheduler = tiny_eps
+    train_sigmas = schedule_sigmas(scheduler.alphas_cumprod)
+    config = SamplerConfig(schedule="diffusers", steps=4, s_churn=4.0, s_tmin=0.0, s_tmax=1e9, cfg=1.0, cfg_start=None, tau_r=None)
+    x_center = torch.zeros(1, 4, 8, 8)
+
+    def run(reference_generator):
+        target_generator = torch.Generator().manual_seed(7)
+        noise = torch.randn(1, 4, 8, 8, generator=target_generator)  # the target's initial noise, drawn as the Restorer does
+        seen = []
+
+        def eps_model(xs, timestep, cond, control_scale):  # x0 = x: what moves the trajectories is the churn alone
+            seen.append([x.clone() for x in xs])
+            return [torch.zeros_like(x) for x in xs]
+
+        references = noise.expand(2, -1, -1, -1).clone()
+        restoration_guided_sample(eps_model, [noise, references], train_sigmas, config, None, None,
+                                  [x_center, x_center.expand(2, -1, -1, -1)], [target_generator, reference_generator])  # fmt: skip
+        return seen
+
+    shared = run(SameAsFirst(fallback=torch.Generator().manual_seed(99)))
+    assert len(shared) == 4
+    for target, references in shared:  # the inputs stay equal step by step: every churn draw was the target's
+        assert torch.equal(references[0], target[0]) and torch.equal(references[1], target[0])
+    own = run(torch.Generator().manual_seed(7))  # a generator seeded like the target's: one draw behind it
+    assert not torch.equal(own[0][1][0], own[0][0][0])
+    with pytest.raises(ValueError, match="first trajectory draws its own churn"):
+        restoration_guided_sample(lambda *a: None, [x_center], train_sigmas, config, None, None, [x_center], [SameAsFirst(None)])
+
+
+# SUPIR's own defaults, read from its code and paper (github.com/Fanghua-Yu/SUPIR): test.py's argparse defaults at
+# 339641e (--edm_steps 50, --s_stage1 -1, --s_churn 5, --s_noise 1.003, --s_cfg 7.5, --linear_CFG True with
+# --spt_linear_CFG 4.0, --s_stage2 1.0, --linear_s_stage2 False), and the paper's sampler (section 4.1: 100 steps,
+# CFG 7.5, tau_r 4) with the code's CFG start and churn.
+SUPIR_DEFAULTS = {
+    "supir-release": {"schedule": "supir", "steps": 50, "tau_r": None, "s_churn": 5.0, "s_noise": 1.003, "cfg": 7.5,
+                      "cfg_start": 4.0, "control_scale": 1.0, "control_scale_start": None},
+    "supir-paper": {"schedule": "supir", "steps": 100, "tau_r": 4.0, "s_churn": 5.0, "s_noise": 1.003, "cfg": 7.5,
+                    "cfg_start": 4.0, "control_scale": 1.0, "control_scale_start": None},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SUPIR_DEFAULTS))
+def test_each_sampler_preset_loaded_as_the_cli_does_equals_supirs_defaults(name):
+    from restoration.sampling.presets import list_sampler_presets, with_sampler_preset
+    from restoray.config import load_config
+
+    assert set(list_sampler_presets()) == set(SUPIR_DEFAULTS)  # a new preset needs its facts here
+    sampler = SamplerConfig(**with_sampler_preset(load_config(None, []).sampler, name))
+    assert {field: getattr(sampler, field) for field in SUPIR_DEFAULTS[name]} == SUPIR_DEFAULTS[name]
+
+
+def test_tau_r_of_zero_or_less_turns_restoration_guidance_off():
+    assert SamplerConfig(tau_r=0).tau_r is None and SamplerConfig(tau_r=-1).tau_r is None and SamplerConfig(tau_r=2.0).tau_r == 2.0

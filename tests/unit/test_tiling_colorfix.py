@@ -93,11 +93,16 @@ def test_tiled_vae_reports_a_tile_failure_instead_of_hanging(vae_and_photo):
         tiled_encode(lambda p: p, vae.encoder, image[:, :, :100, :100], tile=64, overlap=16)
 
 
-def test_tile_weights_are_supirs():
+@pytest.mark.parametrize("height, width", [(64, 64), (40, 101), (101, 40)])
+def test_tile_weights_are_supirs(height, width):
     from restoration.sampling.tiling import gaussian_weights
 
-    weights = gaussian_weights(1, 101, dtype=torch.float64)[0]
-    # SUPIR's _gaussian_weights: exp(-(x - mid)^2 / side^2 / (2 * 0.01)), i.e. sigma = 0.1 * side.
-    x = torch.arange(101, dtype=torch.float64)
-    expected = torch.exp(-((x - 50) ** 2) / 101**2 / (2 * 0.01))
-    assert torch.allclose(weights / weights.max(), expected / expected.max())
+    weights = gaussian_weights(height, width, dtype=torch.float64)
+    # SUPIR's _gaussian_weights: exp(-(p - mid)^2 / side^2 / (2 * 0.01)) per axis (sigma = 0.1 x the side), with
+    # mid = (W - 1) / 2 across and H / 2 down, outer(y_probs, x_probs).
+    y, x = torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64)
+    y_probs = torch.exp(-((y - height / 2) ** 2) / height**2 / (2 * 0.01))
+    x_probs = torch.exp(-((x - (width - 1) / 2) ** 2) / width**2 / (2 * 0.01))
+    expected = torch.outer(y_probs, x_probs)
+    assert torch.allclose(weights / weights.max(), expected / expected.max(), atol=1e-12)
+    assert not torch.allclose(weights, weights.flip(0))  # upstream's vertical centre is half a pixel low
