@@ -210,7 +210,9 @@ class MetricWeights(StrictModel):
 
     lpips: str | None = Field(None, description="torchvision ImageNet weights of the LPIPS backbone (eval.lpips_net).")
     dists: str | None = Field(None, description="torchvision ImageNet VGG16 weights.")
-    fid: str | None = Field(None, description="torch-fidelity's InceptionV3 weights.")
+    fid: str | None = Field(
+        None, description="NVIDIA's TorchScript InceptionV3 (inception-2015-12-05.pt, clean-fid's) or its folder; loading runs its code."
+    )
     clipiqa: str | None = Field(None, description="A local Hugging Face CLIP folder.")
     musiq: str | None = Field(None, description="pyiqa's MUSIQ weights (needs the iqa extra).")
     maniqa: str | None = Field(None, description="pyiqa's MANIQA weights (needs the iqa extra).")

@@ -21,7 +21,7 @@ import ray
 
 from pipelines.config import DataBuildConfig, EvalConfig, RestoreBatchConfig
 from pipelines.report import MANIFEST
-from pipelines.scoring import EvalSummary, convention_text, decode_uri, score_pairs, set_scores, summarise, write_bytes, write_outputs
+from pipelines.scoring import EvalSummary, convention_text, decode_uri, score_pairs, summarise, write_bytes, write_outputs
 from restoration.errors import InputError
 from restoration.evaluation.conventions import MetricConvention
 from restoration.evaluation.learned import MetricPlan, plan_metrics
@@ -225,11 +225,11 @@ def evaluate(
               "hq": f"testset/hq/{case['case']}.png" if protocol.has_reference else None} for case in cases]  # fmt: skip
     convention = convention or protocol.convention
     located = [{**pair, "output": f"{output}/{pair['output']}", "hq": pair["hq"] and f"{output}/{pair['hq']}"} for pair in pairs]
-    scored = score_pairs(located, plan, convention, config, storage)
+    scored, set_values = score_pairs(located, plan, convention, config, storage)
     per_image = [*plan.full, *plan.no_reference]
     rows = [{**pair, **{name: row[name] for name in per_image}} for pair, row in zip(pairs, scored, strict=True)]
     means, by_type = summarise(rows, per_image)
-    means |= set_scores(located, plan, convention, config, storage)
+    means |= set_values
     testset_hash = hashlib.sha256("\n".join(f"{c['case']}:{c['source']}:{c['ops']}" for c in cases).encode()).hexdigest()[:16]
     lineage = model_lineage(weights, weights_uri, storage, mlflow_config)
     summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage,
@@ -359,10 +359,10 @@ def score_folders(
     started = time.perf_counter()
     plan = plan_metrics(config.metrics, config.weights.model_dump(), gt_uri is not None)
     pairs = match_folders(pred_uri, gt_uri, storage)
-    scored = score_pairs(pairs, plan, convention, config, storage)
+    scored, set_values = score_pairs(pairs, plan, convention, config, storage)
     per_image = [*plan.full, *plan.no_reference]
     means, _ = summarise(scored, per_image)
-    means |= set_scores(pairs, plan, convention, config, storage)
+    means |= set_values
     summary = EvalSummary("score", "", output_uri, len(scored), means, skipped=plan.skipped, convention=convention_text(convention),
                           warnings=set_size_warnings(plan, len(scored), config))  # fmt: skip
     description = f"{pred_uri} scored against {gt_uri}" if gt_uri else f"{pred_uri} scored without a reference"

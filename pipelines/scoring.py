@@ -1,6 +1,8 @@
 """Scoring on Ray, shared by `restoray eval` and `restoray eval score`: per-image metrics in Ray Data actor tasks
-(each actor builds the learned scorers once, on a GPU when `eval.num_gpus` is set), set metrics (FID) fed one pair at
-a time; then scores.parquet, summary.json, report.html and the MLflow run.
+(each actor builds the learned scorers once, on a GPU when `eval.num_gpus` is set); the set metric (FID) from
+features the same actors extract (2048 float32 per image, streamed back with the scores; the driver holds the two
+N x 2048 sets, 8 KiB per image each, for clean-fid's covariance); then scores.parquet, summary.json, report.html and
+the MLflow run.
 
 A pair row names its images by URI (`output`, `hq`: None without a reference) and carries `case` and `type`; the
 actors decode them where they run, so no image passes through the driver. A pair the metrics cannot score (sizes
@@ -11,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,13 +24,14 @@ from pipelines.config import EvalConfig
 from pipelines.report import thumbnail_cell
 from pipelines.rows import rows_of
 from restoration.errors import InputError
-from restoration.evaluation.learned import LEARNED, MetricPlan, build_scorer
+from restoration.evaluation.learned import LEARNED, FidFeatures, MetricPlan, build_scorer, frechet_distance
 from restoration.evaluation.metrics import CONVENTIONS, PLAIN_METRICS, MetricConvention
 from restoration.images import ImageDecodeError, decode_image
 from runtime.config import MlflowConfig, StorageConfig, tracking_uri
 from runtime.storage import filesystem, is_remote, read_bytes, retrying
 
 EXPERIMENT = "restoray-eval"
+FID_COLUMNS = ("fid_output", "fid_hq")  # clean-fid features of a pair, float32 bytes (when fid is scored)
 SMALL_ARTIFACT_BYTES = 64 << 20  # an s3:// output's files copied into the MLflow run below this size (its URI always)
 
 
@@ -91,11 +93,12 @@ class PairScorer:
             for name in per_image
             if name in LEARNED
         }
+        self.fid = FidFeatures(self.config.weights.fid, device) if "fid" in plan.sets else None
 
     def __call__(self, batch: dict) -> dict:
         scored = [self.score(row) for row in rows_of(batch)]
-        columns = ("case", "problem", *self.plan.full, *self.plan.no_reference)
-        return {column: np.array([row[column] for row in scored], dtype=object) for column in columns}
+        columns = ("case", "problem", *self.plan.full, *self.plan.no_reference, *FID_COLUMNS)
+        return {column: np.array([row.get(column) for row in scored], dtype=object) for column in columns}
 
     def score(self, row: dict) -> dict:
         row = {**row, **{name: None for name in (*self.plan.full, *self.plan.no_reference)}, "problem": None}
@@ -112,6 +115,9 @@ class PairScorer:
                     row[name] = self.scorers[name](cropped(output, border), cropped(hq, border))
             for name in self.plan.no_reference:
                 row[name] = self.scorers[name](cropped(output, border))
+            if self.fid is not None:
+                row["fid_output"] = self.fid(cropped(output, border)).tobytes()
+                row["fid_hq"] = self.fid(cropped(hq, border)).tobytes()
         except (InputError, ValueError) as err:
             row["problem"] = str(err)
         return row
@@ -119,13 +125,12 @@ class PairScorer:
 
 def score_pairs(
     pairs: list[dict], plan: MetricPlan, convention: MetricConvention, config: EvalConfig, storage: StorageConfig
-) -> list[dict]:
-    """Every pair scored by `config.workers` actors; Ray must be initialised. Rows in the order of `pairs`."""
+) -> tuple[list[dict], dict[str, float]]:
+    """Every pair scored by `config.workers` actors; Ray must be initialised. (rows in the order of `pairs`, each with
+    its per-image scores; the set metrics' values)."""
     if not pairs:
         raise InputError("nothing to score: no pairs")
     per_image = [*plan.full, *plan.no_reference]
-    if not per_image:
-        return [dict(pair) for pair in pairs]
     order = {pair["case"]: index for index, pair in enumerate(pairs)}
     dataset = ray.data.from_items([{"case": p["case"], "output": p["output"], "hq": p.get("hq") or ""} for p in pairs])
     scored = dataset.map_batches(
@@ -141,23 +146,14 @@ def score_pairs(
     if problems:
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise InputError(f"{len(problems)} of {len(pairs)} cases cannot be scored: {shown}")
-    return [{**pair, **{name: float(by_case[pair["case"]][name]) for name in per_image}} for pair in pairs]
-
-
-def set_scores(
-    pairs: list[dict], plan: MetricPlan, convention: MetricConvention, config: EvalConfig, storage: StorageConfig
-) -> dict[str, float]:
-    """The set metrics (FID) over every pair, the images read one pair at a time (the border cropped)."""
-    scores = {}
-    for name in plan.sets:
-        scorer = build_scorer(name, getattr(config.weights, name), config.lpips_net)
-
-        def images(side: str) -> Iterator[np.ndarray]:
-            for pair in pairs:
-                yield cropped(decode_uri(pair[side], storage), convention.crop_border)
-
-        scores[name] = scorer(images("output"), images("hq"))
-    return scores
+    rows = [{**pair, **{name: float(by_case[pair["case"]][name]) for name in per_image}} for pair in pairs]
+    sets = {}
+    if "fid" in plan.sets:
+        features = {
+            side: np.stack([np.frombuffer(by_case[pair["case"]][f"fid_{side}"], np.float32) for pair in pairs]) for side in ("output", "hq")
+        }
+        sets["fid"] = frechet_distance(features["output"], features["hq"])
+    return rows, sets
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

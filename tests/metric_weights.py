@@ -3,7 +3,6 @@ no download. Random weights give meaningless scores, which is enough to show the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -19,31 +18,33 @@ def squeezenet_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def inception_weights(path: Path, seed: int = 0) -> Path:
-    """torch-fidelity's FID InceptionV3, random (He-scaled so its 2048 features vary with the image), saved as a
-    plain state dict. torch-fidelity only builds the network from a weights file, so it is built once with loading
-    turned off to learn the names and shapes."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+def inception_torchscript(folder: Path, seed: int = 0) -> Path:
+    """A stand-in for NVIDIA's TorchScript InceptionV3 as clean-fid's InceptionV3W uses it (`base.layers` maps a
+    normalised 299 x 299 batch to 2048 features), small and random, saved as <folder>/inception-2015-12-05.pt."""
+    from torch import nn
 
-    empty = path.with_name("empty.pth")
-    torch.save({}, empty)
-    load = torch.nn.Module.load_state_dict
-    torch.nn.Module.load_state_dict = lambda self, *args, **kwargs: None
-    try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        torch.nn.Module.load_state_dict = load
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in network.state_dict().items():
-        if name.endswith("weight") and value.ndim == 4:
-            value = torch.randn(value.shape, generator=generator) * math.sqrt(2.0 / value[0].numel())
-        elif name.endswith("running_var"):
-            value = torch.ones_like(value)
-        elif name.endswith("running_mean"):
-            value = torch.zeros_like(value)
-        state[name] = value.contiguous()
-    torch.save(state, path)
+    class Layers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 9, stride=8)
+            self.project = nn.Linear(16 * 4, 2048)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pooled = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2)
+            return self.project(pooled.flatten(1))
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.layers((x - 128) / 128)
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "inception-2015-12-05.pt"
+    torch.jit.script(Base()).save(str(path))
     return path
 
 

@@ -1,13 +1,17 @@
-"""Metrics that need trained weights: LPIPS, DISTS, FID and CLIP-IQA from torchmetrics, MUSIQ, MANIQA and NIQE from
-pyiqa (an optional extra: `pip install restoray[iqa]`). Each takes a local weights file (`eval.weights.<name>`) and
+"""Metrics that need trained weights: LPIPS, DISTS and CLIP-IQA from torchmetrics, FID from clean-fid, MUSIQ, MANIQA
+and NIQE from pyiqa (an optional extra: `pip install restoray[iqa]`). Each takes a local weights file (`eval.weights.<name>`) and
 nothing is ever downloaded: a metric without its file is skipped and says which file it needs.
 
 The torchvision backbones (LPIPS's AlexNet/VGG/SqueezeNet, DISTS's VGG16) are loaded by torchmetrics through
 torchvision's own weight enums, which fetch into torch.hub's cache. We load the user's file ourselves (safetensors, or
 a state dict through `torch.load(weights_only=True)`), write the tensors under the file name torchvision looks for in
 a private hub directory, and point torch.hub there while the metric is built: torchvision finds the file and never
-downloads, and what it unpickles is a plain tensor dict we wrote. torch-fidelity's InceptionV3 (FID) is fed the same
-way: it reads its path with `weights_only=False`, so it only ever sees a file we wrote from tensors.
+downloads, and what it unpickles is a plain tensor dict we wrote.
+
+FID is clean-fid's (Parmar et al.; the folder FID papers print): each image resized to 299 x 299 by PIL's bicubic on
+float channels (`mode="clean"`), NVIDIA's TorchScript InceptionV3 (`inception-2015-12-05.pt`, loaded by clean-fid's
+`InceptionV3W(folder, download=False)`), `fid_from_feats` over the two feature sets. `torch.jit.load` runs code the
+file carries: that file is accepted only from `eval.weights.fid`, which the user sets, never fetched or looked up.
 
 A scorer's inputs are H x W x 3 uint8 RGB images (the borders cropped by the protocol's convention; learned metrics
 score RGB, never the Y channel)."""
@@ -44,7 +48,12 @@ _METRICS = (
         "lpips", "full", "torchvision ImageNet weights of the LPIPS backbone (eval.lpips_net; alex: alexnet-owt-7be5be79.pth)", False
     ),
     LearnedMetric("dists", "full", "torchvision ImageNet VGG16 weights (vgg16-397923af.pth)", False),
-    LearnedMetric("fid", "set", "torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", False),
+    LearnedMetric(
+        "fid",
+        "set",
+        "NVIDIA's TorchScript InceptionV3, clean-fid's (inception-2015-12-05.pt; a file you trust: loading runs its code)",
+        False,
+    ),
     LearnedMetric("clipiqa", "no_reference", "a local Hugging Face CLIP folder (a snapshot of openai/clip-vit-base-patch16)", True),
     LearnedMetric("musiq", "no_reference", "pyiqa's MUSIQ weights (musiq_koniq_ckpt-e95806b9.pth)", True, "pyiqa"),
     LearnedMetric("maniqa", "no_reference", "pyiqa's MANIQA weights (ckpt_koniq10k.pt)", True, "pyiqa"),
@@ -188,26 +197,55 @@ def _dists(weights: Path, lpips_net: str, device: torch.device) -> FullScorer:
     return score
 
 
-def _fid(weights: Path, lpips_net: str, device: torch.device) -> SetScorer:
-    from torchmetrics.image.fid import FrechetInceptionDistance
+FID_FILE = "inception-2015-12-05.pt"  # the name clean-fid's InceptionV3W loads from its folder
 
-    with tempfile.TemporaryDirectory(prefix="restoray-fid-") as folder:
-        plain = Path(folder) / "inception.pth"
-        torch.save(read_state_dict(weights), plain)
-        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(plain)).to(device)
+
+class FidFeatures:
+    """clean-fid's features of one image (2048 float32): `mode="clean"` resize, then the TorchScript InceptionV3."""
+
+    def __init__(self, weights: str | Path, device: torch.device | str = "cpu"):
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
+        weights = Path(weights)
+        if not weights.exists():
+            raise InputError(f"eval.weights.fid: {weights} does not exist ({LEARNED['fid'].needs})")
+        self.device = torch.device(device)
+        with tempfile.TemporaryDirectory(prefix="restoray-fid-") as folder:
+            if weights.is_dir():
+                folder = str(weights)
+            else:  # InceptionV3W reads <folder>/inception-2015-12-05.pt: the user's file under that name
+                (Path(folder) / FID_FILE).symlink_to(weights.resolve())
+            try:
+                self.model = InceptionV3W(folder, download=False).to(self.device).eval()
+            except (RuntimeError, ValueError, FileNotFoundError) as err:
+                raise InputError(f"eval.weights.fid: {weights} is not a TorchScript InceptionV3 ({err})") from None
+        self.resize = build_resizer("clean")
 
     @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        resized = self.resize(image)  # H x W x 3 float32 on 0-255, 299 x 299
+        batch = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None].to(self.device)
+        return self.model(batch)[0].float().cpu().numpy()
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """clean-fid's `fid_from_feats` over two N x 2048 feature sets."""
+    from cleanfid.fid import fid_from_feats
+
+    for features in (features_a, features_b):
+        if len(features) < 2:
+            raise InputError(f"fid needs at least 2 images, the test set has {len(features)}")
+    return float(fid_from_feats(np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)))
+
+
+def _fid(weights: Path, lpips_net: str, device: torch.device) -> SetScorer:
+    features = FidFeatures(weights, device)
+
     def score(outputs: Iterable[np.ndarray], hqs: Iterable[np.ndarray]) -> float:
-        """Fed one pair at a time (the images may differ in size, and a set need not fit in memory)."""
-        metric.reset()
-        count = 0
-        for output, hq in zip(outputs, hqs, strict=True):
-            metric.update(_to_unit([hq]).to(device), real=True)
-            metric.update(_to_unit([output]).to(device), real=False)
-            count += 1
-        if count < 2:
-            raise InputError(f"fid needs at least 2 images, the test set has {count}")
-        return float(metric.compute())
+        """Fed one image at a time (the images may differ in size, and a set need not fit in memory)."""
+        pairs = [(features(output), features(hq)) for output, hq in zip(outputs, hqs, strict=True)]
+        return frechet_distance(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))
 
     return score
 

@@ -163,13 +163,13 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
 
     import mlflow
 
-    from tests.metric_weights import clip_folder, inception_weights, squeezenet_weights
+    from tests.metric_weights import clip_folder, inception_torchscript, squeezenet_weights
 
     data = hq_folder(tmp_path / "hq")
     weights, dataset = trained_looking_weights(tmp_path / "model")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     learned = ["--set", "eval.lpips_net=squeeze", "--set", f"eval.weights.lpips={squeezenet_weights(tmp_path / 'sq.safetensors')}",
-               "--set", f"eval.weights.fid={inception_weights(tmp_path / 'inception.pth')}",
+               "--set", f"eval.weights.fid={inception_torchscript(tmp_path / 'inception')}",
                "--set", f"eval.weights.clipiqa={clip_folder(tmp_path / 'clip')}"]  # fmt: skip
     common = ["--data", str(data), "--steps", "1", "--set", "eval.prompt=a photo", "--set", f"mlflow.tracking_uri={tracking}",
               "--set", "restore_batch.num_cpus=0.5"]  # fmt: skip
