@@ -41,6 +41,7 @@ class LearnedMetric:
     needs: str  # the file `eval.weights.<name>` must point at
     higher_is_better: bool
     extra: str | None = None  # the optional dependency it needs, if any
+    refused: str | None = None  # why it is never run (its library would download whatever file it is given)
 
 
 _METRICS = (
@@ -56,7 +57,15 @@ _METRICS = (
     ),
     LearnedMetric("clipiqa", "no_reference", "a local Hugging Face CLIP folder (a snapshot of openai/clip-vit-base-patch16)", True),
     LearnedMetric("musiq", "no_reference", "pyiqa's MUSIQ weights (musiq_koniq_ckpt-e95806b9.pth)", True, "pyiqa"),
-    LearnedMetric("maniqa", "no_reference", "pyiqa's MANIQA weights (ckpt_koniq10k.pt)", True, "pyiqa"),
+    LearnedMetric(
+        "maniqa",
+        "no_reference",
+        "pyiqa's MANIQA weights (ckpt_koniq10k.pt)",
+        True,
+        "pyiqa",
+        refused="pyiqa's MANIQA builds its ViT with timm.create_model(..., pretrained=True), a download, even when given a local "
+        "weights file; restoray never downloads, so it is not run",
+    ),
     LearnedMetric("niqe", "no_reference", "pyiqa's NIQE parameters (niqe_modelparameters.mat)", False, "pyiqa"),
 )
 LEARNED = {metric.name: metric for metric in _METRICS}
@@ -91,7 +100,9 @@ def plan_metrics(requested: list[str] | None, weights: dict[str, str | None], ha
         metric = LEARNED.get(name)
         kind = metric.kind if metric else "full"
         reason = None
-        if kind != "no_reference" and not has_reference:
+        if metric and metric.refused:
+            reason = f"is refused: {metric.refused}"
+        elif kind != "no_reference" and not has_reference:
             reason = "needs an HQ reference, which a no-reference protocol has not"
         elif metric and not weights.get(name):
             reason = f"needs eval.weights.{name}: {metric.needs}"
@@ -163,6 +174,8 @@ def build_scorer(name: str, weights: str | Path, lpips_net: str = "alex", device
     full (output, hq) -> float, no_reference (output) -> float, set (outputs, hqs) -> float."""
     if name not in LEARNED:
         raise InputError(f"unknown learned metric {name!r}; known: {', '.join(LEARNED)}")
+    if LEARNED[name].refused:
+        raise InputError(f"{name} is refused: {LEARNED[name].refused}")
     if not Path(weights).exists():
         raise InputError(f"eval.weights.{name}: {weights} does not exist ({name} needs {LEARNED[name].needs})")
     return _BUILDERS[name](Path(weights), lpips_net, torch.device(device))

@@ -267,6 +267,9 @@ def test_metric_plan_skips_what_has_no_weights_and_refuses_what_was_asked_for(tm
         plan_metrics(["sharpness"], {}, has_reference=True)
     with pytest.raises(InputError, match="asks for psnr, which needs an HQ reference"):
         plan_metrics(["psnr"], {}, has_reference=False)
+    with pytest.raises(InputError, match=r"asks for maniqa, which is refused: .*timm.create_model\(\.\.\., pretrained=True\)"):
+        plan_metrics(["maniqa"], {"maniqa": str(present)}, has_reference=False)  # even with its file, never run
+    assert "refused" in plan_metrics(None, {"maniqa": str(present)}, has_reference=True).skipped["maniqa"]
     if not pyiqa_available():  # the core install: MUSIQ & co. say which extra they need
         plan = plan_metrics(None, {"musiq": str(present)}, has_reference=True)
         assert "restoray[iqa]" in plan.skipped["musiq"]
