@@ -325,3 +325,34 @@ def test_a_protocol_file_pairs_a_x4_layout_and_adds_noise_as_promptir(tmp_path, 
         load_protocol(str(protocol_file))
     with pytest.raises(InputError, match="no such file"):
         load_protocol(str(tmp_path / "absent.toml"))
+
+
+def test_abair_benchmarks_read_promptirs_test_layout_as_the_public_sets_name_their_files(tmp_path, local_ray):  # noqa: F811
+    from pipelines.evaluate import build_testset
+    from restoration.evaluation.protocols import load_protocol
+    from runtime.config import StorageConfig
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "test"
+    layout = {  # (folder, file name) of each side, as the sets ship
+        "rain100l": (("derain/Rain100L/input", "rain-001.png"), ("derain/Rain100L/target", "norain-001.png")),
+        "sots-outdoor": (("dehaze/input", "0001_0.8_0.2.jpg"), ("dehaze/target", "0001.png")),
+        "gopro": (("deblur/input", "GOPR0384_11_00-000001.png"), ("deblur/target", "GOPR0384_11_00-000001.png")),
+        "lolv1": (("enhance/input", "1.png"), ("enhance/target", "1.png")),
+    }
+    for sides in layout.values():
+        for folder, name in sides:
+            (data / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(data / folder / name)
+    (data / "denoise" / "bsd68").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(data / "denoise" / "bsd68" / "test001.png")
+    protocol = load_protocol("abair-benchmarks")
+    assert protocol.convention.name == "promptir"
+    cases = build_testset(protocol, str(data), str(tmp_path / "out"), StorageConfig(), 1)
+    assert [case["case"] for case in cases] == [
+        "rain100l/001", "sots-outdoor/0001", "bsd68-15/test001", "bsd68-25/test001", "bsd68-50/test001",
+        "gopro/GOPR0384_11_00-000001", "lolv1/1",
+    ]  # fmt: skip
+    noise = {s: np.asarray(Image.open(tmp_path / "out" / "testset" / "lq" / f"bsd68-{s}" / "test001.png")).astype(float) for s in (15, 50)}
+    hq = np.asarray(Image.open(data / "denoise" / "bsd68" / "test001.png")).astype(float)
+    assert np.std(noise[15] - hq) < np.std(noise[50] - hq)  # each sigma its own noisy copy
