@@ -188,10 +188,12 @@ def evaluate(
     storage: StorageConfig,
     mlflow_config: MlflowConfig,
     convention: MetricConvention | None = None,
+    index: str | None = None,
 ) -> EvalSummary:
     """Run a protocol on a model; Ray must be initialised. `weights`: its pinned URI (`runtime.resolve.pin`) or a
     preset name, which the restore-batch actors resolve on their own nodes; `weights_uri`: what the user named
-    (recorded); `convention`: scored in this instead of the protocol's."""
+    (recorded); `convention`: scored in this instead of the protocol's; `index`: a pinned reference index, ReFIR's
+    references retrieved per case (restore.retrieval_k, restore.min_similarity), recorded per case."""
     from pipelines.restore_batch import restore_batch
 
     started = time.perf_counter()
@@ -213,6 +215,7 @@ def evaluate(
         storage,
         prompt=config.prompt,
         mlflow=mlflow_config,
+        index=index,
     )
     fs, root = filesystem(restored, storage)
     marker = "/testset/lq/"
@@ -222,7 +225,8 @@ def evaluate(
         raise InputError(f"cases {unrestored[:5]}: the restore-batch job did not restore them (see {restored}/rejects)")
     pairs = [{"case": case["case"], "type": case["type"], "source": case["source"], "lq": f"testset/lq/{case['case']}.png",
               "output": f"restored/{results[case['case']]['output']}",
-              "hq": f"testset/hq/{case['case']}.png" if protocol.has_reference else None} for case in cases]  # fmt: skip
+              "hq": f"testset/hq/{case['case']}.png" if protocol.has_reference else None,
+              "references": _references_used(results[case["case"]])} for case in cases]  # fmt: skip
     convention = convention or protocol.convention
     located = [{**pair, "output": f"{output}/{pair['output']}", "hq": pair["hq"] and f"{output}/{pair['hq']}"} for pair in pairs]
     scored, set_values = score_pairs(located, plan, convention, config, storage)
@@ -235,7 +239,7 @@ def evaluate(
     summary = EvalSummary(protocol.name, weights_uri, output_uri, len(rows), means, by_type, skipped=plan.skipped, lineage=lineage,
                           convention=convention_text(convention), warnings=set_size_warnings(plan, len(rows), config))  # fmt: skip
     params = {"protocol": protocol.name, "model": weights_uri, "data": data_uri, "testset_hash": testset_hash,
-              "crop_border": convention.crop_border, "upscale": protocol.upscale, **lineage}  # fmt: skip
+              "crop_border": convention.crop_border, "upscale": protocol.upscale, "index": index or "none", **lineage}  # fmt: skip
     summary.seconds = time.perf_counter() - started
     return write_outputs(summary, rows, per_image, output, config, storage, protocol.description, params, mlflow_config, output)
 
@@ -290,7 +294,17 @@ def _training_record(weights: str, storage: StorageConfig) -> dict | None:
 
 def _results(fs, root: str) -> list[dict]:
     files = [p for p in fs.find(f"{root}/results") if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")]
-    return [row for path in sorted(files) for row in pq.read_table(fs.open(path, "rb"), columns=["source", "output"]).to_pylist()]
+    rows = []
+    for path in sorted(files):
+        table = pq.read_table(fs.open(path, "rb"))
+        rows += table.select([name for name in ("source", "output", "references") if name in table.column_names]).to_pylist()
+    return rows
+
+
+def _references_used(result: dict) -> str:
+    """The references a case was restored with, as `source (similarity)`; "" without any."""
+    used = json.loads(result.get("references") or "[]")
+    return "; ".join(f"{reference['source']} ({reference['similarity']:.3f})" for reference in used)
 
 
 def _stem_key(relative: str) -> str:

@@ -215,6 +215,8 @@ def render_report(summary: EvalSummary, description: str, rows: list[dict], metr
     for row in rows[:cases]:
         images = [read_bytes(_under(root, row[key]), storage) if row.get(key) else None for key in ("lq", "output", "hq")]
         scores = "<br>".join(f"{name} {row[name]:.4f}" for name in metrics)
+        if row.get("references"):  # ReFIR: what the case was restored with
+            scores += f"<br>reference: {html.escape(row['references'])}"
         cells = "".join(thumbnail_cell(image, 256) for image in images)
         lines.append(f"<tr><td>{html.escape(row['case'])}</td>{cells}<td>{scores}</td></tr>")
     lineage = "".join(f"<li>{html.escape(key)}: {html.escape(value)}</li>" for key, value in summary.lineage.items())

@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--steps", type=int, default=None, help="sampling steps (default: sampler.steps)")
     evaluation.add_argument("--sampler", metavar="PRESET", default=None, help="sampler preset (`restoray list samplers`)")
     evaluation.add_argument("--seed", type=int, default=None, help="random seed of the restorations (default: restore.seed)")
+    evaluation.add_argument(
+        "--index",
+        metavar="URI",
+        default=None,
+        help="evaluate ReFIR: references from this index per case (restore.min_similarity)",
+    )
     scoring = evaluation.add_argument_group("eval score, and scoring overrides for eval")
     scoring.add_argument("--pred", metavar="URI", default=None, help="the images to score (a folder or a restore-batch output)")
     scoring.add_argument("--gt", metavar="URI", default=None, help="their ground truth, matched by name (absent: no-reference)")

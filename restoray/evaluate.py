@@ -10,6 +10,7 @@ from restoray.config import RunConfig
 from restoray.ray_env import cluster_address, connect, loopback_only, on_cluster
 from restoray.restore import restore_settings
 from restoray.restore_batch import model_tracking, pinned_model
+from runtime.resolve import pin
 from runtime.storage import as_path, check_shared_storage
 
 
@@ -28,7 +29,8 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
         convention = MetricConvention(args.convention or base.name, base.crop_border if args.crop_border is None else args.crop_border)
     sampler, options = restore_settings(config, args)
     weights, mlflow = pinned_model(config, args)
-    paths = {"--data": args.data, "--output": args.output, "--weights": as_path(weights)}
+    index = pin(args.index, config.storage, config.mlflow) if args.index else None  # ReFIR: references from it, per case
+    paths = {"--data": args.data, "--output": args.output, "--weights": as_path(weights), "--index": as_path(index)}
     check_shared_storage(on_cluster(config.ray), paths, config.storage, model_tracking(weights, mlflow))
     print(f"Ray: {connect(config.ray)}")
     summary = evaluate(
@@ -45,6 +47,7 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
         config.storage,
         mlflow,
         convention,
+        index,
     )
     print(summary.table())
     return 0

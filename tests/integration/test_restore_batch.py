@@ -356,3 +356,26 @@ def test_abair_benchmarks_read_promptirs_test_layout_as_the_public_sets_name_the
     noise = {s: np.asarray(Image.open(tmp_path / "out" / "testset" / "lq" / f"bsd68-{s}" / "test001.png")).astype(float) for s in (15, 50)}
     hq = np.asarray(Image.open(data / "denoise" / "bsd68" / "test001.png")).astype(float)
     assert np.std(noise[15] - hq) < np.std(noise[50] - hq)  # each sigma its own noisy copy
+
+
+def test_eval_with_an_index_evaluates_refir_and_reports_each_cases_reference(tmp_path, local_ray, shared_sample_index, capsys):  # noqa: F811
+    import mlflow
+
+    _, images, index = shared_sample_index()
+    data = tmp_path / "hq"
+    data.mkdir()
+    for path in images[:2]:  # two of the indexed photos, small: each case's nearest reference is in the index
+        Image.open(path).convert("RGB").resize((96, 64), Image.Resampling.BICUBIC).save(data / path.name)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    arguments = ["eval", "--protocol", "spire-parameterized", "--data", str(data), "--output", str(tmp_path / "r"), "--preset", "tiny",
+                 "--index", str(index), "--steps", "1", "--set", "eval.prompt=a photo", "--set", "restore.min_similarity=-1",
+                 "--set", f"mlflow.tracking_uri={tracking}", "--set", "restore_batch.num_cpus=0.5"]  # fmt: skip
+    assert main(arguments) == 0
+    rows = pq.read_table(tmp_path / "r" / "scores.parquet").to_pylist()
+    indexed = {str(path) for path in images}
+    assert len(rows) == 2 and all(row["references"] and row["references"].rsplit(" (", 1)[0] in indexed for row in rows)
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert report.count("reference: ") == 2
+    client = mlflow.MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
+    assert run.data.params["index"] != "none" and run.data.params["convention"] == "refir, border crop 0"
