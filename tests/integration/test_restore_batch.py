@@ -236,7 +236,13 @@ def noisy_copies(hq, root, sigma: float = 10.0):
     return root
 
 
-def test_eval_score_pairs_folders_by_name_honours_the_border_and_refuses_a_missing_pair(tmp_path, local_ray, capsys):  # noqa: F811
+def test_eval_score_pairs_folders_by_name_honours_the_border_and_refuses_a_missing_pair(
+    tmp_path,
+    local_ray,  # noqa: F811
+    capsys,
+    moto_endpoint,
+    aws_test_credentials,
+):
     import mlflow
 
     from restoration.evaluation.conventions import MetricConvention
@@ -282,6 +288,24 @@ def test_eval_score_pairs_folders_by_name_honours_the_border_and_refuses_a_missi
     assert "are both 'hq0'" in capsys.readouterr().err
     assert main(["eval", "score", "--pred", str(gt), "--output", str(tmp_path / "z"), *tracking]) == 2
     assert "no metric can be scored" in capsys.readouterr().err
+    # On s3://: read there by the scoring actors, written there, and the MLflow run names the output and copies it in.
+    from tests.conftest import moto_client
+
+    (pred / "hq0.jpg").unlink()
+    s3 = moto_client(moto_endpoint)
+    s3.create_bucket(Bucket="eval")
+    for side, folder in (("pred", pred), ("gt", gt)):
+        for path in sorted(folder.glob("*.png")):
+            s3.put_object(Bucket="eval", Key=f"{side}/{path.name}", Body=path.read_bytes())
+    remote = ["eval", "score", "--pred", "s3://eval/pred", "--gt", "s3://eval/gt", "--convention", "basicsr", "--crop-border", "4",
+              "--output", "s3://eval/scores", *tracking,
+              "--set", f"storage.s3_endpoint_url={moto_endpoint}"]  # fmt: skip
+    assert main(remote) == 0
+    runs = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id], "tags.`restoray.output` = 's3://eval/scores'")
+    assert len(runs) == 1 and runs[0].data.metrics["psnr"] == pytest.approx(np.mean([row["psnr"] for row in rows]))
+    assert {item.path for item in client.list_artifacts(runs[0].info.run_id)} >= {"scores.parquet", "report.html"}
+    assert {"scores/scores.parquet", "scores/report.html", "scores/summary.json"} <= {
+        key for key in (item["Key"] for item in s3.list_objects_v2(Bucket="eval", Prefix="scores/")["Contents"])}  # fmt: skip
 
 
 def test_a_protocol_file_pairs_a_x4_layout_and_adds_noise_as_promptir(tmp_path, local_ray):  # noqa: F811
