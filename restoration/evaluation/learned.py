@@ -304,7 +304,11 @@ def _pyiqa(name: str):
             import pyiqa
         except ImportError:
             raise InputError(f"{name} needs pyiqa, an optional extra: pip install 'restoray[iqa]'") from None
-        metric = pyiqa.create_metric(name, device=device, as_loss=False, pretrained_model_path=str(weights))
+        with tempfile.TemporaryDirectory(prefix="restoray-pyiqa-") as folder:
+            # pyiqa reads a checkpoint with torch.load(weights_only=False), i.e. unpickles it: it gets a copy we wrote
+            # from what weights_only=True could read (tensors in dicts), never the user's file itself. NIQE's .mat
+            # parameters are read by scipy, not unpickled.
+            metric = pyiqa.create_metric(name, device=device, as_loss=False, pretrained_model_path=str(_plain_copy(weights, Path(folder))))
 
         @torch.no_grad()
         def score(output: np.ndarray) -> float:
@@ -313,6 +317,18 @@ def _pyiqa(name: str):
         return score
 
     return build
+
+
+def _plain_copy(weights: Path, folder: Path) -> Path:
+    if weights.suffix == ".mat":
+        return weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and format errors all mean: not plain tensors
+        raise InputError(f"weights file {weights}: not a plain torch checkpoint of tensors ({err})") from None
+    copy = folder / weights.name
+    torch.save(checkpoint, copy)
+    return copy
 
 
 def pyiqa_available() -> bool:

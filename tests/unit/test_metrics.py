@@ -246,6 +246,22 @@ def test_a_weights_file_that_is_not_a_plain_state_dict_is_refused(tmp_path):
         read_state_dict(tmp_path / "missing.safetensors")
 
 
+def test_pyiqa_gets_a_copy_of_plain_tensors_never_the_users_pickle(tmp_path):
+    """pyiqa unpickles checkpoints (weights_only=False): it is handed a copy written from a weights_only=True read."""
+    from restoration.errors import InputError
+    from restoration.evaluation.learned import _plain_copy
+
+    nested = tmp_path / "musiq.pth"
+    torch.save({"params": {"w": torch.arange(3.0)}}, nested)  # pyiqa's layout: weights under a key
+    (tmp_path / "copy").mkdir()
+    copy = _plain_copy(nested, tmp_path / "copy")
+    assert copy != nested and torch.equal(torch.load(copy, weights_only=True)["params"]["w"], torch.arange(3.0))
+    pickled = tmp_path / "module.pth"
+    torch.save({"net": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(InputError, match="not a plain torch checkpoint of tensors"):
+        _plain_copy(pickled, tmp_path / "copy")
+
+
 def test_metric_plan_skips_what_has_no_weights_and_refuses_what_was_asked_for(tmp_path):
     from restoration.errors import InputError
     from restoration.evaluation.learned import LEARNED, plan_metrics, pyiqa_available
