@@ -158,8 +158,8 @@ def _random_noise(image: np.ndarray, config: NoiseConfig, rng: np.random.Generat
 def _jpeg(image: np.ndarray, quality_range: tuple[int, int], rng: np.random.Generator, record: list) -> np.ndarray:
     # A float quality, as BasicSR draws it (uniform_ over the range) for DiffJPEG; recorded to 2 decimals, applied so.
     quality = round(float(rng.uniform(quality_range[0], quality_range[1])), 2)
-    record.append({"op": "jpeg", "quality": quality})
-    return ops.jpeg(image, quality)
+    record.append({"op": "jpeg", "quality": quality, "codec": "diffjpeg"})
+    return ops.diffjpeg(image, quality)
 
 
 def _resize_to(image: np.ndarray, height: int, width: int, rng: np.random.Generator, record: list) -> np.ndarray:
@@ -192,9 +192,11 @@ def realesrgan_degrade(
     record.append({"op": "blur", **params})
     image = ops.blur(source, kernel)  # uint8 in, float32 out: the first (largest) blur runs in fixed point
 
-    # Sizes are floored, as F.interpolate(scale_factor=...) and BasicSR's int(...) do.
+    # BasicSR resizes by F.interpolate(scale_factor=scale): the size floored, pixels read at (x + 0.5) / scale - 0.5.
     scale = _random_scale(config.resize1, rng)
-    image = _resize_to(image, int(height * scale), int(width * scale), rng, record)
+    mode = str(rng.choice(RESIZE_MODE_NAMES))
+    image = ops.resize_by_scale(image, scale, mode)
+    record.append({"op": "resize", "height": image.shape[0], "width": image.shape[1], "mode": mode, "scale": scale})
     image = _random_noise(image, config.noise1, rng, record)
     image = _jpeg(image, config.jpeg1, rng, record)
     first_order = len(record)

@@ -397,3 +397,31 @@ def test_realesrgan_noise_is_clipped_to_the_unit_range_as_basicsr_clips_it(gauss
     noisy = _random_noise(image, config, np.random.default_rng(0), [])
     assert noisy.min() == 0.0 and noisy.max() == 1.0  # clipped, and the noise did reach past both ends
     assert 0 < np.mean(noisy != image)
+
+
+def test_realesrgans_jpeg_is_diffjpegs_zero_padded_with_nearest_chroma(photo):
+    """BasicSR's DiffJPEG, not a codec: the image is padded with black to a multiple of 16 (a codec repeats the edge),
+    so the last partial block rings dark; chroma comes back by nearest neighbour (constant over each 2 x 2)."""
+    from restoration.degradations import ops
+
+    white = np.full((36, 36, 3), 250, np.uint8)  # 36 = 32 + 4: the last block rows and columns are half padding
+    ours, codec = ops.diffjpeg(white, 50.0) * 255, ops.jpeg(white, 50.5).astype(float)
+    assert np.abs(ours[:32, :32] - 250).max() < 3 and np.abs(codec[:32, :32] - 250).max() < 3  # away from the padding
+    assert np.abs(ours[32:, 32:] - 250).mean() > np.abs(codec[32:, 32:] - 250).mean() + 5  # the zeros ring into the edge
+    image = photo[:64, :64]
+    ycbcr = cv2.cvtColor((ops.diffjpeg(image, 90.0) * 255).astype(np.float32), cv2.COLOR_RGB2YCrCb)
+    assert np.abs(ycbcr[0::2, :, 1] - ycbcr[1::2, :, 1]).mean() < np.abs(ycbcr[:, :, 1] - np.roll(ycbcr[:, :, 1], 1, 0)).mean()
+    assert np.abs(ops.diffjpeg(image, 90.0) * 255 - image).mean() < 4  # still a faithful round trip at q 90
+
+
+def test_the_first_order_resize_reads_pixels_as_f_interpolate_with_a_scale_factor():
+    """BasicSR resizes by scale_factor: output x reads (x + 0.5) / scale - 0.5; OpenCV, given the floored size, reads
+    at the in/out ratio instead, a shift that grows across the image."""
+    from restoration.degradations import ops
+
+    ramp = np.tile(np.linspace(0, 1, 101, dtype=np.float32)[None, :, None], (8, 1, 3))
+    ours = ops.resize_by_scale(ramp, 0.37, "bilinear")
+    assert ours.shape == (2, 37, 3)  # floor(8 x 0.37), floor(101 x 0.37)
+    expected = np.clip((np.arange(37) + 0.5) / 0.37 - 0.5, 0, 100) / 100  # a linear ramp: the read position itself
+    assert np.allclose(ours[0, :, 0], expected, atol=1e-5)
+    assert not np.allclose(cv2.resize(ramp, (37, 2), interpolation=cv2.INTER_LINEAR)[0, :, 0], expected, atol=1e-3)
