@@ -14,6 +14,8 @@ Defaults (`RealESRGANConfig`, as in BasicSR's `train_realesrgan_x4plus.yml`):
 - last: with probability 0.5 [resize to HQ/scale + sinc] then JPEG U[30, 95], else JPEG then [resize + sinc];
   the final sinc fires with probability 0.8 (size odd 7..21, cutoff U[pi/3, pi]), else no filter;
 - clip and quantise to 8 bits. Optionally the target is USM-sharpened (Real-ESRGAN's `l1_gt_usm`).
+Each op as BasicSR's: noise clipped to [0, 1] (clip=True), JPEG through DiffJPEG (`ops.diffjpeg`), the first resize
+by scale factor (`ops.resize_by_scale`); `bench/realesrgan_distribution.py` compares the LQ statistics.
 `scale` is 4; the LQ comes back at HQ/scale, or resized back to the HQ size (`resize_back`, as SUPIR and
 DiffBIR train) with bicubic interpolation.
 """
