@@ -38,6 +38,8 @@ from scipy import special
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from restoration.jpeg_tables import IJG_CHROMA, IJG_LUMA
+
 
 def to_t(image_hwc: np.ndarray) -> torch.Tensor:
     """HWC uint8 or float [0,1] -> 1x3xHxW float32."""
@@ -192,24 +194,9 @@ def poisson_noise_pt(img, scale, gray, generator=None):
 
 # ----------------------------------------------------------------------------------------- DiffJPEG (BasicSR)
 
-_Y = torch.from_numpy(
-    np.array(
-        [
-            [16, 11, 10, 16, 24, 40, 51, 61],
-            [12, 12, 14, 19, 26, 58, 60, 55],
-            [14, 13, 16, 24, 40, 57, 69, 56],
-            [14, 17, 22, 29, 51, 87, 80, 62],
-            [18, 22, 37, 56, 68, 109, 103, 77],
-            [24, 35, 55, 64, 81, 104, 113, 92],
-            [49, 64, 78, 87, 103, 121, 120, 101],
-            [72, 92, 95, 98, 112, 100, 103, 99],
-        ],
-        dtype=np.float32,
-    ).T.copy()
-)
-_C = np.full((8, 8), 99, dtype=np.float32)
-_C[:4, :4] = np.array([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]).T
-_C = torch.from_numpy(_C)
+# DiffJPEG's tables are the IJG quality-50 ones transposed (indexed [vertical, horizontal] frequency).
+_Y = torch.from_numpy(IJG_LUMA.reshape(8, 8).T.astype(np.float32).copy())
+_C = torch.from_numpy(IJG_CHROMA.reshape(8, 8).T.astype(np.float32).copy())
 _DCT = np.zeros((8, 8, 8, 8), dtype=np.float32)
 _IDCT = np.zeros((8, 8, 8, 8), dtype=np.float32)
 for x, y, u, v in itertools.product(range(8), repeat=4):

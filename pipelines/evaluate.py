@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -118,21 +120,26 @@ def _no_reference_cases(protocol: Protocol, data_uri: str, output: str, storage:
     return rows
 
 
-def _keyed(folder: str, pairs: PairedSet, side: str, storage: StorageConfig) -> dict[str, str]:
-    """{pairing key: URI} of one side's images: the key from each relative path without extension (`lq_key`/`hq_key`);
-    files the side's pattern does not match are not this side's (RealSR keeps LR and HR in one folder). Two files
-    with one key (a.png and a.jpg) are refused: one would overwrite the other's case."""
+def _keyed(uri: str, storage: StorageConfig, flag: str, key_of: Callable[[str], str | None], wanted: str) -> dict[str, str]:
+    """{pairing key: URI} of the images under a folder, keyed by `key_of(path relative to it, without extension)`;
+    files it gives None are left out (RealSR keeps LR and HR in one folder). Two files with one key (a.png and a.jpg)
+    are refused: one would take the other's place. `wanted` says what no match means."""
     found: dict[str, str] = {}
-    for relative, uri in sorted(_images_under(folder, storage).items()):
-        key = pairs.key(str(PurePosixPath(relative).with_suffix("")), side)
+    for relative, full in sorted(_images_under(uri, storage, flag).items()):
+        key = key_of(_stem_key(relative))
         if key is None:
             continue
         if key in found:
-            raise InputError(f"{folder}: {found[key]} and {uri} are both case {key!r}; rename one")
-        found[key] = uri
+            raise InputError(f"{flag} {uri}: {found[key]} and {full} are both {key!r}; pairs are matched by name, rename one")
+        found[key] = full
     if not found:
-        raise InputError(f"{folder}: no {side.upper()} images match {getattr(pairs, side + '_key')!r}")
+        raise InputError(f"{flag} {uri}: no {wanted}")
     return found
+
+
+def _paired_side(folder: str, pairs: PairedSet, side: Literal["lq", "hq"], storage: StorageConfig) -> dict[str, str]:
+    pattern = pairs.lq_key if side == "lq" else pairs.hq_key
+    return _keyed(folder, storage, "--data", lambda stem: pairs.key(stem, side), f"{side.upper()} images match {pattern!r}")
 
 
 def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: StorageConfig) -> list[dict]:
@@ -144,8 +151,8 @@ def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: Stora
     several = len(protocol.pairs) > 1
     rows = []
     for pairs in protocol.pairs:
-        high_files = _keyed(f"{data}/{pairs.hq}", pairs, "hq", storage)
-        low_files = _keyed(f"{data}/{pairs.lq}", pairs, "lq", storage) if pairs.noise_sigma is None else high_files
+        high_files = _paired_side(f"{data}/{pairs.hq}", pairs, "hq", storage)
+        low_files = _paired_side(f"{data}/{pairs.lq}", pairs, "lq", storage) if pairs.noise_sigma is None else high_files
         if set(low_files) != set(high_files):
             only_lq, only_hq = sorted(set(low_files) - set(high_files)), sorted(set(high_files) - set(low_files))
             raise InputError(
@@ -312,18 +319,6 @@ def _stem_key(relative: str) -> str:
     return relative if "#" in relative else str(PurePosixPath(relative).with_suffix(""))
 
 
-def _keyed_images(uri: str, storage: StorageConfig, flag: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for relative, full in sorted(_images_under(uri, storage, flag).items()):
-        key = _stem_key(relative)
-        if key in found:
-            raise InputError(f"{flag} {uri}: {found[key]} and {full} are both {key!r}; pairs are matched by name without extension")
-        found[key] = full
-    if not found:
-        raise InputError(f"{flag} {uri}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return found
-
-
 def _restore_batch_outputs(pred_uri: str, storage: StorageConfig) -> dict[str, str] | None:
     """{key: output URI} of a restore-batch output folder (its results/ map of source -> output; the key is the
     source's path relative to the sources' common folder), None when `pred_uri` is not one."""
@@ -347,10 +342,11 @@ def _restore_batch_outputs(pred_uri: str, storage: StorageConfig) -> dict[str, s
 def match_folders(pred_uri: str, gt_uri: str | None, storage: StorageConfig) -> list[dict]:
     """The pairs of `eval score`: prediction and ground truth matched by path without extension (through results/
     when --pred is a restore-batch output); a file on either side without its match is refused, all of them named."""
-    predictions = _restore_batch_outputs(pred_uri, storage) or _keyed_images(pred_uri, storage, "--pred")
+    images = f"images ({', '.join(IMAGE_SUFFIXES)})"
+    predictions = _restore_batch_outputs(pred_uri, storage) or _keyed(pred_uri, storage, "--pred", lambda stem: stem, images)
     if gt_uri is None:
         return [{"case": key, "type": "score", "output": uri, "hq": None} for key, uri in sorted(predictions.items())]
-    truths = _keyed_images(gt_uri, storage, "--gt")
+    truths = _keyed(gt_uri, storage, "--gt", lambda stem: stem, images)
     only_pred, only_gt = sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions))
     if only_pred or only_gt:
         raise InputError(
