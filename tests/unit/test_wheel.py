@@ -27,7 +27,7 @@ RUNTIME_FILES = (
     "restoration/planning/gpus.toml",
     *(
         f"restoration/evaluation/protocols/{name}.toml"
-        for name in ("realesrgan-x4", "spire-parameterized", "abair-5task", "abair-heldout", "paired", "no-reference")
+        for name in ("realesrgan-x4", "spire-parameterized", "abair-5task", "abair-heldout", "abair-benchmarks", "paired", "no-reference")
     ),
     "serving/ui/index.html",
     "serving/ui/app.js",
