@@ -249,6 +249,8 @@ def track(summary: EvalSummary, params: dict, artifacts: list[str | None], stora
     with mlflow.start_run(run_name=f"{summary.protocol} {summary.weights}".strip()) as run:
         mlflow.log_params(params)
         mlflow.set_tag("restoray.output", summary.output)
+        if summary.warnings:
+            mlflow.set_tag("restoray.warnings", "; ".join(summary.warnings))
         mlflow.log_metrics(summary.means)
         mlflow.log_metrics({f"{name}/{kind}": value for kind, values in summary.by_type.items() for name, value in values.items()})
         for artifact in artifacts:

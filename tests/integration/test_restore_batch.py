@@ -178,6 +178,7 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
     out = capsys.readouterr().out
     assert f"eval realesrgan-x4 of {weights}: 3 cases" in out and "psnr" in out and "ssim" in out and "lpips" in out
     assert "skipped lpips: needs eval.weights.lpips" in out and "skipped dists: needs eval.weights.dists" in out  # run b
+    assert "warning: fid over 3 images, below eval.min_fid_images = 50" in out  # run a: FID on a set too small to compare
     scores = pq.read_table(tmp_path / "a" / "scores.parquet").to_pylist()
     assert len(scores) == 3 and all(0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 for row in scores)
     assert all(row["lpips"] > 0 and 0 <= row["clipiqa"] <= 1 for row in scores) and "fid" not in scores[0]  # fid: the set's
@@ -185,6 +186,7 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
         assert Image.open(tmp_path / "a" / row["output"]).size == Image.open(tmp_path / "a" / row["hq"]).size == (96, 64)
     report = (tmp_path / "a" / "report.html").read_text()
     assert report.count("<img") == 3 * 3 and "lpips" in report and "fid" in report and "abc123" in report  # LQ, output, HQ
+    assert "<h2>Warnings</h2>" in report and "below eval.min_fid_images" in report
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("restoray-eval").experiment_id])
     assert len(runs) == 2 and all(run.data.params["protocol"] == "realesrgan-x4" and "psnr" in run.data.metrics for run in runs)
@@ -195,6 +197,7 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
     assert (a.data.params["train_run_id"], a.data.params["train_data_manifest_sha256"]) == ("abc123", manifest_hash)
     assert b.data.params["train_run_id"] == "none" and "lpips" in b.data.params["skipped_metrics"]
     assert {"lpips", "fid", "clipiqa"} <= set(a.data.metrics) and "lpips" not in b.data.metrics
+    assert "fid over 3 images" in a.data.tags["restoray.warnings"] and "restoray.warnings" not in b.data.tags
     artifacts = {item.path for item in client.list_artifacts(a.info.run_id)}
     assert {"scores.parquet", "report.html"} <= artifacts
     assert main(["eval", "compare", a.info.run_id, b.info.run_id, "--set", f"mlflow.tracking_uri={tracking}"]) == 0
