@@ -132,6 +132,7 @@ def score_pairs(
         raise InputError("nothing to score: no pairs")
     per_image = [*plan.full, *plan.no_reference]
     order = {pair["case"]: index for index, pair in enumerate(pairs)}
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a storage error stays one (exit 1)
     dataset = ray.data.from_items([{"case": p["case"], "output": p["output"], "hq": p.get("hq") or ""} for p in pairs])
     scored = dataset.map_batches(
         PairScorer,
