@@ -150,6 +150,13 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
                 )  # fmt: skip
                 next_log = time.monotonic() + LOG_EVERY_S
 
+    # The SIGINT must reach Python's handler, which aborts a blocking wait with KeyboardInterrupt. A native library can
+    # leave its own sigaction behind, which Python's signal module does not see (the suite's restore-batch wait ran
+    # to pytest's timeout that way): Python's handler is installed again for the body, the previous one restored after.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None
+    if on_main:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=watch, name="restoray-resource-wait", daemon=True)
     watcher.start()
 
@@ -182,6 +189,8 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
             raise stopped()
     finally:
         done.set()
+        if on_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
         watcher.join(timeout=5)
 
 

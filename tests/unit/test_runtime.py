@@ -156,5 +156,20 @@ def test_a_resource_wait_stops_a_main_thread_blocked_on_a_lock(monkeypatch):
             assert time.monotonic() - started < 10
         finally:
             signal.signal(signal.SIGINT, previous)
+
+        # A handler set below Python (a native library's own sigaction, which Python's signal module does not see):
+        # in the suite the blocking wait above then ran its full 30 s. The wait installs Python's handler for the body.
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+        libc.signal(signal.SIGINT, 1)  # SIG_IGN, behind Python's back
+        try:
+            started = time.monotonic()
+            with pytest.raises(resources.ResourceWaitError), resources.awaiting_resources({"CPU": 4.0}, "the pool"):
+                threading.Event().wait(30)
+            assert time.monotonic() - started < 10
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     finally:
         resources.set_policy(saved)
