@@ -137,10 +137,17 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
                 # finaliser (`__del__`, a weakref callback: Ray runs many) is printed and dropped by Python.
                 # The SIGINT alone is not enough where a library replaced its handler (seen in the test suite): the
                 # KeyboardInterrupt is also set on the main thread directly, raised at its next bytecode.
+                # One at a time, never both at once: a SIGINT and an async exception landing together raise twice,
+                # the second in the context manager's exit, which then leaves this watcher running (the suite saw it
+                # interrupt pytest itself later).
                 main = threading.main_thread().ident
+                attempt = 0
                 while True:
-                    signal.pthread_kill(main, signal.SIGINT)
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(KeyboardInterrupt))
+                    if attempt % 2 == 0:
+                        signal.pthread_kill(main, signal.SIGINT)
+                    else:
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(KeyboardInterrupt))
+                    attempt += 1
                     if done.wait(INTERRUPT_EVERY_S):
                         return
             if time.monotonic() >= next_log:
@@ -169,7 +176,10 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
 
     def stop_watching() -> None:
         # No further interrupt, and none left pending on this thread to fire after the body (the watcher may have
-        # set one just as the body ended).
+        # sent one just as the body ended): SIGINT is ignored until the watcher has stopped (a tripped one is then
+        # dropped by Python: its handler is SIG_IGN when it checks), the async exception cleared.
+        if on_main:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         done.set()
         watcher.join(timeout=5)
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
@@ -189,8 +199,8 @@ def awaiting_resources(needs: dict[str, float], what: str) -> Iterator[None]:
             raise stopped()
     finally:
         done.set()
-        if on_main and previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if on_main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         watcher.join(timeout=5)
 
 
