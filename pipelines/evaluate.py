@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-import numpy as np
 import pyarrow.parquet as pq
 import ray
 
@@ -51,14 +50,6 @@ def _images_under(uri: str, storage: StorageConfig, flag: str = "--data") -> dic
     return found
 
 
-def _decode(uri: str, storage: StorageConfig) -> np.ndarray:
-    return decode_uri(uri, storage)
-
-
-def _write(uri: str, data: bytes, storage: StorageConfig) -> None:
-    write_bytes(uri, data, storage)
-
-
 def case_name(relative: str, case: str) -> str:
     stem = str(PurePosixPath(relative).with_suffix(""))
     return f"{stem}__{case}" if case else stem
@@ -68,12 +59,12 @@ def _build_cases(protocol: Protocol, items: list[tuple[str, str]], output: str, 
     """One chunk of the test set (a Ray task): each source's cases, written as testset/lq and testset/hq PNGs."""
     rows = []
     for relative, uri in items:
-        hq_source = _decode(uri, storage)
+        hq_source = decode_uri(uri, storage)
         for case in protocol.cases():
             hq, lq, ops = protocol.degrade(hq_source, relative, case)
             name = case_name(relative, case)
-            _write(f"{output}/testset/lq/{name}.png", encode_png(lq), storage)
-            _write(f"{output}/testset/hq/{name}.png", encode_png(hq), storage)
+            write_bytes(f"{output}/testset/lq/{name}.png", encode_png(lq), storage)
+            write_bytes(f"{output}/testset/hq/{name}.png", encode_png(hq), storage)
             rows.append({"case": name, "type": case or protocol.name, "source": uri, "ops": json.dumps(ops)})
     return rows
 
@@ -115,7 +106,7 @@ def _no_reference_cases(protocol: Protocol, data_uri: str, output: str, storage:
     rows = []
     for relative, uri in sorted(images.items()):
         name = case_name(relative, "")
-        _write(f"{output}/testset/lq/{name}.png", encode_png(_decode(uri, storage)), storage)
+        write_bytes(f"{output}/testset/lq/{name}.png", encode_png(decode_uri(uri, storage)), storage)
         rows.append({"case": name, "type": protocol.name, "source": uri, "ops": "[]"})
     return rows
 
@@ -161,17 +152,17 @@ def _paired_cases(protocol: Protocol, data_uri: str, output: str, storage: Stora
             )
         for key in sorted(high_files):
             name = f"{pairs.name}/{key}" if several else key
-            high = _decode(high_files[key], storage)
+            high = decode_uri(high_files[key], storage)
             if pairs.noise_sigma is None:
-                low = _decode(low_files[key], storage)
+                low = decode_uri(low_files[key], storage)
                 expected = (round(low.shape[0] * protocol.upscale), round(low.shape[1] * protocol.upscale))
                 if high.shape[:2] != expected:
                     shown = f"HQ is {high.shape[1]}x{high.shape[0]}, LQ x {protocol.upscale:g} is {expected[1]}x{expected[0]}"
                     raise InputError(f"{name}: {shown} (the protocol's upscale)")
             else:
                 low = pairs.noisy(high, numpy_generator(protocol.seed, protocol.name, name, "noise"))
-            _write(f"{output}/testset/lq/{name}.png", encode_png(low), storage)
-            _write(f"{output}/testset/hq/{name}.png", encode_png(high), storage)
+            write_bytes(f"{output}/testset/lq/{name}.png", encode_png(low), storage)
+            write_bytes(f"{output}/testset/hq/{name}.png", encode_png(high), storage)
             rows.append({"case": name, "type": pairs.name or protocol.name, "source": low_files[key], "ops": "[]"})
     return rows
 
@@ -208,7 +199,7 @@ def evaluate(
     plan = plan_metrics(config.metrics, config.weights.model_dump(), protocol.has_reference)
     output = output_uri.rstrip("/")
     cases = build_testset(protocol, data_uri, output, storage, config.workers)
-    _write(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
+    write_bytes(f"{output}/testset/cases.json", json.dumps(cases, indent=1).encode(), storage)
     options = options.model_copy(update={"upscale": protocol.upscale})
     restored = f"{output}/restored"
     restore_batch(
