@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+UNIT_WORKERS ?= 2
 
 .PHONY: demo test lint format install clean-venv image
 
@@ -30,7 +31,13 @@ test: $(STAMP_DEV)
 	./.ci/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	OMP_NUM_THREADS=1 $(BIN)/pytest --durations=15 $(PYTEST_ARGS)
+	@# The integration tests one at a time (each sizes Ray, a cluster or a server to the whole machine); then the unit
+	@# tests, single-threaded each, on $(UNIT_WORKERS) processes (pytest-xdist). Both halves run; the status is the first
+	@# failure's; a half with nothing selected (exit 5, e.g. PYTEST_ARGS="-k ...") is not a failure.
+	status=0; \
+	OMP_NUM_THREADS=1 $(BIN)/pytest --durations=15 tests/integration $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] || status=$$rc; }; \
+	OMP_NUM_THREADS=1 $(BIN)/pytest --durations=15 -n $(UNIT_WORKERS) tests/unit $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] || [ $$status -ne 0 ] || status=$$rc; }; \
+	exit $$status
 
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check .

@@ -106,22 +106,39 @@ def deepspeed_loop(options: dict) -> None:
         engine.backward(loss)
         engine.step()
     elapsed = time.perf_counter() - started
-    _report({"samples_per_s": options["steps"] * options["batch_size"] / elapsed, "moment_bytes": _moment_bytes(optimizer.optimizer)})
+    _report({"samples_per_s": options["steps"] * options["batch_size"] / elapsed})
 
 
-def ddp_loop(options: dict) -> None:
-    """Ray Train worker: plain DDP (every rank holds all Adam moments); one step, then the moment bytes."""
+def moments_loop(options: dict) -> None:
+    """Ray Train worker, 2 ranks: one plain DDP step (every rank holds all Adam moments), then one ZeRO-2 step on a
+    fresh copy of the stage in the same process group; the moment bytes of each. One worker group for both
+    measurements: a group's start-up costs more than the steps."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
     import ray.train
     import ray.train.torch
     import torch
 
+    from training.trainer import deepspeed_config
+
+    batch = make_batches(1, options["resolution"], options["batch_size"])[0]
     stage, config = _stage(options)
     module = ray.train.torch.prepare_model(stage.module, move_to_device=False)
     optimizer = torch.optim.AdamW(stage.parameters, lr=config.lr)
-    batch = make_batches(1, options["resolution"], options["batch_size"])[0]
     module(**stage.prepare(batch, torch.Generator().manual_seed(0))).backward()
     optimizer.step()
-    _report({"moment_bytes": _moment_bytes(optimizer)})
+    ddp = _moment_bytes(optimizer)
+
+    stage, config = _stage(options)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=stage.module,
+        optimizer=torch.optim.AdamW(stage.parameters, lr=config.lr),
+        config=deepspeed_config(config.model_copy(update={"zero_stage": 2})),
+        dist_init_required=False,
+    )
+    engine.backward(engine(**stage.prepare(batch, torch.Generator().manual_seed(0))))
+    engine.step()
+    _report({"ddp": ddp, "zero2": _moment_bytes(optimizer.optimizer)})
 
 
 def _report(metrics: dict) -> None:
@@ -187,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray_ds = _fit(deepspeed_loop, options, workers=1)["samples_per_s"]
-        zero2 = _fit(deepspeed_loop, {**options, "steps": 1, "warmup": 0}, workers=2)["moment_bytes"]
-        ddp = _fit(ddp_loop, options, workers=2)["moment_bytes"]
+        moments = _fit(moments_loop, options, workers=2)
+        ddp, zero2 = moments["ddp"], moments["zero2"]
     finally:
         ray.shutdown()
     step_seconds = args.batch_size / plain
