@@ -18,8 +18,11 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --progress-bar off -e '.[cpu]'
 	touch $@
 
+# The tests score pyiqa's metrics against pyiqa itself: pyiqa and openai-clip without their dependencies (the heavy
+# ones are not needed to score; pyiqa is never a core dependency).
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --progress-bar off -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet --progress-bar off --no-deps pyiqa==0.1.16 openai-clip==1.0.1
 	touch $@ $(STAMP_BASE)
 
 install: $(STAMP_DEV)

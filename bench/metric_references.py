@@ -2,6 +2,10 @@
 
     pip install --no-deps --target /tmp/pyiqa pyiqa==0.1.16      # PolyForm Noncommercial: never a restoray dependency
     python bench/metric_references.py --pyiqa /tmp/pyiqa [--inception /models/inception-2015-12-05.pt]
+    python bench/metric_references.py [--clipiqa RN50.pt --musiq musiq_koniq_ckpt-e95806b9.pth --niqe niqe_modelparameters.mat]
+
+Without --pyiqa, the pyiqa installed beside restoray (`make install` puts it there --no-deps, with openai-clip) is
+used, and the learned no-reference metrics are compared too:
 
 Pairs: the bundled sample photos (centre 256 x 256) and seeded Gaussian noise of sigma 3, 12 and 30 added to them;
 one row per convention, metric and noise level, each the mean over the photos: restoray's value, the reference's and
@@ -13,6 +17,8 @@ the largest absolute difference of any single pair.
   dependencies). The torch baseline of the old restoray SSIM (torchmetrics, unrounded Y, no clamp) is printed
   beside it for the difference the issue measured.
 - PromptIR's `compute_psnr_ssim`: scikit-image's functions as PromptIR calls them (`promptir`).
+- CLIP-IQA, MUSIQ, NIQE (installed pyiqa only): restoray's scorer on each decoded image against pyiqa's own metric
+  reading the PNG file (its folder mode), with the given weights or tiny random stand-ins (the tests' files).
 - FID: clean-fid's `compute_fid(dir_a, dir_b, mode="clean")` against restoray's per-image features + clean-fid's
   `fid_from_feats`, with `--inception` (NVIDIA's TorchScript file) or a random stand-in TorchScript network.
 """
@@ -50,6 +56,41 @@ def load_pyiqa(target: Path):
     from pyiqa.archs import psnr_arch, ssim_arch
 
     return psnr_arch, ssim_arch
+
+
+def installed_pyiqa():
+    from pyiqa.archs import psnr_arch, ssim_arch
+
+    return psnr_arch, ssim_arch
+
+
+def learned_rows(files: dict[str, Path | None], data: dict[float, list[tuple[np.ndarray, np.ndarray]]]) -> list[str]:
+    """restoray's pyiqa-backed scorers against pyiqa reading the same images from PNG files."""
+    import pyiqa
+
+    from restoration.evaluation.learned import build_scorer
+    from tests.metric_weights import musiq_checkpoint, niqe_parameters, openai_clip_torchscript
+
+    stand_ins = {"clipiqa": openai_clip_torchscript, "musiq": musiq_checkpoint, "niqe": niqe_parameters}
+    suffix = {"clipiqa": ".pt", "musiq": ".pth", "niqe": ".mat"}
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="bench-iqa-") as folder:
+        folder = Path(folder)
+        for name, given in files.items():
+            path = given or stand_ins[name](folder / f"{name}{suffix[name]}")
+            option = {"backbone": str(path)} if name == "clipiqa" else {"pretrained_model_path": str(path)}
+            ours_scorer, theirs_metric = build_scorer(name, path), pyiqa.create_metric(name, device="cpu", **option)
+            label = name if given else f"{name}*"
+            for sigma, images in data.items():
+                ours, theirs = [], []
+                for index, (output, _) in enumerate(images):
+                    file = folder / f"{sigma}-{index:03d}.png"
+                    Image.fromarray(output).save(file)
+                    ours.append(ours_scorer(output))
+                    theirs.append(float(theirs_metric(str(file))))
+                a, b = np.array(ours), np.array(theirs)
+                lines.append(f"{'pyiqa':<10} {label:<8} {sigma:>6g} {a.mean():>12.6f} {b.mean():>12.6f} {np.abs(a - b).max():>12.2e}")
+    return lines
 
 
 def pairs(sigmas: list[float]) -> dict[float, list[tuple[np.ndarray, np.ndarray]]]:
@@ -117,20 +158,22 @@ def fid_rows(inception: Path | None, data: dict[float, list[tuple[np.ndarray, np
             options = {"mode": "clean", "custom_feat_extractor": extractor, "device": torch.device("cpu"), "num_workers": 0}
             reference = cleanfid.compute_fid(str(folder / f"{sigma}-out"), str(folder / f"{sigma}-hq"), verbose=False, **options)
             ours = frechet_distance(np.stack([features(p) for p in sides["out"]]), np.stack([features(p) for p in sides["hq"]]))
-            lines.append(f"{'fid (clean)':<10} {'-':<6} {sigma:>6g} {ours:>12.6f} {reference:>12.6f} {abs(ours - reference):>12.2e}")
+            lines.append(f"{'clean-fid':<10} {'fid':<8} {sigma:>6g} {ours:>12.6f} {reference:>12.6f} {abs(ours - reference):>12.2e}")
         return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pyiqa", type=Path, required=True, help="a folder pyiqa 0.1.16 was installed into (--target)")
+    parser.add_argument("--pyiqa", type=Path, default=None, help="a folder pyiqa 0.1.16 was installed into (--target)")
+    for name, what in (("clipiqa", "OpenAI's RN50.pt"), ("musiq", "pyiqa's MUSIQ KonIQ checkpoint"), ("niqe", "NIQE's .mat")):
+        parser.add_argument(f"--{name}", type=Path, default=None, help=f"{what} (default: a tiny random stand-in, marked *)")
     parser.add_argument("--inception", type=Path, default=None, help="NVIDIA's TorchScript InceptionV3 (default: a random stand-in)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[3.0, 12.0, 30.0])
     args = parser.parse_args()
-    psnr_arch, ssim_arch = load_pyiqa(args.pyiqa)
+    psnr_arch, ssim_arch = load_pyiqa(args.pyiqa) if args.pyiqa else installed_pyiqa()
     data = pairs(args.sigmas)
     print(f"{len(data[args.sigmas[0]])} sample photos, 256 x 256 centre crops, Gaussian noise per sigma (seed 0)")
-    print(f"{'convention':<10} {'metric':<6} {'sigma':>6} {'restoray':>12} {'reference':>12} {'max |diff|':>12}")
+    print(f"{'convention':<10} {'metric':<8} {'sigma':>6} {'restoray':>12} {'reference':>12} {'max |diff|':>12}")
     for name in ("pyiqa", "refir", "promptir"):
         convention = MetricConvention(name)
         for sigma, images in data.items():
@@ -138,11 +181,14 @@ def main() -> None:
             theirs = [reference_scores(name, out, hq, psnr_arch, ssim_arch) for out, hq in images]
             for column, metric in enumerate(("psnr", "ssim")):
                 a, b = np.array([o[column] for o in ours]), np.array([t[column] for t in theirs])
-                print(f"{name:<10} {metric:<6} {sigma:>6g} {a.mean():>12.6f} {b.mean():>12.6f} {np.abs(a - b).max():>12.2e}")
+                print(f"{name:<10} {metric:<8} {sigma:>6g} {a.mean():>12.6f} {b.mean():>12.6f} {np.abs(a - b).max():>12.2e}")
     for sigma, images in data.items():  # the departure the issue measured: the old SSIM against pyiqa's on ycbcr Y
         old = np.array([old_ssim(out, hq) for out, hq in images])
         theirs = np.array([reference_scores("refir", out, hq, psnr_arch, ssim_arch)[1] for out, hq in images])
-        print(f"{'old':<10} {'ssim':<6} {sigma:>6g} {old.mean():>12.6f} {theirs.mean():>12.6f} {np.abs(old - theirs).max():>12.2e}")
+        print(f"{'old':<10} {'ssim':<8} {sigma:>6g} {old.mean():>12.6f} {theirs.mean():>12.6f} {np.abs(old - theirs).max():>12.2e}")
+    if args.pyiqa is None:
+        for line in learned_rows({"clipiqa": args.clipiqa, "musiq": args.musiq, "niqe": args.niqe}, data):
+            print(line)
     for line in fid_rows(args.inception, data):
         print(line)
 

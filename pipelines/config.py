@@ -213,7 +213,9 @@ class MetricWeights(StrictModel):
     fid: str | None = Field(
         None, description="NVIDIA's TorchScript InceptionV3 (inception-2015-12-05.pt, clean-fid's) or its folder; loading runs its code."
     )
-    clipiqa: str | None = Field(None, description="A local Hugging Face CLIP folder.")
+    clipiqa: str | None = Field(
+        None, description="OpenAI's CLIP RN50 (RN50.pt, TorchScript: a file you trust) for pyiqa's CLIP-IQA (the iqa extra)."
+    )
     musiq: str | None = Field(None, description="pyiqa's MUSIQ weights (needs the iqa extra).")
     maniqa: str | None = Field(None, description="pyiqa's MANIQA weights (needs the iqa extra).")
     niqe: str | None = Field(None, description="pyiqa's NIQE parameters file (needs the iqa extra).")

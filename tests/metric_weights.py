@@ -48,24 +48,35 @@ def inception_torchscript(folder: Path, seed: int = 0) -> Path:
     return path
 
 
-def clip_folder(path: Path) -> Path:
-    """A tiny Hugging Face CLIP (model and processor) saved as a local folder, with CLIP's real BPE vocabulary."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+def openai_clip_torchscript(path: Path, seed: int = 0) -> Path:
+    """A tiny CLIP in OpenAI's TorchScript layout (what OpenAI's RN50.pt is: a traced ModifiedResNet CLIP), random,
+    with CLIP's real vocabulary size (pyiqa tokenises its prompts with openai-clip's BPE); for pyiqa's CLIP-IQA."""
+    import clip
+    from clip.model import CLIP
 
-    from restoration.models.base import open_clip_bpe_vocabulary
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1).eval()  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.trace(model, (torch.rand(1, 3, 64, 64), clip.tokenize(["a photo"])), check_trace=False).save(str(path))
+    return path
 
-    vocab, merges = open_clip_bpe_vocabulary()
-    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config={**tiny, "vocab_size": len(vocab), "max_position_embeddings": 77},
-        vision_config={**tiny, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=merges),
-    )
-    processor.save_pretrained(path)
+
+def musiq_checkpoint(path: Path, seed: int = 0) -> Path:
+    """pyiqa's MUSIQ (its KonIQ layout: one output) with random weights, saved as a plain state dict."""
+    from pyiqa.archs.musiq_arch import MUSIQ
+
+    torch.manual_seed(seed)
+    torch.save(MUSIQ(num_class=1, pretrained=False).state_dict(), path)
+    return path
+
+
+def niqe_parameters(path: Path, seed: int = 0) -> Path:
+    """NIQE's pristine-model parameters as pyiqa reads them (a .mat: mu_prisparam 1 x 36, cov_prisparam 36 x 36)."""
+    import numpy as np
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(36, 36))
+    scipy.io.savemat(path, {"mu_prisparam": rng.normal(size=(1, 36)), "cov_prisparam": basis @ basis.T / 36 + np.eye(36)})
     return path

@@ -1,4 +1,4 @@
-"""Metrics that need trained weights: LPIPS, DISTS and CLIP-IQA from torchmetrics, FID from clean-fid, MUSIQ, MANIQA
+"""Metrics that need trained weights: LPIPS and DISTS from torchmetrics, FID from clean-fid, CLIP-IQA, MUSIQ, MANIQA
 and NIQE from pyiqa (an optional extra: `pip install restoray[iqa]`). Each takes a local weights file (`eval.weights.<name>`) and
 nothing is ever downloaded: a metric without its file is skipped and says which file it needs.
 
@@ -13,12 +13,22 @@ float channels (`mode="clean"`), NVIDIA's TorchScript InceptionV3 (`inception-20
 `InceptionV3W(folder, download=False)`), `fid_from_feats` over the two feature sets. `torch.jit.load` runs code the
 file carries: that file is accepted only from `eval.weights.fid`, which the user sets, never fetched or looked up.
 
+CLIP-IQA is pyiqa's (the one SUPIR and ReFIR report): OpenAI's CLIP RN50 with the attention pool's positional embedding
+off (any image size), five antonym prompt pairs, the positive prompt's softmax probability averaged over them. pyiqa
+builds its CLIP with `clip_model.load(backbone)`: the name 'RN50' is fetched into torch.hub's cache, a file path is
+read as it is. restoray passes the path of `eval.weights.clipiqa`, OpenAI's `RN50.pt`, a TorchScript archive (as for
+FID, `torch.jit.load` runs code the file carries: a file you trust; pyiqa then rebuilds its own CLIP from the
+archive's tensors). pyiqa's other branch, a plain state dict, cannot work: it reads the file object the failed
+`torch.jit.load` left at its end.
+
 A scorer's inputs are H x W x 3 uint8 RGB images (the borders cropped by the protocol's convention; learned metrics
 score RGB, never the Y channel)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +40,8 @@ import torch
 
 from restoration.errors import InputError
 from restoration.evaluation.metrics import PLAIN_METRICS
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["full", "no_reference", "set"]
 
@@ -55,7 +67,13 @@ _METRICS = (
         "NVIDIA's TorchScript InceptionV3, clean-fid's (inception-2015-12-05.pt; a file you trust: loading runs its code)",
         False,
     ),
-    LearnedMetric("clipiqa", "no_reference", "a local Hugging Face CLIP folder (a snapshot of openai/clip-vit-base-patch16)", True),
+    LearnedMetric(
+        "clipiqa",
+        "no_reference",
+        "OpenAI's CLIP RN50 as pyiqa's CLIP-IQA loads it (RN50.pt, TorchScript; a file you trust: loading runs its code)",
+        True,
+        "pyiqa",
+    ),
     LearnedMetric("musiq", "no_reference", "pyiqa's MUSIQ weights (musiq_koniq_ckpt-e95806b9.pth)", True, "pyiqa"),
     LearnedMetric(
         "maniqa",
@@ -263,48 +281,53 @@ def _fid(weights: Path, lpips_net: str, device: torch.device) -> SetScorer:
     return score
 
 
+# The sha256 in OpenAI's URL for RN50.pt, which pyiqa's own download checks: another file scores, but not as papers do.
+OPENAI_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
+
+
 def _clipiqa(weights: Path, lpips_net: str, device: torch.device) -> NoReferenceScorer:
-    from torchmetrics.multimodal import CLIPImageQualityAssessment
+    import hashlib
+    import zipfile
 
-    if not weights.is_dir():
-        raise InputError(f"eval.weights.clipiqa: {weights} is not a folder ({LEARNED['clipiqa'].needs})")
-    from transformers import CLIPModel, CLIPProcessor
-
-    class ProjectedFeatures(CLIPModel):
-        """transformers 5 returns the projected embeddings as `pooler_output` of an output object; torchmetrics
-        (1.9) expects the tensor itself."""
-
-        def get_text_features(self, *args, **kwargs):
-            return _projected(super().get_text_features(*args, **kwargs))
-
-        def get_image_features(self, *args, **kwargs):
-            return _projected(super().get_image_features(*args, **kwargs))
-
-    def local_clip():  # torchmetrics takes a callable for a model that is not one of the hub names it knows
-        model = ProjectedFeatures.from_pretrained(weights, local_files_only=True).eval()
-        return model, CLIPProcessor.from_pretrained(weights, local_files_only=True)
-
-    metric = CLIPImageQualityAssessment(model_name_or_path=local_clip, prompts=("quality",), data_range=1.0).to(device)
+    pyiqa = _import_pyiqa("clipiqa")
+    if not (weights.is_file() and zipfile.is_zipfile(weights)):
+        raise InputError(f"eval.weights.clipiqa: {weights} is not a TorchScript CLIP ({LEARNED['clipiqa'].needs})")
+    with zipfile.ZipFile(weights) as archive:  # TorchScript: a zip with <name>/constants.pkl beside the tensors
+        torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
+    if not torchscript:
+        raise InputError(f"eval.weights.clipiqa: {weights} is not a TorchScript CLIP ({LEARNED['clipiqa'].needs})")
+    try:
+        import clip  # noqa: F401  (openai-clip: pyiqa's CLIP-IQA tokenises its prompts with it)
+    except ImportError as err:
+        raise InputError(
+            f"clipiqa needs openai-clip, a pyiqa dependency, importable ({err}); openai-clip 1.0.1 imports pkg_resources, "
+            "which setuptools 82 removed: pip install 'setuptools<82'"
+        ) from None
+    with weights.open("rb") as file:
+        if hashlib.file_digest(file, "sha256").hexdigest() != OPENAI_RN50_SHA256:
+            logger.warning("eval.weights.clipiqa: %s is not OpenAI's RN50.pt: its CLIP-IQA will not compare with papers'", weights)
+    with contextlib.redirect_stdout(io.StringIO()):  # pyiqa prints as it loads
+        metric = pyiqa.create_metric("clipiqa", device=device, as_loss=False, backbone=str(weights))
 
     @torch.no_grad()
     def score(output: np.ndarray) -> float:
-        metric.reset()
         return float(metric(_to_unit([output]).to(device)))
 
     return score
 
 
-def _projected(features):
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
+def _import_pyiqa(name: str):
+    try:
+        import pyiqa
+    except ImportError:
+        raise InputError(f"{name} needs pyiqa, an optional extra: pip install 'restoray[iqa]'") from None
+    return pyiqa
 
 
 def _pyiqa(name: str):
     def build(weights: Path, lpips_net: str, device: torch.device) -> NoReferenceScorer:
-        try:
-            import pyiqa
-        except ImportError:
-            raise InputError(f"{name} needs pyiqa, an optional extra: pip install 'restoray[iqa]'") from None
-        with tempfile.TemporaryDirectory(prefix="restoray-pyiqa-") as folder:
+        pyiqa = _import_pyiqa(name)
+        with tempfile.TemporaryDirectory(prefix="restoray-pyiqa-") as folder, contextlib.redirect_stdout(io.StringIO()):
             # pyiqa reads a checkpoint with torch.load(weights_only=False), i.e. unpickles it: it gets a copy we wrote
             # from what weights_only=True could read (tensors in dicts), never the user's file itself. NIQE's .mat
             # parameters are read by scipy, not unpickled.

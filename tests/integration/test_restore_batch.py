@@ -163,14 +163,14 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
 
     import mlflow
 
-    from tests.metric_weights import clip_folder, inception_torchscript, squeezenet_weights
+    from tests.metric_weights import inception_torchscript, openai_clip_torchscript, squeezenet_weights
 
     data = hq_folder(tmp_path / "hq")
     weights, dataset = trained_looking_weights(tmp_path / "model")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     learned = ["--set", "eval.lpips_net=squeeze", "--set", f"eval.weights.lpips={squeezenet_weights(tmp_path / 'sq.safetensors')}",
                "--set", f"eval.weights.fid={inception_torchscript(tmp_path / 'inception')}",
-               "--set", f"eval.weights.clipiqa={clip_folder(tmp_path / 'clip')}"]  # fmt: skip
+               "--set", f"eval.weights.clipiqa={openai_clip_torchscript(tmp_path / 'RN50.pt')}"]  # fmt: skip
     common = ["--data", str(data), "--steps", "1", "--set", "eval.prompt=a photo", "--set", f"mlflow.tracking_uri={tracking}",
               "--set", "restore_batch.num_cpus=0.5"]  # fmt: skip
     assert main(["eval", "--protocol", "realesrgan-x4", "--output", str(tmp_path / "a"), "--weights", str(weights), *common, *learned]) == 0
@@ -205,7 +205,7 @@ def test_eval_scores_a_model_logs_an_mlflow_run_and_compares_two(tmp_path, local
     delta = b.data.metrics["psnr"] - a.data.metrics["psnr"]
     assert "psnr" in table and f"{delta:+.4f}" in table and "lpips" in table
     # No reference: real LQ images restored and scored by the no-reference metrics alone.
-    clip = ["--set", f"eval.weights.clipiqa={tmp_path / 'clip'}", "--preset", "tiny"]
+    clip = ["--set", f"eval.weights.clipiqa={tmp_path / 'RN50.pt'}", "--preset", "tiny"]
     assert main(["eval", "--protocol", "no-reference", "--output", str(tmp_path / "n"), *common, *clip]) == 0
     no_reference = pq.read_table(tmp_path / "n" / "scores.parquet").to_pylist()
     assert len(no_reference) == 3 and all(0 <= row["clipiqa"] <= 1 and row["hq"] is None and "psnr" not in row for row in no_reference)
@@ -352,6 +352,21 @@ def test_a_protocol_file_pairs_a_x4_layout_and_adds_noise_as_promptir(tmp_path, 
         load_protocol(str(protocol_file))
     with pytest.raises(InputError, match="no such file"):
         load_protocol(str(tmp_path / "absent.toml"))
+    # The packaged real-world x4 layouts: RealSR (V3) keeps both sides in one folder per camera, DRealSR names differ
+    # by a suffix.
+    realsr, drealsr = tmp_path / "RealSR(V3)", tmp_path / "Test_x4"
+    for high, low in ((realsr / "Canon/Test/4/Canon_001_HR.png", realsr / "Canon/Test/4/Canon_001_LR4.png"),
+                      (realsr / "Nikon/Test/4/Nikon_050_HR.png", realsr / "Nikon/Test/4/Nikon_050_LR4.png"),
+                      (drealsr / "test_HR/DSC_1454_x1.png", drealsr / "test_LR/DSC_1454_x4.png")):  # fmt: skip
+        for path, size in ((high, (64, 96, 3)), (low, (16, 24, 3))):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(path)
+    (realsr / "Canon/Test/4/Canon_001_LR3.png").write_bytes((realsr / "Canon/Test/4/Canon_001_LR4.png").read_bytes())  # x3: not a pair
+    cases = build_testset(load_protocol("realsr-x4"), str(realsr), str(tmp_path / "r"), StorageConfig(), 1)
+    assert [(case["case"], case["source"].rsplit("/", 1)[1]) for case in cases] == [
+        ("canon/Canon_001", "Canon_001_LR4.png"), ("nikon/Nikon_050", "Nikon_050_LR4.png")]  # fmt: skip
+    cases = build_testset(load_protocol("drealsr-x4"), str(drealsr), str(tmp_path / "d"), StorageConfig(), 1)
+    assert [case["case"] for case in cases] == ["DSC_1454"] and load_protocol("drealsr-x4").upscale == 4
 
 
 def test_abair_benchmarks_read_promptirs_test_layout_as_the_public_sets_name_their_files(tmp_path, local_ray):  # noqa: F811

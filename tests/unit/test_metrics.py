@@ -166,14 +166,14 @@ def test_unequal_sizes_are_refused(pair):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from tests.metric_weights import clip_folder, inception_torchscript, squeezenet_weights
+    from tests.metric_weights import inception_torchscript, openai_clip_torchscript, squeezenet_weights
 
     root = tmp_path_factory.mktemp("metric-weights")
     return {
         "lpips": squeezenet_weights(root / "squeezenet.safetensors"),
         "lpips_other": squeezenet_weights(root / "squeezenet-other.safetensors", seed=1),
         "fid": inception_torchscript(root / "inception"),
-        "clipiqa": clip_folder(root / "clip"),
+        "clipiqa": openai_clip_torchscript(root / "RN50.pt"),
     }
 
 
@@ -233,6 +233,42 @@ def test_fid_over_sets_and_clipiqa_per_image_from_local_files(weights):
     assert all(0.0 <= value <= 1.0 for value in scores) and scores[0] != scores[1]
 
 
+def test_pyiqas_metrics_from_local_files_equal_pyiqa_scoring_the_image_file_and_never_download(weights, tmp_path, monkeypatch):
+    """CLIP-IQA (OpenAI's TorchScript CLIP layout), MUSIQ (a plain checkpoint) and NIQE (a .mat): our scorer on the
+    decoded uint8 image against pyiqa's own metric reading the PNG file (its folder mode), with nothing reachable."""
+    import urllib.request
+
+    import pyiqa
+    from PIL import Image
+
+    from restoration.errors import InputError
+    from restoration.evaluation.learned import build_scorer
+    from tests.metric_weights import musiq_checkpoint, niqe_parameters
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    image = cv2.GaussianBlur(noise(5, (112, 136, 3)), (0, 0), 1.5)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    files = {
+        "clipiqa": (weights["clipiqa"], {"backbone": str(weights["clipiqa"])}),
+        "musiq": (musiq_checkpoint(tmp_path / "musiq.pth"), {"pretrained_model_path": str(tmp_path / "musiq.pth")}),
+        "niqe": (niqe_parameters(tmp_path / "niqe.mat"), {"pretrained_model_path": str(tmp_path / "niqe.mat")}),
+    }
+    for name, (path, options) in files.items():
+        ours = build_scorer(name, path)(image)
+        theirs = float(pyiqa.create_metric(name, device="cpu", **options)(str(tmp_path / "image.png")))
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6), name
+    assert build_scorer("clipiqa", weights["clipiqa"])(np.full((112, 136, 3), 128, np.uint8)) != pytest.approx(
+        build_scorer("clipiqa", weights["clipiqa"])(image), abs=1e-6)  # fmt: skip
+    with pytest.raises(InputError, match="is not a TorchScript CLIP"):
+        build_scorer("clipiqa", files["musiq"][0])  # a plain checkpoint: pyiqa's CLIP loader cannot read one
+    assert not (tmp_path / "empty-hub").exists()
+
+
 def test_a_weights_file_that_is_not_a_plain_state_dict_is_refused(tmp_path):
     from restoration.errors import InputError
     from restoration.evaluation.learned import read_state_dict
@@ -261,8 +297,9 @@ def test_pyiqa_gets_a_copy_of_plain_tensors_never_the_users_pickle(tmp_path):
         _plain_copy(pickled, tmp_path / "copy")
 
 
-def test_metric_plan_skips_what_has_no_weights_and_refuses_what_was_asked_for(tmp_path):
+def test_metric_plan_skips_what_has_no_weights_and_refuses_what_was_asked_for(tmp_path, monkeypatch):
     from restoration.errors import InputError
+    from restoration.evaluation import learned
     from restoration.evaluation.learned import LEARNED, plan_metrics, pyiqa_available
 
     plan = plan_metrics(None, {}, has_reference=True)
@@ -285,9 +322,12 @@ def test_metric_plan_skips_what_has_no_weights_and_refuses_what_was_asked_for(tm
     with pytest.raises(InputError, match=r"asks for maniqa, which is refused: .*timm.create_model\(\.\.\., pretrained=True\)"):
         plan_metrics(["maniqa"], {"maniqa": str(present)}, has_reference=False)  # even with its file, never run
     assert "refused" in plan_metrics(None, {"maniqa": str(present)}, has_reference=True).skipped["maniqa"]
-    if not pyiqa_available():  # the core install: MUSIQ & co. say which extra they need
-        plan = plan_metrics(None, {"musiq": str(present)}, has_reference=True)
-        assert "restoray[iqa]" in plan.skipped["musiq"]
+    assert pyiqa_available()  # the dev install has pyiqa (--no-deps); the core install has not:
+    monkeypatch.setattr(learned, "pyiqa_available", lambda: False)
+    plan = plan_metrics(None, {"musiq": str(present), "clipiqa": str(present)}, has_reference=True)
+    assert "restoray[iqa]" in plan.skipped["musiq"] and "restoray[iqa]" in plan.skipped["clipiqa"]
+    with pytest.raises(InputError, match=r"asks for clipiqa, which needs pyiqa, an optional extra"):
+        plan_metrics(["clipiqa"], {"clipiqa": str(present)}, has_reference=False)
 
 
 def test_held_out_protocol_chains_degradations_per_case_seeded():

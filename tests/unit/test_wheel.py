@@ -27,7 +27,17 @@ RUNTIME_FILES = (
     "restoration/planning/gpus.toml",
     *(
         f"restoration/evaluation/protocols/{name}.toml"
-        for name in ("realesrgan-x4", "spire-parameterized", "abair-5task", "abair-heldout", "abair-benchmarks", "paired", "no-reference")
+        for name in (
+            "realesrgan-x4",
+            "spire-parameterized",
+            "abair-5task",
+            "abair-heldout",
+            "abair-benchmarks",
+            "realsr-x4",
+            "drealsr-x4",
+            "paired",
+            "no-reference",
+        )
     ),
     "serving/ui/index.html",
     "serving/ui/app.js",
