@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Idle Ray workers kept, as restoray's embedded instance keeps them (restoray.ray_env.connect), in every instance and
+# cluster the tests start: ended after a second above the CPU count, each pass of a job restarted its workers.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
