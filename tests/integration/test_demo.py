@@ -41,6 +41,9 @@ def sha256_of(path) -> str:
 def test_demo_runs_on_the_embedded_default(tmp_path):
     env = subprocess_env()
     env.pop("RAY_ADDRESS", None)
+    # The embedded default's MLflow store: ./mlflow.db. An in-process test before this one may have left
+    # MLFLOW_TRACKING_URI set (mlflow.set_tracking_uri exports it), which the demo would follow.
+    env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         [sys.executable, "-m", "restoray", "demo"],
         capture_output=True,
