@@ -290,10 +290,10 @@ def _clipiqa(weights: Path, lpips_net: str, device: torch.device) -> NoReference
     import zipfile
 
     pyiqa = _import_pyiqa("clipiqa")
-    if not (weights.is_file() and zipfile.is_zipfile(weights)):
-        raise InputError(f"eval.weights.clipiqa: {weights} is not a TorchScript CLIP ({LEARNED['clipiqa'].needs})")
-    with zipfile.ZipFile(weights) as archive:  # TorchScript: a zip with <name>/constants.pkl beside the tensors
-        torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
+    torchscript = weights.is_file() and zipfile.is_zipfile(weights)
+    if torchscript:
+        with zipfile.ZipFile(weights) as archive:  # TorchScript: a zip with <name>/constants.pkl beside the tensors
+            torchscript = any(name.endswith("/constants.pkl") for name in archive.namelist())
     if not torchscript:
         raise InputError(f"eval.weights.clipiqa: {weights} is not a TorchScript CLIP ({LEARNED['clipiqa'].needs})")
     try:
