@@ -308,6 +308,11 @@ def _clipiqa(weights: Path, lpips_net: str, device: torch.device) -> NoReference
             logger.warning("eval.weights.clipiqa: %s is not OpenAI's RN50.pt: its CLIP-IQA will not compare with papers'", weights)
     with contextlib.redirect_stdout(io.StringIO()):  # pyiqa prints as it loads
         metric = pyiqa.create_metric("clipiqa", device=device, as_loss=False, backbone=str(weights))
+    return _no_reference_scorer(metric, device)
+
+
+def _no_reference_scorer(metric, device: torch.device) -> NoReferenceScorer:
+    """A pyiqa no-reference metric on one uint8 image: RGB in [0, 1], as pyiqa's own loader gives it."""
 
     @torch.no_grad()
     def score(output: np.ndarray) -> float:
@@ -332,12 +337,7 @@ def _pyiqa(name: str):
             # from what weights_only=True could read (tensors in dicts), never the user's file itself. NIQE's .mat
             # parameters are read by scipy, not unpickled.
             metric = pyiqa.create_metric(name, device=device, as_loss=False, pretrained_model_path=str(_plain_copy(weights, Path(folder))))
-
-        @torch.no_grad()
-        def score(output: np.ndarray) -> float:
-            return float(metric(_to_unit([output]).to(device)))
-
-        return score
+        return _no_reference_scorer(metric, device)
 
     return build
 
